@@ -1,0 +1,3 @@
+//! The `atpdb` command: thin glue over the library crates.
+
+fn main() {}

@@ -1,0 +1,765 @@
+//! DRISL (deterministic DAG-CBOR) primitives: a strict head-level decoder and an encoder.
+//!
+//! Both the generic data model ([`crate::value`]) and the hand-written hot-path decoders for
+//! MST nodes and commits are built on [`Decoder`]. It rejects everything DRISL forbids at the
+//! lowest level: indefinite lengths, non-minimal integer heads, floats in places they are not
+//! allowed, tags other than 42, and lengths that run past the end of the input. A length read
+//! from the input is never used to allocate before the bytes it promises have been seen.
+
+use crate::cid::{Cid, CidError};
+
+/// Maximum nesting of arrays and maps (atproto data-validation guide).
+pub const MAX_DEPTH: usize = 32;
+/// Maximum elements in one array or map (atproto data-validation guide).
+pub const MAX_CONTAINER_LEN: u64 = 131_072;
+/// Maximum length of one map key in bytes (atproto data-validation guide).
+pub const MAX_KEY_LEN: u64 = 8192;
+
+/// CBOR major types.
+pub(crate) const MAJOR_UINT: u8 = 0;
+pub(crate) const MAJOR_NINT: u8 = 1;
+pub(crate) const MAJOR_BYTES: u8 = 2;
+pub(crate) const MAJOR_TEXT: u8 = 3;
+pub(crate) const MAJOR_ARRAY: u8 = 4;
+pub(crate) const MAJOR_MAP: u8 = 5;
+pub(crate) const MAJOR_TAG: u8 = 6;
+pub(crate) const MAJOR_SIMPLE: u8 = 7;
+
+const SIMPLE_FALSE: u64 = 20;
+const SIMPLE_TRUE: u64 = 21;
+const SIMPLE_NULL: u64 = 22;
+const TAG_CID: u64 = 42;
+
+/// Why bytes are not valid DRISL. Offsets are from the start of the decoded buffer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The input ended inside an item.
+    #[error("truncated at byte {offset}")]
+    Truncated {
+        /// Where more bytes were needed.
+        offset: usize,
+    },
+    /// An integer or length used more bytes than needed.
+    #[error("non-minimal integer encoding at byte {offset}")]
+    NonMinimal {
+        /// Where the head starts.
+        offset: usize,
+    },
+    /// Indefinite-length items are not DRISL.
+    #[error("indefinite-length item at byte {offset}")]
+    Indefinite {
+        /// Where the head starts.
+        offset: usize,
+    },
+    /// A head with a reserved additional-information value (28–30).
+    #[error("reserved additional information at byte {offset}")]
+    Reserved {
+        /// Where the head starts.
+        offset: usize,
+    },
+    /// An item of one type stood where another was required.
+    #[error("expected {expected} at byte {offset}, found {found}")]
+    Unexpected {
+        /// What the schema required.
+        expected: &'static str,
+        /// What the input held.
+        found: &'static str,
+        /// Where the item starts.
+        offset: usize,
+    },
+    /// Floats are not part of the atproto data model.
+    #[error("float at byte {offset} (floats are not allowed)")]
+    Float {
+        /// Where the item starts.
+        offset: usize,
+    },
+    /// Simple values other than true, false and null.
+    #[error("unsupported simple value {value} at byte {offset}")]
+    Simple {
+        /// The simple value.
+        value: u64,
+        /// Where the item starts.
+        offset: usize,
+    },
+    /// Only tag 42 (CID link) is allowed.
+    #[error("unsupported tag {tag} at byte {offset}")]
+    Tag {
+        /// The tag number found.
+        tag: u64,
+        /// Where the tag starts.
+        offset: usize,
+    },
+    /// A tag-42 link whose bytes are not a supported CID.
+    #[error("bad CID link at byte {offset}: {source}")]
+    Link {
+        /// Where the link's bytes start.
+        offset: usize,
+        /// What is wrong with the CID.
+        source: CidError,
+    },
+    /// Text that is not UTF-8.
+    #[error("invalid UTF-8 in text at byte {offset}")]
+    Utf8 {
+        /// Where the text starts.
+        offset: usize,
+    },
+    /// Map keys must be text strings.
+    #[error("map key at byte {offset} is not a text string")]
+    KeyType {
+        /// Where the key starts.
+        offset: usize,
+    },
+    /// Map keys must be sorted length-first then bytewise, without repeats.
+    #[error("map key {key:?} at byte {offset} is out of canonical order or repeated")]
+    KeyOrder {
+        /// The offending key.
+        key: String,
+        /// Where the key starts.
+        offset: usize,
+    },
+    /// Integers must fit in i64 (atproto recommends ±2^53).
+    #[error("integer out of range at byte {offset}")]
+    IntRange {
+        /// Where the integer starts.
+        offset: usize,
+    },
+    /// A nesting, size or count limit.
+    #[error("{what} limit {limit} exceeded at byte {offset}")]
+    Limit {
+        /// Which limit.
+        what: &'static str,
+        /// The limit's value.
+        limit: u64,
+        /// Where it was exceeded.
+        offset: usize,
+    },
+    /// Bytes remained after the top-level item.
+    #[error("{count} trailing bytes after the item at byte {offset}")]
+    Trailing {
+        /// How many bytes remained.
+        count: usize,
+        /// Where they start.
+        offset: usize,
+    },
+    /// A map lacked a field the schema requires.
+    #[error("missing field {field:?} in map at byte {offset}")]
+    MissingField {
+        /// The field's name.
+        field: &'static str,
+        /// Where the map starts.
+        offset: usize,
+    },
+    /// A map had a field the schema does not allow.
+    #[error("unexpected field {field:?} at byte {offset}")]
+    UnknownField {
+        /// The field's name.
+        field: String,
+        /// Where the key starts.
+        offset: usize,
+    },
+}
+
+/// The name of a major type, for error messages.
+pub(crate) fn major_name(major: u8) -> &'static str {
+    match major {
+        MAJOR_UINT => "unsigned integer",
+        MAJOR_NINT => "negative integer",
+        MAJOR_BYTES => "byte string",
+        MAJOR_TEXT => "text string",
+        MAJOR_ARRAY => "array",
+        MAJOR_MAP => "map",
+        MAJOR_TAG => "tag",
+        _ => "simple value",
+    }
+}
+
+/// A strict pull decoder over one buffer.
+#[derive(Debug, Clone)]
+pub struct Decoder<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+/// A decoded item head: the major type and its argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub(crate) major: u8,
+    pub(crate) arg: u64,
+    pub(crate) offset: usize,
+}
+
+impl<'a> Decoder<'a> {
+    /// A decoder positioned at the start of `buf`.
+    pub fn new(buf: &'a [u8]) -> Decoder<'a> {
+        Decoder { buf, pos: 0 }
+    }
+
+    /// The current byte offset.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Bytes not yet consumed.
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Fails unless every byte has been consumed.
+    pub fn finish(&self) -> Result<(), DecodeError> {
+        match self.remaining() {
+            0 => Ok(()),
+            count => Err(DecodeError::Trailing {
+                count,
+                offset: self.pos,
+            }),
+        }
+    }
+
+    /// The major type of the next item, without consuming it.
+    pub(crate) fn peek_major(&self) -> Result<u8, DecodeError> {
+        self.buf
+            .get(self.pos)
+            .map(|byte| byte >> 5)
+            .ok_or(DecodeError::Truncated { offset: self.pos })
+    }
+
+    /// Whether the next item is `null`.
+    pub(crate) fn peek_null(&self) -> bool {
+        self.buf.get(self.pos) == Some(&0xf6)
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(len)
+            .filter(|&end| end <= self.buf.len())
+            .ok_or(DecodeError::Truncated {
+                offset: self.buf.len(),
+            })?;
+        let slice = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(slice)
+    }
+
+    /// Reads one head, enforcing minimal encoding and definite lengths.
+    pub(crate) fn head(&mut self) -> Result<Head, DecodeError> {
+        let offset = self.pos;
+        let initial = *self
+            .buf
+            .get(self.pos)
+            .ok_or(DecodeError::Truncated { offset })?;
+        self.pos += 1;
+        let major = initial >> 5;
+        let info = initial & 0x1f;
+        let arg = match info {
+            0..=23 => u64::from(info),
+            24 => {
+                let value = u64::from(self.take(1)?[0]);
+                // Simple values 24..=31 in one byte are reserved; < 24 must use the short form.
+                if value < 24 {
+                    return Err(DecodeError::NonMinimal { offset });
+                }
+                value
+            }
+            25 => {
+                let bytes = self.take(2)?;
+                let value = u64::from(u16::from_be_bytes([bytes[0], bytes[1]]));
+                if major != MAJOR_SIMPLE && value <= 0xff {
+                    return Err(DecodeError::NonMinimal { offset });
+                }
+                value
+            }
+            26 => {
+                let bytes = self.take(4)?;
+                let value = u64::from(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
+                if major != MAJOR_SIMPLE && value <= 0xffff {
+                    return Err(DecodeError::NonMinimal { offset });
+                }
+                value
+            }
+            27 => {
+                let bytes = self.take(8)?;
+                let mut word = [0u8; 8];
+                word.copy_from_slice(bytes);
+                let value = u64::from_be_bytes(word);
+                if major != MAJOR_SIMPLE && value <= 0xffff_ffff {
+                    return Err(DecodeError::NonMinimal { offset });
+                }
+                value
+            }
+            28..=30 => return Err(DecodeError::Reserved { offset }),
+            _ => return Err(DecodeError::Indefinite { offset }),
+        };
+        if major == MAJOR_SIMPLE && info >= 25 {
+            return Err(DecodeError::Float { offset });
+        }
+        Ok(Head { major, arg, offset })
+    }
+
+    fn expect_head(&mut self, major: u8, expected: &'static str) -> Result<Head, DecodeError> {
+        let head = self.head()?;
+        if head.major != major {
+            return Err(DecodeError::Unexpected {
+                expected,
+                found: major_name(head.major),
+                offset: head.offset,
+            });
+        }
+        Ok(head)
+    }
+
+    /// A length argument as `usize`, checked against the bytes actually left.
+    fn len_within_input(&self, head: Head) -> Result<usize, DecodeError> {
+        usize::try_from(head.arg)
+            .ok()
+            .filter(|&len| len <= self.remaining())
+            .ok_or(DecodeError::Truncated {
+                offset: self.buf.len(),
+            })
+    }
+
+    /// An unsigned integer.
+    pub fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(self.expect_head(MAJOR_UINT, "unsigned integer")?.arg)
+    }
+
+    /// A signed integer within i64.
+    pub fn i64(&mut self) -> Result<i64, DecodeError> {
+        let head = self.head()?;
+        let range = DecodeError::IntRange {
+            offset: head.offset,
+        };
+        match head.major {
+            MAJOR_UINT => i64::try_from(head.arg).map_err(|_| range),
+            MAJOR_NINT => i64::try_from(head.arg).map(|n| -1 - n).map_err(|_| range),
+            other => Err(DecodeError::Unexpected {
+                expected: "integer",
+                found: major_name(other),
+                offset: head.offset,
+            }),
+        }
+    }
+
+    /// A byte string, borrowed.
+    pub fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let head = self.expect_head(MAJOR_BYTES, "byte string")?;
+        let len = self.len_within_input(head)?;
+        self.take(len)
+    }
+
+    /// A text string, borrowed and checked as UTF-8.
+    pub fn text(&mut self) -> Result<&'a str, DecodeError> {
+        let head = self.expect_head(MAJOR_TEXT, "text string")?;
+        self.text_body(head)
+    }
+
+    fn text_body(&mut self, head: Head) -> Result<&'a str, DecodeError> {
+        let len = self.len_within_input(head)?;
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes).map_err(|_| DecodeError::Utf8 {
+            offset: head.offset,
+        })
+    }
+
+    /// A map key: a text string, at most [`MAX_KEY_LEN`] bytes.
+    pub(crate) fn key(&mut self) -> Result<&'a str, DecodeError> {
+        let head = self.head()?;
+        if head.major != MAJOR_TEXT {
+            return Err(DecodeError::KeyType {
+                offset: head.offset,
+            });
+        }
+        if head.arg > MAX_KEY_LEN {
+            return Err(DecodeError::Limit {
+                what: "map key length",
+                limit: MAX_KEY_LEN,
+                offset: head.offset,
+            });
+        }
+        self.text_body(head)
+    }
+
+    /// An array header; the count is bounded by the container limit and by the input left
+    /// (every element takes at least one byte).
+    pub fn array_len(&mut self) -> Result<usize, DecodeError> {
+        let head = self.expect_head(MAJOR_ARRAY, "array")?;
+        self.container_len(head, 1)
+    }
+
+    /// A map header; bounded like [`Decoder::array_len`] (every entry takes at least two bytes).
+    pub fn map_len(&mut self) -> Result<usize, DecodeError> {
+        let head = self.expect_head(MAJOR_MAP, "map")?;
+        self.container_len(head, 2)
+    }
+
+    pub(crate) fn container_len(&self, head: Head, min_item: u64) -> Result<usize, DecodeError> {
+        if head.arg > MAX_CONTAINER_LEN {
+            return Err(DecodeError::Limit {
+                what: "container length",
+                limit: MAX_CONTAINER_LEN,
+                offset: head.offset,
+            });
+        }
+        if head.arg.saturating_mul(min_item) > self.remaining() as u64 {
+            return Err(DecodeError::Truncated {
+                offset: self.buf.len(),
+            });
+        }
+        Ok(head.arg as usize)
+    }
+
+    /// A boolean.
+    pub fn bool(&mut self) -> Result<bool, DecodeError> {
+        let head = self.expect_head(MAJOR_SIMPLE, "boolean")?;
+        match head.arg {
+            SIMPLE_FALSE => Ok(false),
+            SIMPLE_TRUE => Ok(true),
+            _ => Err(DecodeError::Unexpected {
+                expected: "boolean",
+                found: "simple value",
+                offset: head.offset,
+            }),
+        }
+    }
+
+    /// Consumes a `null` if one is next.
+    pub fn null(&mut self) -> Result<bool, DecodeError> {
+        if self.peek_null() {
+            self.pos += 1;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// A tag-42 CID link.
+    pub fn link(&mut self) -> Result<Cid, DecodeError> {
+        let head = self.expect_head(MAJOR_TAG, "CID link")?;
+        self.link_body(head)
+    }
+
+    /// The body of a tag whose head was already read: must be tag 42 with `0x00 ‖ CID` bytes.
+    pub(crate) fn link_body(&mut self, head: Head) -> Result<Cid, DecodeError> {
+        if head.arg != TAG_CID {
+            return Err(DecodeError::Tag {
+                tag: head.arg,
+                offset: head.offset,
+            });
+        }
+        let offset = self.pos;
+        let bytes = self.bytes()?;
+        let link_error = |source| DecodeError::Link { offset, source };
+        match bytes.split_first() {
+            Some((0, cid)) => Cid::from_bytes(cid).map_err(link_error),
+            _ => Err(link_error(CidError::Multibase(
+                "link bytes lack the 0x00 multibase prefix".to_owned(),
+            ))),
+        }
+    }
+
+    /// A link or `null`.
+    pub fn nullable_link(&mut self) -> Result<Option<Cid>, DecodeError> {
+        if self.null()? {
+            Ok(None)
+        } else {
+            self.link().map(Some)
+        }
+    }
+
+    /// Reads a map key and checks it sorts strictly after `previous` (DRISL key order).
+    pub(crate) fn ordered_key(&mut self, previous: Option<&str>) -> Result<&'a str, DecodeError> {
+        let offset = self.pos;
+        let key = self.key()?;
+        if let Some(previous) = previous {
+            if !key_less(previous, key) {
+                return Err(DecodeError::KeyOrder {
+                    key: key.to_owned(),
+                    offset,
+                });
+            }
+        }
+        Ok(key)
+    }
+
+    /// Skips one complete item of any type, with the same strictness as decoding it.
+    pub(crate) fn skip(&mut self, depth: usize) -> Result<(), DecodeError> {
+        let head = self.head()?;
+        match head.major {
+            MAJOR_UINT | MAJOR_NINT => Ok(()),
+            MAJOR_BYTES => {
+                let len = self.len_within_input(head)?;
+                self.take(len).map(|_| ())
+            }
+            MAJOR_TEXT => self.text_body(head).map(|_| ()),
+            MAJOR_ARRAY | MAJOR_MAP => {
+                if depth >= MAX_DEPTH {
+                    return Err(DecodeError::Limit {
+                        what: "nesting depth",
+                        limit: MAX_DEPTH as u64,
+                        offset: head.offset,
+                    });
+                }
+                if head.major == MAJOR_ARRAY {
+                    for _ in 0..self.container_len(head, 1)? {
+                        self.skip(depth + 1)?;
+                    }
+                } else {
+                    let mut previous = None;
+                    for _ in 0..self.container_len(head, 2)? {
+                        previous = Some(self.ordered_key(previous)?);
+                        self.skip(depth + 1)?;
+                    }
+                }
+                Ok(())
+            }
+            MAJOR_TAG => self.link_body(head).map(|_| ()),
+            _ => match head.arg {
+                SIMPLE_FALSE | SIMPLE_TRUE | SIMPLE_NULL => Ok(()),
+                value => Err(DecodeError::Simple {
+                    value,
+                    offset: head.offset,
+                }),
+            },
+        }
+    }
+}
+
+/// DRISL map key order: shorter keys first, then bytewise.
+pub fn key_less(a: &str, b: &str) -> bool {
+    (a.len(), a.as_bytes()) < (b.len(), b.as_bytes())
+}
+
+/// Checks that `bytes` is exactly one well-formed DRISL item within every limit.
+pub fn validate(bytes: &[u8]) -> Result<(), DecodeError> {
+    let mut decoder = Decoder::new(bytes);
+    decoder.skip(0)?;
+    decoder.finish()
+}
+
+/// A canonical DRISL writer. Callers write map keys in [`key_less`] order.
+#[derive(Debug, Default, Clone)]
+pub struct Encoder {
+    out: Vec<u8>,
+}
+
+impl Encoder {
+    /// An empty encoder.
+    pub fn new() -> Encoder {
+        Encoder::default()
+    }
+
+    /// An encoder with room for `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Encoder {
+        Encoder {
+            out: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// The encoded bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.out
+    }
+
+    /// The bytes so far.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.out
+    }
+
+    pub(crate) fn head(&mut self, major: u8, arg: u64) {
+        let major = major << 5;
+        if arg < 24 {
+            self.out.push(major | arg as u8);
+        } else if arg <= 0xff {
+            self.out.extend_from_slice(&[major | 24, arg as u8]);
+        } else if arg <= 0xffff {
+            self.out.push(major | 25);
+            self.out.extend_from_slice(&(arg as u16).to_be_bytes());
+        } else if arg <= 0xffff_ffff {
+            self.out.push(major | 26);
+            self.out.extend_from_slice(&(arg as u32).to_be_bytes());
+        } else {
+            self.out.push(major | 27);
+            self.out.extend_from_slice(&arg.to_be_bytes());
+        }
+    }
+
+    /// An unsigned integer.
+    pub fn u64(&mut self, value: u64) {
+        self.head(MAJOR_UINT, value);
+    }
+
+    /// A signed integer.
+    pub fn i64(&mut self, value: i64) {
+        if value >= 0 {
+            self.head(MAJOR_UINT, value as u64);
+        } else {
+            self.head(MAJOR_NINT, (-1 - value) as u64);
+        }
+    }
+
+    /// A byte string.
+    pub fn bytes(&mut self, value: &[u8]) {
+        self.head(MAJOR_BYTES, value.len() as u64);
+        self.out.extend_from_slice(value);
+    }
+
+    /// A text string.
+    pub fn text(&mut self, value: &str) {
+        self.head(MAJOR_TEXT, value.len() as u64);
+        self.out.extend_from_slice(value.as_bytes());
+    }
+
+    /// An array header; the caller writes `len` items next.
+    pub fn array(&mut self, len: usize) {
+        self.head(MAJOR_ARRAY, len as u64);
+    }
+
+    /// A map header; the caller writes `len` key/value pairs next, keys in canonical order.
+    pub fn map(&mut self, len: usize) {
+        self.head(MAJOR_MAP, len as u64);
+    }
+
+    /// A boolean.
+    pub fn bool(&mut self, value: bool) {
+        self.out.push(if value { 0xf5 } else { 0xf4 });
+    }
+
+    /// `null`.
+    pub fn null(&mut self) {
+        self.out.push(0xf6);
+    }
+
+    /// A tag-42 CID link.
+    pub fn link(&mut self, cid: &Cid) {
+        self.head(MAJOR_TAG, TAG_CID);
+        self.head(MAJOR_BYTES, cid.encoded_len() as u64 + 1);
+        self.out.push(0);
+        cid.write_bytes(&mut self.out);
+    }
+
+    /// A link, or `null` for `None`.
+    pub fn nullable_link(&mut self, cid: Option<&Cid>) {
+        match cid {
+            Some(cid) => self.link(cid),
+            None => self.null(),
+        }
+    }
+
+    /// Already-encoded DRISL bytes, copied verbatim.
+    pub fn raw(&mut self, encoded: &[u8]) {
+        self.out.extend_from_slice(encoded);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_non_minimal_heads() {
+        assert_eq!(
+            Decoder::new(&[0x18, 0x05]).u64(),
+            Err(DecodeError::NonMinimal { offset: 0 })
+        );
+        assert_eq!(
+            Decoder::new(&[0x19, 0x00, 0xff]).u64(),
+            Err(DecodeError::NonMinimal { offset: 0 })
+        );
+        assert_eq!(Decoder::new(&[0x18, 0x18]).u64(), Ok(24));
+    }
+
+    #[test]
+    fn rejects_indefinite_and_floats() {
+        assert_eq!(
+            validate(&[0x9f, 0xff]),
+            Err(DecodeError::Indefinite { offset: 0 })
+        );
+        assert_eq!(
+            validate(&[0xfb, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::Float { offset: 0 })
+        );
+    }
+
+    #[test]
+    fn huge_lengths_do_not_allocate() {
+        // A byte string claiming 2^63 bytes, and an array claiming 100k items, in 9 bytes.
+        let bytes = [0x5b, 0x80, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(
+            validate(&bytes),
+            Err(DecodeError::Truncated { .. })
+        ));
+        let array = [0x9a, 0x00, 0x01, 0x86, 0xa0];
+        assert!(matches!(
+            validate(&array),
+            Err(DecodeError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn depth_limit() {
+        let mut bytes = vec![0x81; 40];
+        bytes.push(0x00);
+        assert!(matches!(
+            validate(&bytes),
+            Err(DecodeError::Limit {
+                what: "nesting depth",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn map_key_order() {
+        let mut encoder = Encoder::new();
+        encoder.map(2);
+        encoder.text("bb");
+        encoder.u64(1);
+        encoder.text("a");
+        encoder.u64(2);
+        assert!(matches!(
+            validate(encoder.as_bytes()),
+            Err(DecodeError::KeyOrder { .. })
+        ));
+    }
+
+    #[test]
+    fn link_round_trip() -> Result<(), DecodeError> {
+        let cid = Cid::dag_cbor(b"hello");
+        let mut encoder = Encoder::new();
+        encoder.link(&cid);
+        let bytes = encoder.into_bytes();
+        let mut decoder = Decoder::new(&bytes);
+        assert_eq!(decoder.link()?, cid);
+        decoder.finish()
+    }
+
+    #[test]
+    fn integers_round_trip() -> Result<(), DecodeError> {
+        for value in [
+            0,
+            1,
+            23,
+            24,
+            255,
+            256,
+            65535,
+            65536,
+            -1,
+            -24,
+            -25,
+            -256,
+            -257,
+            i64::MIN,
+            i64::MAX,
+        ] {
+            let mut encoder = Encoder::new();
+            encoder.i64(value);
+            let bytes = encoder.into_bytes();
+            let mut decoder = Decoder::new(&bytes);
+            assert_eq!(decoder.i64()?, value);
+            decoder.finish()?;
+        }
+        Ok(())
+    }
+}

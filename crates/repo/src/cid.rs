@@ -1,0 +1,338 @@
+//! Content identifiers: CIDv1 with a sha2-256 multihash, the only kind atproto hashes.
+
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::str::FromStr;
+
+use sha2::{Digest, Sha256};
+
+/// Multicodec code of DAG-CBOR (DRISL): records, MST nodes and commits.
+pub const DAG_CBOR: u64 = 0x71;
+/// Multicodec code of raw bytes: blobs.
+pub const RAW: u64 = 0x55;
+const SHA2_256: u8 = 0x12;
+const CID_V1: u8 = 0x01;
+
+/// Longest binary CID accepted: version, a codec varint of up to 9 bytes, hash code, length, digest.
+pub const MAX_CID_BYTES: usize = 1 + 9 + 1 + 1 + 32;
+
+/// A CIDv1 whose multihash is sha2-256.
+///
+/// The codec is kept as received (records may be linked with any codec); the digest is what
+/// identity and hashing use. CIDv0 and other hash functions are rejected at parse time, because
+/// atpdb could not check such a block's bytes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cid {
+    codec: u64,
+    digest: [u8; 32],
+}
+
+/// Why bytes or a string are not a CID atpdb accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CidError {
+    /// The input ended inside the CID.
+    #[error("CID is truncated")]
+    Truncated,
+    /// Only CIDv1 is used by atproto.
+    #[error("CID version {0} is not supported (only CIDv1)")]
+    Version(u64),
+    /// Only sha2-256 multihashes can be checked.
+    #[error("CID multihash code {code:#x} with length {len} is not sha2-256")]
+    Hash {
+        /// The multihash function code found.
+        code: u64,
+        /// The digest length found.
+        len: u64,
+    },
+    /// A varint was longer than nine bytes or not minimal.
+    #[error("CID has a malformed varint")]
+    Varint,
+    /// The string form must be multibase base32 lowercase (`b...`).
+    #[error("CID string {0:?} is not base32 multibase (b...)")]
+    Multibase(String),
+    /// Bytes were left after the CID where none may be.
+    #[error("CID has {0} trailing bytes")]
+    Trailing(usize),
+}
+
+impl Cid {
+    /// The CID of `bytes` under `codec`: sha2-256 over the bytes.
+    pub fn compute(codec: u64, bytes: &[u8]) -> Cid {
+        Cid {
+            codec,
+            digest: Sha256::digest(bytes).into(),
+        }
+    }
+
+    /// The CID of a DRISL-encoded block.
+    pub fn dag_cbor(bytes: &[u8]) -> Cid {
+        Cid::compute(DAG_CBOR, bytes)
+    }
+
+    /// The CID of a blob's bytes.
+    pub fn raw(bytes: &[u8]) -> Cid {
+        Cid::compute(RAW, bytes)
+    }
+
+    /// A CID from its parts.
+    pub const fn from_parts(codec: u64, digest: [u8; 32]) -> Cid {
+        Cid { codec, digest }
+    }
+
+    /// The multicodec of the linked content.
+    pub fn codec(&self) -> u64 {
+        self.codec
+    }
+
+    /// The sha2-256 digest.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+
+    /// Whether `bytes` hash to this CID's digest.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        digest == self.digest
+    }
+
+    /// Parses one binary CID from the front of `bytes`, returning it and the bytes it used.
+    pub fn read_prefix(bytes: &[u8]) -> Result<(Cid, usize), CidError> {
+        let mut pos = 0;
+        let version = read_varint(bytes, &mut pos)?;
+        if version == 0x12 {
+            // A CIDv0 is a bare sha2-256 multihash: it starts 0x12 0x20.
+            return Err(CidError::Version(0));
+        }
+        if version != u64::from(CID_V1) {
+            return Err(CidError::Version(version));
+        }
+        let codec = read_varint(bytes, &mut pos)?;
+        let code = read_varint(bytes, &mut pos)?;
+        let len = read_varint(bytes, &mut pos)?;
+        if code != u64::from(SHA2_256) || len != 32 {
+            return Err(CidError::Hash { code, len });
+        }
+        let digest = bytes
+            .get(pos..pos + 32)
+            .ok_or(CidError::Truncated)?
+            .try_into()
+            .map_err(|_| CidError::Truncated)?;
+        Ok((Cid { codec, digest }, pos + 32))
+    }
+
+    /// Parses exactly one binary CID.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Cid, CidError> {
+        let (cid, used) = Cid::read_prefix(bytes)?;
+        match bytes.len() - used {
+            0 => Ok(cid),
+            extra => Err(CidError::Trailing(extra)),
+        }
+    }
+
+    /// Appends the binary form (version, codec, multihash) to `out`.
+    pub fn write_bytes(&self, out: &mut Vec<u8>) {
+        out.push(CID_V1);
+        write_varint(self.codec, out);
+        out.push(SHA2_256);
+        out.push(32);
+        out.extend_from_slice(&self.digest);
+    }
+
+    /// The binary form.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(MAX_CID_BYTES);
+        self.write_bytes(&mut out);
+        out
+    }
+
+    /// Length of the binary form.
+    pub fn encoded_len(&self) -> usize {
+        3 + varint_len(self.codec) + 32
+    }
+}
+
+impl fmt::Display for Cid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = Vec::with_capacity(MAX_CID_BYTES);
+        self.write_bytes(&mut out);
+        f.write_str("b")?;
+        f.write_str(&base32_lower(&out))
+    }
+}
+
+impl fmt::Debug for Cid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Cid({self})")
+    }
+}
+
+impl FromStr for Cid {
+    type Err = CidError;
+
+    fn from_str(s: &str) -> Result<Cid, CidError> {
+        let body = s
+            .strip_prefix('b')
+            .ok_or_else(|| CidError::Multibase(s.to_owned()))?;
+        let bytes = base32_lower_decode(body).ok_or_else(|| CidError::Multibase(s.to_owned()))?;
+        Cid::from_bytes(&bytes)
+    }
+}
+
+impl std::hash::Hash for Cid {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // The digest is already uniformly distributed; eight of its bytes are plenty.
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.digest[..8]);
+        state.write_u64(u64::from_le_bytes(word) ^ self.codec);
+    }
+}
+
+/// A hasher for maps keyed by [`Cid`]: passes the digest bits through instead of rehashing.
+#[derive(Default, Clone, Copy)]
+pub struct CidHasher(u64);
+
+impl Hasher for CidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if a non-Cid key is used; fold the bytes in so it still works.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+/// A `HashMap` keyed by [`Cid`] with the pass-through hasher.
+pub type CidMap<V> = std::collections::HashMap<Cid, V, BuildHasherDefault<CidHasher>>;
+
+fn read_varint(bytes: &[u8], pos: &mut usize) -> Result<u64, CidError> {
+    let mut value: u64 = 0;
+    for shift in 0..9 {
+        let byte = *bytes.get(*pos).ok_or(CidError::Truncated)?;
+        *pos += 1;
+        value |= u64::from(byte & 0x7f) << (shift * 7);
+        if byte & 0x80 == 0 {
+            if byte == 0 && shift > 0 {
+                return Err(CidError::Varint);
+            }
+            return Ok(value);
+        }
+    }
+    Err(CidError::Varint)
+}
+
+fn write_varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn varint_len(value: u64) -> usize {
+    let bits = 64 - value.leading_zeros() as usize;
+    bits.div_ceil(7).max(1)
+}
+
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+/// RFC 4648 base32, lowercase, no padding: the multibase `b` alphabet.
+pub(crate) fn base32_lower(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
+    let mut buffer: u32 = 0;
+    let mut bits = 0;
+    for &byte in bytes {
+        buffer = (buffer << 8) | u32::from(byte);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(char::from(BASE32[((buffer >> bits) & 31) as usize]));
+        }
+    }
+    if bits > 0 {
+        out.push(char::from(BASE32[((buffer << (5 - bits)) & 31) as usize]));
+    }
+    out
+}
+
+pub(crate) fn base32_lower_decode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 5 / 8);
+    let mut buffer: u32 = 0;
+    let mut bits = 0;
+    for byte in text.bytes() {
+        let value = match byte {
+            b'a'..=b'z' => byte - b'a',
+            b'2'..=b'7' => byte - b'2' + 26,
+            _ => return None,
+        };
+        buffer = (buffer << 5) | u32::from(value);
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    // Leftover bits must be zero padding, and fewer than a whole character's worth.
+    if bits >= 5 || buffer & ((1 << bits) - 1) != 0 {
+        return None;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_round_trip() -> Result<(), CidError> {
+        let text = "bafyreiclp443lavogvhj3d2ob2cxbfuscni2k5jk7bebjzg7khl3esabwq";
+        let cid: Cid = text.parse()?;
+        assert_eq!(cid.codec(), DAG_CBOR);
+        assert_eq!(cid.to_string(), text);
+        assert_eq!(Cid::from_bytes(&cid.to_bytes())?, cid);
+        assert_eq!(cid.encoded_len(), 36);
+        Ok(())
+    }
+
+    #[test]
+    fn raw_cid_string() -> Result<(), CidError> {
+        let text = "bafkreiccldh766hwcnuxnf2wh6jgzepf2nlu2lvcllt63eww5p6chi4ity";
+        let cid: Cid = text.parse()?;
+        assert_eq!(cid.codec(), RAW);
+        assert_eq!(cid.to_string(), text);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_v0_and_other_hashes() {
+        assert!(matches!(
+            "QmbWqxBEKC3P8tqsKc98xmWNzrzDtRLMiMPL8wBuTGsMnR".parse::<Cid>(),
+            Err(CidError::Multibase(_))
+        ));
+        // CIDv1, dag-cbor, blake2b-256 (0xb220).
+        let bytes = [0x01, 0x71, 0xa0, 0xe4, 0x02, 0x20];
+        assert!(matches!(
+            Cid::read_prefix(&bytes),
+            Err(CidError::Hash { .. })
+        ));
+        assert_eq!(Cid::read_prefix(&[0x12, 0x20]), Err(CidError::Version(0)));
+        assert_eq!(
+            Cid::read_prefix(&[0x01, 0x71, 0x12]),
+            Err(CidError::Truncated)
+        );
+    }
+
+    #[test]
+    fn base32_rejects_nonzero_padding_bits() {
+        assert!(base32_lower_decode("ab").is_some());
+        assert!(base32_lower_decode("ad").is_none());
+        assert!(base32_lower_decode("A").is_none());
+    }
+}
