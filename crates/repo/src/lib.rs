@@ -15,12 +15,17 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod car;
 pub mod cbor;
 pub mod cid;
+pub mod commit;
 pub mod crypto;
 mod error;
+pub mod mst;
+pub mod repo;
 pub mod syntax;
 pub mod value;
+pub mod verify;
 
 pub use cid::Cid;
 pub use error::{Error, Result};

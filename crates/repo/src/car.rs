@@ -1,0 +1,560 @@
+//! CAR v1: a streaming reader that hashes every block against its CID, and a writer.
+//!
+//! The reader is split in two: [`CarParser`] is sans-I/O (it looks at a buffer and says
+//! "here is a block" or "I need more bytes"), and [`CarReader`] / [`AsyncCarReader`] feed it
+//! from a [`Read`] or an [`AsyncRead`]. Blocks are borrowed from the reader's buffer, so a
+//! block costs no allocation; the buffer only grows for a block larger than it, up to
+//! [`CarLimits::max_block_size`].
+
+use std::io::{Read, Write};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::cbor::{Decoder, Encoder};
+use crate::cid::{Cid, MAX_CID_BYTES};
+use crate::error::{Error, Result};
+
+/// Limits applied while reading a CAR.
+#[derive(Debug, Clone, Copy)]
+pub struct CarLimits {
+    /// Largest block (CID and data) accepted. atproto records are at most ~1 MiB.
+    pub max_block_size: usize,
+    /// Largest header accepted.
+    pub max_header_size: usize,
+    /// Largest whole CAR accepted, if any.
+    pub max_car_size: Option<u64>,
+}
+
+impl Default for CarLimits {
+    fn default() -> CarLimits {
+        CarLimits {
+            max_block_size: 4 << 20,
+            max_header_size: 64 << 10,
+            max_car_size: None,
+        }
+    }
+}
+
+/// The CAR header: the roots (for atproto, `roots[0]` is the commit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarHeader {
+    /// Root CIDs in order.
+    pub roots: Vec<Cid>,
+}
+
+/// One verified block, borrowed from the reader.
+#[derive(Debug, Clone, Copy)]
+pub struct Block<'a> {
+    /// The block's CID; the data is known to hash to it.
+    pub cid: Cid,
+    /// The block's bytes.
+    pub data: &'a [u8],
+}
+
+const READ_CHUNK: usize = 256 << 10;
+
+/// What the parser found in its buffer.
+enum Parsed {
+    /// More bytes are needed; at least this many more in total from the current position.
+    Need(usize),
+    /// A block occupies `start..end` of the buffer; the CID is checked.
+    Block { cid: Cid, data_start: usize, end: usize },
+}
+
+/// The sans-I/O core: owns the buffer and the stream position.
+struct CarParser {
+    buf: Vec<u8>,
+    /// Start of unconsumed bytes in `buf`.
+    pos: usize,
+    /// End of filled bytes in `buf`.
+    filled: usize,
+    /// Stream offset of `buf[0]`.
+    base: u64,
+    limits: CarLimits,
+    eof: bool,
+}
+
+impl CarParser {
+    fn new(limits: CarLimits) -> CarParser {
+        CarParser {
+            buf: Vec::new(),
+            pos: 0,
+            filled: 0,
+            base: 0,
+            limits,
+            eof: false,
+        }
+    }
+
+    fn offset(&self) -> u64 {
+        self.base + self.pos as u64
+    }
+
+    /// Makes room for `need` bytes from `pos` plus one read chunk, returning the spare slice.
+    fn spare(&mut self, need: usize) -> &mut [u8] {
+        if self.pos > 0 && (self.pos == self.filled || self.buf.len() - self.pos < need + READ_CHUNK / 2) {
+            self.buf.copy_within(self.pos..self.filled, 0);
+            self.base += self.pos as u64;
+            self.filled -= self.pos;
+            self.pos = 0;
+        }
+        let want = (self.pos + need).max(self.filled + READ_CHUNK);
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        &mut self.buf[self.filled..]
+    }
+
+    fn commit_read(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            self.eof = true;
+        }
+        self.filled += n;
+        if let Some(max) = self.limits.max_car_size {
+            let total = self.base + self.filled as u64;
+            if total > max {
+                return Err(Error::LimitExceeded {
+                    what: "CAR size",
+                    limit: max,
+                    found: total,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a varint at `pos`; `Ok(None)` when more bytes are needed.
+    fn varint(&self) -> Result<Option<(u64, usize)>> {
+        let mut value: u64 = 0;
+        for (i, &byte) in self.buf[self.pos..self.filled].iter().enumerate().take(10) {
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                if i > 0 && byte == 0 {
+                    return Err(self.car_error("non-minimal length varint"));
+                }
+                return Ok(Some((value, i + 1)));
+            }
+            if i == 9 {
+                return Err(self.car_error("length varint longer than ten bytes"));
+            }
+        }
+        Ok(None)
+    }
+
+    fn car_error(&self, reason: impl Into<String>) -> Error {
+        Error::Car {
+            offset: self.offset(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The header, or how many bytes are needed before it can be parsed.
+    fn parse_header(&mut self) -> Result<std::result::Result<CarHeader, usize>> {
+        let Some((len, varint_len)) = self.varint()? else {
+            return Ok(Err(10));
+        };
+        if len == 0 {
+            return Err(self.car_error("empty header"));
+        }
+        if len > self.limits.max_header_size as u64 {
+            return Err(Error::LimitExceeded {
+                what: "CAR header size",
+                limit: self.limits.max_header_size as u64,
+                found: len,
+            });
+        }
+        let total = varint_len + len as usize;
+        if self.filled - self.pos < total {
+            return Ok(Err(total));
+        }
+        let bytes = &self.buf[self.pos + varint_len..self.pos + total];
+        let header = decode_header(bytes).map_err(|reason| self.car_error(reason))?;
+        self.pos += total;
+        Ok(Ok(header))
+    }
+
+    /// Tries to parse the next block at `pos`; `Ok(None)` at a clean end of input.
+    fn parse_block(&mut self) -> Result<Option<Parsed>> {
+        if self.pos == self.filled && self.eof {
+            return Ok(None);
+        }
+        let Some((len, varint_len)) = self.varint()? else {
+            return Ok(Some(Parsed::Need(10)));
+        };
+        if len == 0 {
+            return Err(self.car_error("zero-length block"));
+        }
+        if len > self.limits.max_block_size as u64 {
+            return Err(Error::LimitExceeded {
+                what: "CAR block size",
+                limit: self.limits.max_block_size as u64,
+                found: len,
+            });
+        }
+        let total = varint_len + len as usize;
+        if self.filled - self.pos < total {
+            return Ok(Some(Parsed::Need(total)));
+        }
+        let start = self.pos + varint_len;
+        let end = self.pos + total;
+        let block = &self.buf[start..end];
+        let (cid, cid_len) = Cid::read_prefix(&block[..block.len().min(MAX_CID_BYTES)])
+            .map_err(|err| self.car_error(format!("block CID: {err}")))?;
+        let data = &block[cid_len..];
+        let actual = Cid::compute(cid.codec(), data);
+        if actual != cid {
+            return Err(Error::HashMismatch { cid, actual });
+        }
+        Ok(Some(Parsed::Block {
+            cid,
+            data_start: start + cid_len,
+            end,
+        }))
+    }
+
+    fn truncated(&self, context: &'static str) -> Error {
+        Error::Truncated {
+            offset: self.base + self.filled as u64,
+            context,
+        }
+    }
+}
+
+fn decode_header(bytes: &[u8]) -> std::result::Result<CarHeader, String> {
+    let mut decoder = Decoder::new(bytes);
+    let fields = decoder.map_len().map_err(|err| format!("header: {err}"))?;
+    let mut roots = None;
+    let mut version = None;
+    for _ in 0..fields {
+        // Header key order is not checked: the header is not hashed, and writers differ.
+        let key = decoder.key().map_err(|err| format!("header: {err}"))?;
+        match key {
+            "roots" => {
+                let n = decoder.array_len().map_err(|err| format!("header roots: {err}"))?;
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    list.push(decoder.link().map_err(|err| format!("header root: {err}"))?);
+                }
+                roots = Some(list);
+            }
+            "version" => version = Some(decoder.u64().map_err(|err| format!("header version: {err}"))?),
+            other => return Err(format!("header has unexpected field {other:?}")),
+        }
+    }
+    decoder.finish().map_err(|err| format!("header: {err}"))?;
+    match version {
+        Some(1) => {}
+        Some(other) => return Err(format!("CAR version {other} is not supported (only 1)")),
+        None => return Err("header has no version".to_owned()),
+    }
+    let roots = roots.ok_or("header has no roots")?;
+    Ok(CarHeader { roots })
+}
+
+/// Reads a CAR from a blocking [`Read`], verifying each block as it is returned.
+pub struct CarReader<R> {
+    reader: R,
+    parser: CarParser,
+    header: CarHeader,
+}
+
+impl<R: Read> CarReader<R> {
+    /// Reads and checks the header.
+    pub fn new(reader: R, limits: CarLimits) -> Result<CarReader<R>> {
+        let mut car = CarReader {
+            reader,
+            parser: CarParser::new(limits),
+            header: CarHeader { roots: Vec::new() },
+        };
+        loop {
+            match car.parser.parse_header()? {
+                Ok(header) => {
+                    car.header = header;
+                    return Ok(car);
+                }
+                Err(need) => car.fill(need, "CAR header")?,
+            }
+        }
+    }
+
+    fn fill(&mut self, need: usize, context: &'static str) -> Result<()> {
+        if self.parser.eof {
+            return Err(self.parser.truncated(context));
+        }
+        let spare = self.parser.spare(need);
+        let n = loop {
+            match self.reader.read(spare) {
+                Ok(n) => break n,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(err.into()),
+            }
+        };
+        self.parser.commit_read(n)
+    }
+
+    /// The header.
+    pub fn header(&self) -> &CarHeader {
+        &self.header
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.parser.offset()
+    }
+
+    /// The next block, hashed and checked against its CID; `None` at the end.
+    pub fn next_block(&mut self) -> Result<Option<Block<'_>>> {
+        loop {
+            match self.parser.parse_block()? {
+                None => return Ok(None),
+                Some(Parsed::Need(need)) => self.fill(need, "CAR block")?,
+                Some(Parsed::Block { cid, data_start, end }) => {
+                    self.parser.pos = end;
+                    return Ok(Some(Block {
+                        cid,
+                        data: &self.parser.buf[data_start..end],
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Reads a CAR from an [`AsyncRead`] (an HTTP body), verifying each block.
+pub struct AsyncCarReader<R> {
+    reader: R,
+    parser: CarParser,
+    header: CarHeader,
+}
+
+impl<R: AsyncRead + Unpin> AsyncCarReader<R> {
+    /// Reads and checks the header.
+    pub async fn new(reader: R, limits: CarLimits) -> Result<AsyncCarReader<R>> {
+        let mut car = AsyncCarReader {
+            reader,
+            parser: CarParser::new(limits),
+            header: CarHeader { roots: Vec::new() },
+        };
+        loop {
+            match car.parser.parse_header()? {
+                Ok(header) => {
+                    car.header = header;
+                    return Ok(car);
+                }
+                Err(need) => car.fill(need, "CAR header").await?,
+            }
+        }
+    }
+
+    async fn fill(&mut self, need: usize, context: &'static str) -> Result<()> {
+        if self.parser.eof {
+            return Err(self.parser.truncated(context));
+        }
+        let spare = self.parser.spare(need);
+        let n = self.reader.read(spare).await?;
+        self.parser.commit_read(n)
+    }
+
+    /// The header.
+    pub fn header(&self) -> &CarHeader {
+        &self.header
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.parser.offset()
+    }
+
+    /// The next block, hashed and checked against its CID; `None` at the end.
+    pub async fn next_block(&mut self) -> Result<Option<Block<'_>>> {
+        loop {
+            match self.parser.parse_block()? {
+                None => return Ok(None),
+                Some(Parsed::Need(need)) => self.fill(need, "CAR block").await?,
+                Some(Parsed::Block { cid, data_start, end }) => {
+                    self.parser.pos = end;
+                    return Ok(Some(Block {
+                        cid,
+                        data: &self.parser.buf[data_start..end],
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Writes a CAR v1 stream: a header with the given roots, then blocks in the order given.
+pub struct CarWriter<W> {
+    writer: W,
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> CarWriter<W> {
+    /// Writes the header.
+    pub fn new(mut writer: W, roots: &[Cid]) -> std::io::Result<CarWriter<W>> {
+        let header = encode_header(roots);
+        let mut scratch = Vec::with_capacity(16);
+        write_varint(header.len() as u64, &mut scratch);
+        writer.write_all(&scratch)?;
+        writer.write_all(&header)?;
+        Ok(CarWriter { writer, scratch })
+    }
+
+    /// Writes one block. The caller is trusted to pass bytes that hash to `cid`.
+    pub fn write_block(&mut self, cid: &Cid, data: &[u8]) -> std::io::Result<()> {
+        self.scratch.clear();
+        write_varint((cid.encoded_len() + data.len()) as u64, &mut self.scratch);
+        cid.write_bytes(&mut self.scratch);
+        self.writer.write_all(&self.scratch)?;
+        self.writer.write_all(data)
+    }
+
+    /// Flushes and returns the inner writer.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        self.writer.flush()?;
+        Ok(self.writer)
+    }
+}
+
+/// The DRISL header `{roots, version: 1}`.
+fn encode_header(roots: &[Cid]) -> Vec<u8> {
+    let mut encoder = Encoder::new();
+    encoder.map(2);
+    encoder.text("roots");
+    encoder.array(roots.len());
+    for root in roots {
+        encoder.link(root);
+    }
+    encoder.text("version");
+    encoder.u64(1);
+    encoder.into_bytes()
+}
+
+/// A whole CAR in memory: the header, then each `(cid, data)` block.
+pub fn write_car<'a>(roots: &[Cid], blocks: impl IntoIterator<Item = (&'a Cid, &'a [u8])>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let header = encode_header(roots);
+    write_varint(header.len() as u64, &mut out);
+    out.extend_from_slice(&header);
+    for (cid, data) in blocks {
+        write_varint((cid.encoded_len() + data.len()) as u64, &mut out);
+        cid.write_bytes(&mut out);
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+pub(crate) fn write_varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (Vec<u8>, Vec<(Cid, Vec<u8>)>) {
+        let blocks: Vec<(Cid, Vec<u8>)> = (0..100u32)
+            .map(|i| {
+                let mut encoder = Encoder::new();
+                encoder.text(&format!("block number {i} {}", "x".repeat(i as usize * 37)));
+                let data = encoder.into_bytes();
+                (Cid::dag_cbor(&data), data)
+            })
+            .collect();
+        let car = write_car(&[blocks[0].0], blocks.iter().map(|(c, d)| (c, d.as_slice())));
+        (car, blocks)
+    }
+
+    /// Reads in one-byte steps to exercise every buffer boundary.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let Some((&first, rest)) = self.0.split_first() else {
+                return Ok(0);
+            };
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            buf[0] = first;
+            self.0 = rest;
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn round_trip_in_any_chunking() -> Result<()> {
+        let (car, blocks) = sample();
+        let mut reader = CarReader::new(Trickle(&car), CarLimits::default())?;
+        assert_eq!(reader.header().roots, vec![blocks[0].0]);
+        let mut seen = Vec::new();
+        while let Some(block) = reader.next_block()? {
+            seen.push((block.cid, block.data.to_vec()));
+        }
+        assert_eq!(seen, blocks);
+        assert_eq!(reader.offset(), car.len() as u64);
+        Ok(())
+    }
+
+    #[test]
+    fn detects_hash_mismatch() -> Result<()> {
+        let (mut car, _) = sample();
+        let last = car.len() - 1;
+        car[last] ^= 1;
+        let mut reader = CarReader::new(car.as_slice(), CarLimits::default())?;
+        let result = loop {
+            match reader.next_block() {
+                Ok(Some(_)) => continue,
+                other => break other.map(|_| ()),
+            }
+        };
+        assert!(matches!(result, Err(Error::HashMismatch { .. })), "{result:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn detects_truncation() -> Result<()> {
+        let (car, _) = sample();
+        let cut = &car[..car.len() - 3];
+        let mut reader = CarReader::new(cut, CarLimits::default())?;
+        let result = loop {
+            match reader.next_block() {
+                Ok(Some(_)) => continue,
+                other => break other.map(|_| ()),
+            }
+        };
+        assert!(matches!(result, Err(Error::Truncated { .. })), "{result:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn block_size_limit() {
+        let (car, _) = sample();
+        let limits = CarLimits {
+            max_block_size: 64,
+            ..CarLimits::default()
+        };
+        let result = CarReader::new(car.as_slice(), limits).and_then(|mut reader| {
+            while reader.next_block()?.is_some() {}
+            Ok(())
+        });
+        assert!(matches!(result, Err(Error::LimitExceeded { .. })), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn async_reader_matches_sync() -> Result<()> {
+        let (car, blocks) = sample();
+        let mut reader = AsyncCarReader::new(car.as_slice(), CarLimits::default()).await?;
+        let mut n = 0;
+        while let Some(block) = reader.next_block().await? {
+            assert_eq!(block.cid, blocks[n].0);
+            n += 1;
+        }
+        assert_eq!(n, blocks.len());
+        Ok(())
+    }
+}

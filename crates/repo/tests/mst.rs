@@ -1,0 +1,183 @@
+//! MST conformance: key layers, prefixes, canonical roots and Sync 1.1 commit proofs.
+
+use std::fs;
+
+use atpdb_repo::Cid;
+use atpdb_repo::cid::CidMap;
+use atpdb_repo::mst::{MstWalker, NoBlocks, Tree, WalkOptions, common_prefix_len, diff, layer_for_key};
+use serde_json::Value as Json;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn read_json(relative: &str) -> Option<Json> {
+    let path = atpdb_testkit::interop(relative, relative)?;
+    let text = fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    Some(serde_json::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display())))
+}
+
+fn string<'a>(json: &'a Json, field: &str) -> &'a str {
+    json[field].as_str().unwrap_or_else(|| panic!("fixture field {field} is not a string: {json}"))
+}
+
+fn strings<'a>(json: &'a Json, field: &str) -> Vec<&'a str> {
+    json[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("fixture field {field} is not an array: {json}"))
+        .iter()
+        .map(|item| item.as_str().unwrap_or_else(|| panic!("{field} item is not a string")))
+        .collect()
+}
+
+#[test]
+fn key_heights() {
+    let Some(cases) = read_json("mst/key_heights.json") else { return };
+    for case in cases.as_array().into_iter().flatten() {
+        let key = string(case, "key");
+        let height = case["height"].as_u64().unwrap_or_else(|| panic!("bad case {case}"));
+        assert_eq!(u64::from(layer_for_key(key.as_bytes())), height, "layer of {key:?}");
+    }
+}
+
+#[test]
+fn common_prefixes() {
+    let Some(cases) = read_json("mst/common_prefix.json") else { return };
+    for case in cases.as_array().into_iter().flatten() {
+        let (left, right) = (string(case, "left"), string(case, "right"));
+        let len = case["len"].as_u64().unwrap_or_else(|| panic!("bad case {case}"));
+        assert_eq!(
+            common_prefix_len(left.as_bytes(), right.as_bytes()) as u64,
+            len,
+            "prefix of {left:?} and {right:?}"
+        );
+    }
+}
+
+fn build(keys: &[&str], value: Cid) -> Result<Tree<NoBlocks>, atpdb_repo::Error> {
+    let mut tree = Tree::empty(NoBlocks);
+    for key in keys {
+        tree.insert(key.as_bytes(), value)?;
+    }
+    Ok(tree)
+}
+
+#[test]
+fn example_keys_any_insert_order_same_root() -> TestResult {
+    let Some(path) = atpdb_testkit::interop("example_keys", "mst/example_keys.txt") else {
+        return Ok(());
+    };
+    let keys = atpdb_testkit::fixture_lines(&path);
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let value = Cid::dag_cbor(b"leaf");
+    let mut forward = build(&keys, value)?;
+    let reversed: Vec<&str> = keys.iter().rev().copied().collect();
+    let mut backward = build(&reversed, value)?;
+    let (root, blocks) = forward.changed_blocks();
+    assert_eq!(root, backward.root_cid());
+
+    // The walker reads the tree back from its blocks in sorted order and accepts its shape.
+    let store: CidMap<Vec<u8>> = blocks.into_iter().collect();
+    let mut walker = MstWalker::new(&store, root, WalkOptions { check_paths: false });
+    let mut walked = Vec::new();
+    while let Some((key, cid)) = walker.next_entry()? {
+        assert_eq!(cid, value);
+        walked.push(String::from_utf8(key.to_vec())?);
+    }
+    let mut sorted: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+    sorted.sort();
+    assert_eq!(walked, sorted);
+
+    // Removing every other key and adding it back restores the root.
+    let mut lazy = Tree::load(&store, root);
+    for key in keys.iter().step_by(2) {
+        assert_eq!(lazy.remove(key.as_bytes())?, Some(value), "remove {key}");
+    }
+    let half_root = lazy.root_cid();
+    assert_eq!(half_root, build(&keys.iter().skip(1).step_by(2).copied().collect::<Vec<_>>(), value)?.root_cid());
+    for key in keys.iter().step_by(2) {
+        assert_eq!(lazy.insert(key.as_bytes(), value)?, None, "insert {key}");
+    }
+    assert_eq!(lazy.root_cid(), root);
+    Ok(())
+}
+
+#[test]
+fn removing_everything_gives_the_empty_tree() -> TestResult {
+    let value = Cid::dag_cbor(b"leaf");
+    let keys: Vec<String> = (0..300).map(|i| format!("com.example.record/{i:05}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let mut tree = build(&keys, value)?;
+    for key in &keys {
+        assert_eq!(tree.remove(key.as_bytes())?, Some(value));
+    }
+    assert_eq!(tree.remove(b"com.example.record/absent")?, None);
+    assert_eq!(tree.root_cid(), Tree::empty(NoBlocks).root_cid());
+    Ok(())
+}
+
+#[test]
+fn commit_proofs() -> TestResult {
+    let Some(cases) = read_json("firehose/commit-proof-fixtures.json") else {
+        return Ok(());
+    };
+    for case in cases.as_array().into_iter().flatten() {
+        let comment = string(case, "comment");
+        let leaf: Cid = string(case, "leafValue").parse()?;
+        let mut tree = build(&strings(case, "keys"), leaf)?;
+        let (before, before_blocks) = tree.changed_blocks();
+        assert_eq!(before.to_string(), string(case, "rootBeforeCommit"), "{comment}: root before");
+
+        let adds = strings(case, "adds");
+        let dels = strings(case, "dels");
+        for key in &adds {
+            assert_eq!(tree.insert(key.as_bytes(), leaf)?, None, "{comment}: add {key}");
+        }
+        for key in &dels {
+            assert_eq!(tree.remove(key.as_bytes())?, Some(leaf), "{comment}: delete {key}");
+        }
+        let (after, changed) = tree.changed_blocks();
+        assert_eq!(after.to_string(), string(case, "rootAfterCommit"), "{comment}: root after");
+
+        // The slice is every new node plus the unchanged nodes that inversion reads.
+        let mut all: CidMap<Vec<u8>> = before_blocks.into_iter().collect();
+        all.extend(changed.iter().cloned());
+        let mut probe = Tree::load(&all, after);
+        for key in &adds {
+            probe.remove(key.as_bytes())?;
+        }
+        for key in &dels {
+            probe.insert(key.as_bytes(), leaf)?;
+        }
+        let mut slice: CidMap<Vec<u8>> = changed.into_iter().collect();
+        for cid in probe.loaded() {
+            slice.insert(*cid, all[cid].clone());
+        }
+        for expected in strings(case, "blocksInProof") {
+            let cid: Cid = expected.parse()?;
+            assert!(slice.contains_key(&cid), "{comment}: proof block {expected} missing from the slice");
+        }
+
+        // Invert using only the diff blocks: the partial tree must lead back to the old root.
+        let mut partial = Tree::load(&slice, after);
+        for key in &adds {
+            assert_eq!(partial.get(key.as_bytes())?, Some(leaf), "{comment}: check add {key}");
+            assert_eq!(partial.remove(key.as_bytes())?, Some(leaf), "{comment}: invert add {key}");
+        }
+        for key in &dels {
+            assert_eq!(partial.get(key.as_bytes())?, None, "{comment}: check delete {key}");
+            assert_eq!(partial.insert(key.as_bytes(), leaf)?, None, "{comment}: invert delete {key}");
+        }
+        assert_eq!(partial.root_cid(), before, "{comment}: inverted root");
+
+        // A structural diff of the two trees finds exactly the operations.
+        let changes = diff(&all, Some(before), after)?;
+        let mut expected: Vec<&str> = adds.iter().chain(&dels).copied().collect();
+        expected.sort();
+        let found: Vec<String> = changes
+            .entries
+            .iter()
+            .map(|entry| String::from_utf8_lossy(&entry.key).into_owned())
+            .collect();
+        assert_eq!(found, expected, "{comment}: diff");
+    }
+    Ok(())
+}
