@@ -58,7 +58,11 @@ enum Parsed {
     /// More bytes are needed; at least this many more in total from the current position.
     Need(usize),
     /// A block occupies `start..end` of the buffer; the CID is checked.
-    Block { cid: Cid, data_start: usize, end: usize },
+    Block {
+        cid: Cid,
+        data_start: usize,
+        end: usize,
+    },
 }
 
 /// The sans-I/O core: owns the buffer and the stream position.
@@ -92,7 +96,9 @@ impl CarParser {
 
     /// Makes room for `need` bytes from `pos` plus one read chunk, returning the spare slice.
     fn spare(&mut self, need: usize) -> &mut [u8] {
-        if self.pos > 0 && (self.pos == self.filled || self.buf.len() - self.pos < need + READ_CHUNK / 2) {
+        if self.pos > 0
+            && (self.pos == self.filled || self.buf.len() - self.pos < need + READ_CHUNK / 2)
+        {
             self.buf.copy_within(self.pos..self.filled, 0);
             self.base += self.pos as u64;
             self.filled -= self.pos;
@@ -230,14 +236,26 @@ fn decode_header(bytes: &[u8]) -> std::result::Result<CarHeader, String> {
         let key = decoder.key().map_err(|err| format!("header: {err}"))?;
         match key {
             "roots" => {
-                let n = decoder.array_len().map_err(|err| format!("header roots: {err}"))?;
+                let n = decoder
+                    .array_len()
+                    .map_err(|err| format!("header roots: {err}"))?;
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
-                    list.push(decoder.link().map_err(|err| format!("header root: {err}"))?);
+                    list.push(
+                        decoder
+                            .link()
+                            .map_err(|err| format!("header root: {err}"))?,
+                    );
                 }
                 roots = Some(list);
             }
-            "version" => version = Some(decoder.u64().map_err(|err| format!("header version: {err}"))?),
+            "version" => {
+                version = Some(
+                    decoder
+                        .u64()
+                        .map_err(|err| format!("header version: {err}"))?,
+                )
+            }
             other => return Err(format!("header has unexpected field {other:?}")),
         }
     }
@@ -308,7 +326,11 @@ impl<R: Read> CarReader<R> {
             match self.parser.parse_block()? {
                 None => return Ok(None),
                 Some(Parsed::Need(need)) => self.fill(need, "CAR block")?,
-                Some(Parsed::Block { cid, data_start, end }) => {
+                Some(Parsed::Block {
+                    cid,
+                    data_start,
+                    end,
+                }) => {
                     self.parser.pos = end;
                     return Ok(Some(Block {
                         cid,
@@ -371,7 +393,11 @@ impl<R: AsyncRead + Unpin> AsyncCarReader<R> {
             match self.parser.parse_block()? {
                 None => return Ok(None),
                 Some(Parsed::Need(need)) => self.fill(need, "CAR block").await?,
-                Some(Parsed::Block { cid, data_start, end }) => {
+                Some(Parsed::Block {
+                    cid,
+                    data_start,
+                    end,
+                }) => {
                     self.parser.pos = end;
                     return Ok(Some(Block {
                         cid,
@@ -431,7 +457,10 @@ fn encode_header(roots: &[Cid]) -> Vec<u8> {
 }
 
 /// A whole CAR in memory: the header, then each `(cid, data)` block.
-pub fn write_car<'a>(roots: &[Cid], blocks: impl IntoIterator<Item = (&'a Cid, &'a [u8])>) -> Vec<u8> {
+pub fn write_car<'a>(
+    roots: &[Cid],
+    blocks: impl IntoIterator<Item = (&'a Cid, &'a [u8])>,
+) -> Vec<u8> {
     let mut out = Vec::new();
     let header = encode_header(roots);
     write_varint(header.len() as u64, &mut out);
@@ -465,7 +494,10 @@ mod tests {
                 (Cid::dag_cbor(&data), data)
             })
             .collect();
-        let car = write_car(&[blocks[0].0], blocks.iter().map(|(c, d)| (c, d.as_slice())));
+        let car = write_car(
+            &[blocks[0].0],
+            blocks.iter().map(|(c, d)| (c, d.as_slice())),
+        );
         (car, blocks)
     }
 
@@ -512,7 +544,10 @@ mod tests {
                 other => break other.map(|_| ()),
             }
         };
-        assert!(matches!(result, Err(Error::HashMismatch { .. })), "{result:?}");
+        assert!(
+            matches!(result, Err(Error::HashMismatch { .. })),
+            "{result:?}"
+        );
         Ok(())
     }
 
@@ -542,7 +577,10 @@ mod tests {
             while reader.next_block()?.is_some() {}
             Ok(())
         });
-        assert!(matches!(result, Err(Error::LimitExceeded { .. })), "{result:?}");
+        assert!(
+            matches!(result, Err(Error::LimitExceeded { .. })),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]

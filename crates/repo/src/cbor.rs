@@ -471,13 +471,13 @@ impl<'a> Decoder<'a> {
     pub(crate) fn ordered_key(&mut self, previous: Option<&str>) -> Result<&'a str, DecodeError> {
         let offset = self.pos;
         let key = self.key()?;
-        if let Some(previous) = previous {
-            if !key_less(previous, key) {
-                return Err(DecodeError::KeyOrder {
-                    key: key.to_owned(),
-                    offset,
-                });
-            }
+        if let Some(previous) = previous
+            && !key_less(previous, key)
+        {
+            return Err(DecodeError::KeyOrder {
+                key: key.to_owned(),
+                offset,
+            });
         }
         Ok(key)
     }

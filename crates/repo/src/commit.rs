@@ -45,7 +45,14 @@ pub struct UnsignedCommit {
 impl UnsignedCommit {
     /// The DRISL bytes that are signed: every field but `sig`, `prev` included even when null.
     pub fn to_cbor(&self) -> Vec<u8> {
-        encode(&self.did, REPO_VERSION, &self.data, &self.rev, self.prev.as_ref(), None)
+        encode(
+            &self.did,
+            REPO_VERSION,
+            &self.data,
+            &self.rev,
+            self.prev.as_ref(),
+            None,
+        )
     }
 
     /// Signs with `key`, producing the commit.
@@ -134,7 +141,14 @@ impl Commit {
 
     /// The bytes the signature covers.
     pub fn unsigned_bytes(&self) -> Vec<u8> {
-        encode(&self.did, self.version, &self.data, &self.rev, self.prev.as_ref(), None)
+        encode(
+            &self.did,
+            self.version,
+            &self.data,
+            &self.rev,
+            self.prev.as_ref(),
+            None,
+        )
     }
 
     /// The commit's CID.
@@ -145,9 +159,10 @@ impl Commit {
     /// Checks the signature against `key` (from the DID document's `#atproto` method).
     pub fn verify_signature(&self, key: &PublicKey) -> Result<()> {
         key.verify(&self.unsigned_bytes(), &self.sig)
-            .map_err(|_| Error::BadSignature {
+            .map_err(|source| Error::BadSignature {
                 did: self.did.to_string(),
                 rev: self.rev.to_string(),
+                source,
             })
     }
 
@@ -164,7 +179,14 @@ impl Commit {
     }
 }
 
-fn encode(did: &Did, version: u64, data: &Cid, rev: &Tid, prev: Option<&Cid>, sig: Option<&[u8]>) -> Vec<u8> {
+fn encode(
+    did: &Did,
+    version: u64,
+    data: &Cid,
+    rev: &Tid,
+    prev: Option<&Cid>,
+    sig: Option<&[u8]>,
+) -> Vec<u8> {
     let mut encoder = Encoder::with_capacity(200);
     // Canonical order: did, rev, sig (3 bytes), data, prev (4), version (7).
     encoder.map(if sig.is_some() { 6 } else { 5 });

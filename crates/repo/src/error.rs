@@ -84,12 +84,15 @@ pub enum Error {
         reason: String,
     },
     /// The commit signature does not verify with the given key.
-    #[error("commit {did}@{rev}: signature does not verify with the given key")]
+    #[error("commit {did}@{rev}: bad signature")]
     BadSignature {
         /// The commit's DID.
         did: String,
         /// The commit's rev.
         rev: String,
+        /// Why: high-S, DER, wrong length, or not made by this key.
+        #[source]
+        source: KeyError,
     },
     /// The commit names a different DID than expected.
     #[error("commit DID {found} differs from the expected {expected}")]

@@ -23,6 +23,7 @@ pub mod crypto;
 mod error;
 pub mod mst;
 pub mod repo;
+pub mod sample;
 pub mod syntax;
 pub mod value;
 pub mod verify;

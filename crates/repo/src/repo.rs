@@ -40,7 +40,9 @@ impl Write {
     /// The record path.
     pub fn path(&self) -> &str {
         match self {
-            Write::Create { path, .. } | Write::Update { path, .. } | Write::Delete { path } => path,
+            Write::Create { path, .. } | Write::Update { path, .. } | Write::Delete { path } => {
+                path
+            }
         }
     }
 }
@@ -100,7 +102,12 @@ pub struct CommitData {
 impl CommitData {
     /// The blocks as a CAR slice rooted at the commit (`#commit.blocks`).
     pub fn car_slice(&self) -> Vec<u8> {
-        write_car(&[self.cid], self.blocks.iter().map(|(cid, bytes)| (cid, bytes.as_slice())))
+        write_car(
+            &[self.cid],
+            self.blocks
+                .iter()
+                .map(|(cid, bytes)| (cid, bytes.as_slice())),
+        )
     }
 }
 
@@ -118,7 +125,12 @@ pub struct MemoryRepo {
 
 impl MemoryRepo {
     /// A new repository with its first commit (which may be empty).
-    pub fn create(did: Did, key: &Keypair, rev: Tid, writes: &[Write]) -> Result<(MemoryRepo, CommitData)> {
+    pub fn create(
+        did: Did,
+        key: &Keypair,
+        rev: Tid,
+        writes: &[Write],
+    ) -> Result<(MemoryRepo, CommitData)> {
         let mut tree = Tree::empty(crate::mst::NoBlocks);
         let empty_root = tree.root_cid();
         let mut blocks = CidMap::default();
@@ -210,13 +222,16 @@ impl MemoryRepo {
             };
             match write {
                 Write::Create { record, .. } | Write::Update { record, .. } => {
-                    crate::cbor::validate(record).map_err(|err| op_error(&format!("record is not valid DRISL: {err}")))?;
+                    crate::cbor::validate(record)
+                        .map_err(|err| op_error(&format!("record is not valid DRISL: {err}")))?;
                     let cid = Cid::dag_cbor(record);
                     let prev = tree.insert(path.as_bytes(), cid)?;
                     let action = match (write, prev) {
                         (Write::Create { .. }, None) => Action::Create,
                         (Write::Update { .. }, Some(_)) => Action::Update,
-                        (Write::Create { .. }, Some(_)) => return Err(op_error("create of an existing record")),
+                        (Write::Create { .. }, Some(_)) => {
+                            return Err(op_error("create of an existing record"));
+                        }
                         _ => return Err(op_error("update of a missing record")),
                     };
                     new_records.push((cid, record.clone()));
@@ -228,7 +243,9 @@ impl MemoryRepo {
                     });
                 }
                 Write::Delete { .. } => {
-                    let prev = tree.remove(path.as_bytes())?.ok_or_else(|| op_error("delete of a missing record"))?;
+                    let prev = tree
+                        .remove(path.as_bytes())?
+                        .ok_or_else(|| op_error("delete of a missing record"))?;
                     ops.push(RepoOp {
                         action: Action::Delete,
                         path: path.to_owned(),

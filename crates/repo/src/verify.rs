@@ -212,7 +212,13 @@ pub struct LoadedCar {
     check_record_encoding: bool,
 }
 
-fn loaded(roots: &[Cid], store: BlockStore, bytes: u64, blocks: u64, options: &VerifyOptions) -> Result<LoadedCar> {
+fn loaded(
+    roots: &[Cid],
+    store: BlockStore,
+    bytes: u64,
+    blocks: u64,
+    options: &VerifyOptions,
+) -> Result<LoadedCar> {
     let root = *roots.first().ok_or(Error::Car {
         offset: 0,
         reason: "header has no roots".to_owned(),
@@ -245,7 +251,10 @@ pub fn load_car<R: Read>(reader: R, options: &VerifyOptions) -> Result<LoadedCar
 }
 
 /// Reads every block of a CAR from an async reader (an HTTP body), checking each block's hash.
-pub async fn load_car_async<R: AsyncRead + Unpin>(reader: R, options: &VerifyOptions) -> Result<LoadedCar> {
+pub async fn load_car_async<R: AsyncRead + Unpin>(
+    reader: R,
+    options: &VerifyOptions,
+) -> Result<LoadedCar> {
     let mut car = AsyncCarReader::new(reader, options.limits).await?;
     let mut store = BlockStore::new(options.memory_budget, options.spill_dir.clone());
     let mut blocks = 0;
@@ -298,10 +307,13 @@ impl LoadedCar {
 
     /// Decodes the commit block.
     pub fn commit(&self) -> Result<Commit> {
-        let bytes = self.store.get_block(&self.root)?.ok_or_else(|| Error::MissingBlock {
-            cid: self.root,
-            context: "commit".to_owned(),
-        })?;
+        let bytes = self
+            .store
+            .get_block(&self.root)?
+            .ok_or_else(|| Error::MissingBlock {
+                cid: self.root,
+                context: "commit".to_owned(),
+            })?;
         Commit::from_cbor(self.root, &bytes)
     }
 
@@ -427,10 +439,13 @@ impl<'a> RecordWalker<'a> {
             node: cid,
             reason: "key is not UTF-8".to_owned(),
         })?;
-        let bytes = self.store.get_block(&cid)?.ok_or_else(|| Error::MissingBlock {
-            cid,
-            context: path.to_owned(),
-        })?;
+        let bytes = self
+            .store
+            .get_block(&cid)?
+            .ok_or_else(|| Error::MissingBlock {
+                cid,
+                context: path.to_owned(),
+            })?;
         if self.check_encoding {
             cbor::validate(&bytes).map_err(|source| Error::Block { cid, source })?;
         }
@@ -461,6 +476,8 @@ impl Iterator for RecordWalker<'_> {
     type Item = Result<Record>;
 
     fn next(&mut self) -> Option<Result<Record>> {
-        self.next_record().map(|record| record.map(|r| r.to_owned())).transpose()
+        self.next_record()
+            .map(|record| record.map(|r| r.to_owned()))
+            .transpose()
     }
 }

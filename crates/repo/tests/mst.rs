@@ -4,7 +4,9 @@ use std::fs;
 
 use atpdb_repo::Cid;
 use atpdb_repo::cid::CidMap;
-use atpdb_repo::mst::{MstWalker, NoBlocks, Tree, WalkOptions, common_prefix_len, diff, layer_for_key};
+use atpdb_repo::mst::{
+    MstWalker, NoBlocks, Tree, WalkOptions, common_prefix_len, diff, layer_for_key,
+};
 use serde_json::Value as Json;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -16,7 +18,9 @@ fn read_json(relative: &str) -> Option<Json> {
 }
 
 fn string<'a>(json: &'a Json, field: &str) -> &'a str {
-    json[field].as_str().unwrap_or_else(|| panic!("fixture field {field} is not a string: {json}"))
+    json[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("fixture field {field} is not a string: {json}"))
 }
 
 fn strings<'a>(json: &'a Json, field: &str) -> Vec<&'a str> {
@@ -24,26 +28,41 @@ fn strings<'a>(json: &'a Json, field: &str) -> Vec<&'a str> {
         .as_array()
         .unwrap_or_else(|| panic!("fixture field {field} is not an array: {json}"))
         .iter()
-        .map(|item| item.as_str().unwrap_or_else(|| panic!("{field} item is not a string")))
+        .map(|item| {
+            item.as_str()
+                .unwrap_or_else(|| panic!("{field} item is not a string"))
+        })
         .collect()
 }
 
 #[test]
 fn key_heights() {
-    let Some(cases) = read_json("mst/key_heights.json") else { return };
+    let Some(cases) = read_json("mst/key_heights.json") else {
+        return;
+    };
     for case in cases.as_array().into_iter().flatten() {
         let key = string(case, "key");
-        let height = case["height"].as_u64().unwrap_or_else(|| panic!("bad case {case}"));
-        assert_eq!(u64::from(layer_for_key(key.as_bytes())), height, "layer of {key:?}");
+        let height = case["height"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("bad case {case}"));
+        assert_eq!(
+            u64::from(layer_for_key(key.as_bytes())),
+            height,
+            "layer of {key:?}"
+        );
     }
 }
 
 #[test]
 fn common_prefixes() {
-    let Some(cases) = read_json("mst/common_prefix.json") else { return };
+    let Some(cases) = read_json("mst/common_prefix.json") else {
+        return;
+    };
     for case in cases.as_array().into_iter().flatten() {
         let (left, right) = (string(case, "left"), string(case, "right"));
-        let len = case["len"].as_u64().unwrap_or_else(|| panic!("bad case {case}"));
+        let len = case["len"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("bad case {case}"));
         assert_eq!(
             common_prefix_len(left.as_bytes(), right.as_bytes()) as u64,
             len,
@@ -92,7 +111,14 @@ fn example_keys_any_insert_order_same_root() -> TestResult {
         assert_eq!(lazy.remove(key.as_bytes())?, Some(value), "remove {key}");
     }
     let half_root = lazy.root_cid();
-    assert_eq!(half_root, build(&keys.iter().skip(1).step_by(2).copied().collect::<Vec<_>>(), value)?.root_cid());
+    assert_eq!(
+        half_root,
+        build(
+            &keys.iter().skip(1).step_by(2).copied().collect::<Vec<_>>(),
+            value
+        )?
+        .root_cid()
+    );
     for key in keys.iter().step_by(2) {
         assert_eq!(lazy.insert(key.as_bytes(), value)?, None, "insert {key}");
     }
@@ -103,7 +129,9 @@ fn example_keys_any_insert_order_same_root() -> TestResult {
 #[test]
 fn removing_everything_gives_the_empty_tree() -> TestResult {
     let value = Cid::dag_cbor(b"leaf");
-    let keys: Vec<String> = (0..300).map(|i| format!("com.example.record/{i:05}")).collect();
+    let keys: Vec<String> = (0..300)
+        .map(|i| format!("com.example.record/{i:05}"))
+        .collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     let mut tree = build(&keys, value)?;
     for key in &keys {
@@ -124,18 +152,34 @@ fn commit_proofs() -> TestResult {
         let leaf: Cid = string(case, "leafValue").parse()?;
         let mut tree = build(&strings(case, "keys"), leaf)?;
         let (before, before_blocks) = tree.changed_blocks();
-        assert_eq!(before.to_string(), string(case, "rootBeforeCommit"), "{comment}: root before");
+        assert_eq!(
+            before.to_string(),
+            string(case, "rootBeforeCommit"),
+            "{comment}: root before"
+        );
 
         let adds = strings(case, "adds");
         let dels = strings(case, "dels");
         for key in &adds {
-            assert_eq!(tree.insert(key.as_bytes(), leaf)?, None, "{comment}: add {key}");
+            assert_eq!(
+                tree.insert(key.as_bytes(), leaf)?,
+                None,
+                "{comment}: add {key}"
+            );
         }
         for key in &dels {
-            assert_eq!(tree.remove(key.as_bytes())?, Some(leaf), "{comment}: delete {key}");
+            assert_eq!(
+                tree.remove(key.as_bytes())?,
+                Some(leaf),
+                "{comment}: delete {key}"
+            );
         }
         let (after, changed) = tree.changed_blocks();
-        assert_eq!(after.to_string(), string(case, "rootAfterCommit"), "{comment}: root after");
+        assert_eq!(
+            after.to_string(),
+            string(case, "rootAfterCommit"),
+            "{comment}: root after"
+        );
 
         // The slice is every new node plus the unchanged nodes that inversion reads.
         let mut all: CidMap<Vec<u8>> = before_blocks.into_iter().collect();
@@ -153,18 +197,37 @@ fn commit_proofs() -> TestResult {
         }
         for expected in strings(case, "blocksInProof") {
             let cid: Cid = expected.parse()?;
-            assert!(slice.contains_key(&cid), "{comment}: proof block {expected} missing from the slice");
+            assert!(
+                slice.contains_key(&cid),
+                "{comment}: proof block {expected} missing from the slice"
+            );
         }
 
         // Invert using only the diff blocks: the partial tree must lead back to the old root.
         let mut partial = Tree::load(&slice, after);
         for key in &adds {
-            assert_eq!(partial.get(key.as_bytes())?, Some(leaf), "{comment}: check add {key}");
-            assert_eq!(partial.remove(key.as_bytes())?, Some(leaf), "{comment}: invert add {key}");
+            assert_eq!(
+                partial.get(key.as_bytes())?,
+                Some(leaf),
+                "{comment}: check add {key}"
+            );
+            assert_eq!(
+                partial.remove(key.as_bytes())?,
+                Some(leaf),
+                "{comment}: invert add {key}"
+            );
         }
         for key in &dels {
-            assert_eq!(partial.get(key.as_bytes())?, None, "{comment}: check delete {key}");
-            assert_eq!(partial.insert(key.as_bytes(), leaf)?, None, "{comment}: invert delete {key}");
+            assert_eq!(
+                partial.get(key.as_bytes())?,
+                None,
+                "{comment}: check delete {key}"
+            );
+            assert_eq!(
+                partial.insert(key.as_bytes(), leaf)?,
+                None,
+                "{comment}: invert delete {key}"
+            );
         }
         assert_eq!(partial.root_cid(), before, "{comment}: inverted root");
 

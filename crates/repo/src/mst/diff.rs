@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::node::decode_node;
 use super::BlockSource;
+use super::node::decode_node;
 use crate::cid::Cid;
 use crate::error::{Error, Result};
 
@@ -36,7 +36,12 @@ pub struct TreeDiff {
 pub fn diff<S: BlockSource>(source: &S, old: Option<Cid>, new: Cid) -> Result<TreeDiff> {
     let mut old_nodes = HashSet::new();
     if let Some(old) = old {
-        walk(source, old, &mut |cid| old_nodes.insert(cid), &mut |_, _| {})?;
+        walk(
+            source,
+            old,
+            &mut |cid| old_nodes.insert(cid),
+            &mut |_, _| {},
+        )?;
     }
     let mut new_only = Vec::new();
     let mut new_entries = BTreeMap::new();

@@ -36,7 +36,10 @@ pub fn decode_node(bytes: &[u8]) -> Result<NodeView<'_>, DecodeError> {
 }
 
 /// Decodes into `node`, reusing its entry vector.
-pub(crate) fn decode_node_into<'a>(bytes: &'a [u8], node: &mut NodeView<'a>) -> Result<(), DecodeError> {
+pub(crate) fn decode_node_into<'a>(
+    bytes: &'a [u8],
+    node: &mut NodeView<'a>,
+) -> Result<(), DecodeError> {
     node.left = None;
     node.entries.clear();
     let mut decoder = Decoder::new(bytes);
@@ -92,7 +95,8 @@ fn decode_entry<'a>(decoder: &mut Decoder<'a>) -> Result<NodeEntry<'a>, DecodeEr
             "p" => {
                 let offset = decoder.position();
                 let p = decoder.u64()?;
-                prefix_len = Some(usize::try_from(p).map_err(|_| DecodeError::IntRange { offset })?);
+                prefix_len =
+                    Some(usize::try_from(p).map_err(|_| DecodeError::IntRange { offset })?);
             }
             "t" => right = decoder.nullable_link()?,
             "v" => value = Some(decoder.link()?),
@@ -104,7 +108,10 @@ fn decode_entry<'a>(decoder: &mut Decoder<'a>) -> Result<NodeEntry<'a>, DecodeEr
             }
         }
     }
-    let missing = |field| DecodeError::MissingField { field, offset: start };
+    let missing = |field| DecodeError::MissingField {
+        field,
+        offset: start,
+    };
     Ok(NodeEntry {
         prefix_len: prefix_len.ok_or_else(|| missing("p"))?,
         suffix: suffix.ok_or_else(|| missing("k"))?,
@@ -152,14 +159,11 @@ mod tests {
         let value = Cid::dag_cbor(b"record");
         let sub = Cid::dag_cbor(b"subtree");
         let keys: [&[u8]; 2] = [b"com.example.a/aaa", b"com.example.a/aab"];
-        let bytes = encode_node(
-            Some(&sub),
-            keys.iter().map(|key| (*key, &value, None)),
-        );
+        let bytes = encode_node(Some(&sub), keys.iter().map(|key| (*key, &value, None)));
         let node = decode_node(&bytes)?;
         assert_eq!(node.left, Some(sub));
         assert_eq!(node.entries.len(), 2);
-        assert_eq!(node.entries[1].prefix_len, 15);
+        assert_eq!(node.entries[1].prefix_len, 16);
         assert_eq!(node.entries[1].suffix, b"b");
         Ok(())
     }
@@ -167,7 +171,10 @@ mod tests {
     #[test]
     fn empty_node_bytes() {
         // {"e": [], "l": null}: the empty repository's root.
-        assert_eq!(encode_node(None, std::iter::empty()), [0xa2, 0x61, 0x65, 0x80, 0x61, 0x6c, 0xf6]);
+        assert_eq!(
+            encode_node(None, std::iter::empty()),
+            [0xa2, 0x61, 0x65, 0x80, 0x61, 0x6c, 0xf6]
+        );
     }
 
     #[test]
@@ -178,13 +185,19 @@ mod tests {
         encoder.null();
         encoder.text("e");
         encoder.array(0);
-        assert!(matches!(decode_node(encoder.as_bytes()), Err(DecodeError::KeyOrder { .. })));
+        assert!(matches!(
+            decode_node(encoder.as_bytes()),
+            Err(DecodeError::KeyOrder { .. })
+        ));
         let mut encoder = Encoder::new();
         encoder.map(2);
         encoder.text("e");
         encoder.array(0);
         encoder.text("x");
         encoder.null();
-        assert!(matches!(decode_node(encoder.as_bytes()), Err(DecodeError::UnknownField { .. })));
+        assert!(matches!(
+            decode_node(encoder.as_bytes()),
+            Err(DecodeError::UnknownField { .. })
+        ));
     }
 }

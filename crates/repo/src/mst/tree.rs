@@ -51,7 +51,8 @@ impl Node {
     }
 
     fn search(&self, key: &[u8]) -> std::result::Result<usize, usize> {
-        self.entries.binary_search_by(|entry| entry.key.as_slice().cmp(key))
+        self.entries
+            .binary_search_by(|entry| entry.key.as_slice().cmp(key))
     }
 }
 
@@ -170,7 +171,12 @@ impl<S: BlockSource> Tree<S> {
             match root.left.take() {
                 Some(child) => {
                     self.root = child;
-                    load(&mut self.root, Some(child_layer), &self.source, &mut self.loaded)?;
+                    load(
+                        &mut self.root,
+                        Some(child_layer),
+                        &self.source,
+                        &mut self.loaded,
+                    )?;
                 }
                 None => {
                     root.layer = 0;
@@ -202,7 +208,13 @@ impl<S: BlockSource> Tree<S> {
     /// Every entry in key order, loading the whole tree.
     pub fn entries(&mut self) -> Result<Vec<(Vec<u8>, Cid)>> {
         let mut out = Vec::new();
-        collect(&mut self.root, None, &self.source, &mut self.loaded, &mut out)?;
+        collect(
+            &mut self.root,
+            None,
+            &self.source,
+            &mut self.loaded,
+            &mut out,
+        )?;
         Ok(out)
     }
 }
@@ -288,10 +300,12 @@ fn fetch<S: BlockSource>(cid: Cid, layer: Option<u32>, source: &S) -> Result<Nod
 }
 
 fn child_layer(node: &Node) -> Result<u32> {
-    node.layer.checked_sub(1).ok_or_else(|| Error::MstStructure {
-        node: node.cid.unwrap_or_else(|| Cid::dag_cbor(&[])),
-        reason: "layer 0 node has a subtree".to_owned(),
-    })
+    node.layer
+        .checked_sub(1)
+        .ok_or_else(|| Error::MstStructure {
+            node: node.cid.unwrap_or_else(|| Cid::dag_cbor(&[])),
+            reason: "layer 0 node has a subtree".to_owned(),
+        })
 }
 
 fn insert_into<S: BlockSource>(
@@ -304,7 +318,10 @@ fn insert_into<S: BlockSource>(
 ) -> Result<Option<Cid>> {
     node.cid = None;
     match node.search(key) {
-        Ok(index) => Ok(Some(std::mem::replace(&mut node.entries[index].value, value))),
+        Ok(index) => Ok(Some(std::mem::replace(
+            &mut node.entries[index].value,
+            value,
+        ))),
         Err(index) if key_layer == node.layer => {
             let (low, high) = match node.slot(index).take() {
                 None => (None, None),
@@ -453,10 +470,12 @@ fn merge<S: BlockSource>(
         (None, other) | (other, None) => return Ok(other),
         (Some(left), Some(right)) => (left, right),
     };
-    let layer = parent_layer.checked_sub(1).ok_or_else(|| Error::MstStructure {
-        node: Cid::dag_cbor(&[]),
-        reason: "layer 0 node has a subtree".to_owned(),
-    })?;
+    let layer = parent_layer
+        .checked_sub(1)
+        .ok_or_else(|| Error::MstStructure {
+            node: Cid::dag_cbor(&[]),
+            reason: "layer 0 node has a subtree".to_owned(),
+        })?;
     let right_node = load(&mut right, Some(layer), source, loaded)?;
     let right_left = right_node.left.take();
     let right_entries = std::mem::take(&mut right_node.entries);

@@ -97,7 +97,11 @@ impl<S: BlockSource> MstWalker<S> {
             self.descend(root, None)?;
         }
         loop {
-            let Some(frame) = self.depth.checked_sub(1).and_then(|top| self.frames.get_mut(top)) else {
+            let Some(frame) = self
+                .depth
+                .checked_sub(1)
+                .and_then(|top| self.frames.get_mut(top))
+            else {
                 return Ok(None);
             };
             let Some(&(end, value, right)) = frame.entries.get(frame.next) else {
@@ -150,10 +154,13 @@ impl<S: BlockSource> MstWalker<S> {
             node: cid,
             reason: reason.to_owned(),
         };
-        let bytes = self.source.get_block(&cid)?.ok_or_else(|| Error::MissingBlock {
-            cid,
-            context: "MST node".to_owned(),
-        })?;
+        let bytes = self
+            .source
+            .get_block(&cid)?
+            .ok_or_else(|| Error::MissingBlock {
+                cid,
+                context: "MST node".to_owned(),
+            })?;
         let mut view = NodeView::default();
         decode_node_into(&bytes, &mut view).map_err(|source| Error::Block { cid, source })?;
         self.stats.nodes += 1;
@@ -172,7 +179,9 @@ impl<S: BlockSource> MstWalker<S> {
             (Some(layer), _) => layer,
             (None, None) => {
                 if view.left.is_some() {
-                    return Err(structure("root is an empty node that only points to a subtree"));
+                    return Err(structure(
+                        "root is an empty node that only points to a subtree",
+                    ));
                 }
                 0
             }
@@ -210,7 +219,9 @@ impl<S: BlockSource> MstWalker<S> {
                 return Err(structure("prefix compression is not maximal"));
             }
             let start = frame.keys.len();
-            frame.keys.extend_from_within(previous_start..previous_start + entry.prefix_len);
+            frame
+                .keys
+                .extend_from_within(previous_start..previous_start + entry.prefix_len);
             frame.keys.extend_from_slice(entry.suffix);
             previous_start = start;
             let key = &frame.keys[start..];
@@ -229,10 +240,15 @@ impl<S: BlockSource> MstWalker<S> {
             if self.options.check_paths && !is_valid_repo_path(key) {
                 return Err(Error::MstStructure {
                     node: cid,
-                    reason: format!("key {:?} is not a valid repo path", String::from_utf8_lossy(key)),
+                    reason: format!(
+                        "key {:?} is not a valid repo path",
+                        String::from_utf8_lossy(key)
+                    ),
                 });
             }
-            frame.entries.push((frame.keys.len(), entry.value, entry.right));
+            frame
+                .entries
+                .push((frame.keys.len(), entry.value, entry.right));
         }
         frame.layer = layer;
         self.depth += 1;
