@@ -1,3 +1,47 @@
 //! The `atpdb` command: thin glue over the library crates.
 
-fn main() {}
+mod car;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A verified, always-current copy of the AT Protocol network.
+#[derive(Debug, Parser)]
+#[command(name = "atpdb", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Repository CAR files: verify, inspect, generate samples.
+    #[command(subcommand)]
+    Car(car::CarCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Car(command) => car::run(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // A closed pipe (`atpdb car verify --records ... | head`) is not a failure.
+            if err
+                .chain()
+                .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+                .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("atpdb: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

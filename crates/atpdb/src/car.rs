@@ -1,0 +1,287 @@
+//! `atpdb car`: verify, inspect and generate repository CAR files.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use atpdb_repo::crypto::{Curve, PublicKey};
+use atpdb_repo::sample::write_sample_car;
+use atpdb_repo::syntax::Did;
+use atpdb_repo::verify::{Expected, SignatureCheck, VerifiedRepo, VerifyOptions, load_car};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CarCommand {
+    /// Verify CAR files: every block hash, the MST shape, the commit DID and signature.
+    ///
+    /// Prints one JSON line per file; with --records also one per record. Exits 1 if any
+    /// file fails.
+    Verify(VerifyArgs),
+    /// Summarise a CAR file: commit, rev, DID, collections, MST depth, blocks, bytes.
+    Inspect(InspectArgs),
+    /// Write a deterministic, signed sample repository.
+    Sample(SampleArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SpillArgs {
+    /// Memory for blocks before spilling to disk, in MiB.
+    #[arg(long, default_value_t = 64, env = "ATPDB_MEMORY_BUDGET_MB")]
+    memory_budget_mb: usize,
+    /// Directory for spill files (default: the system temporary directory).
+    #[arg(long, env = "ATPDB_SPILL_DIR")]
+    spill_dir: Option<PathBuf>,
+}
+
+impl SpillArgs {
+    fn options(&self) -> VerifyOptions {
+        VerifyOptions {
+            memory_budget: self.memory_budget_mb << 20,
+            spill_dir: self.spill_dir.clone(),
+            ..VerifyOptions::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct VerifyArgs {
+    /// The DID every commit must name.
+    #[arg(long)]
+    did: Option<String>,
+    /// The signing key: did:key:z..., or a Multikey z... (without it signatures are unchecked).
+    #[arg(long)]
+    key: Option<String>,
+    /// Also print one JSON line per record.
+    #[arg(long)]
+    records: bool,
+    #[command(flatten)]
+    spill: SpillArgs,
+    /// CAR files.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InspectArgs {
+    #[command(flatten)]
+    spill: SpillArgs,
+    /// The CAR file.
+    file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CurveArg {
+    K256,
+    P256,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SampleArgs {
+    /// Records besides the profile.
+    #[arg(long, default_value_t = 1000)]
+    records: u64,
+    /// Seed: the same seed gives the same bytes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Signing key curve.
+    #[arg(long, value_enum, default_value_t = CurveArg::K256)]
+    curve: CurveArg,
+    /// Output file.
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+pub(crate) fn run(command: CarCommand) -> Result<ExitCode> {
+    match command {
+        CarCommand::Verify(args) => verify(args),
+        CarCommand::Inspect(args) => inspect(args),
+        CarCommand::Sample(args) => sample(args),
+    }
+}
+
+fn parse_key(text: &str) -> Result<PublicKey> {
+    let key = if text.starts_with("did:key:") {
+        PublicKey::from_did_key(text)
+    } else {
+        PublicKey::from_multikey(text)
+    };
+    key.with_context(|| format!("--key {text:?}"))
+}
+
+fn open(
+    path: &Path,
+    options: &VerifyOptions,
+) -> Result<atpdb_repo::verify::LoadedCar, atpdb_repo::Error> {
+    let file = File::open(path)?;
+    load_car(file, options)
+}
+
+fn verify(args: VerifyArgs) -> Result<ExitCode> {
+    let did: Option<Did> = args
+        .did
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .context("--did")?;
+    let key = args.key.as_deref().map(parse_key).transpose()?;
+    let options = args.spill.options();
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut failed = false;
+    for path in &args.files {
+        let file = path.display().to_string();
+        let mut line = json!({ "file": file });
+        let mut records = 0u64;
+        let outcome = (|| -> Result<VerifiedRepo, atpdb_repo::Error> {
+            let car = open(path, &options)?;
+            line["bytes"] = json!(car.bytes());
+            if let Ok(commit) = car.commit() {
+                line["did"] = json!(commit.did.as_str());
+                line["rev"] = json!(commit.rev.as_str());
+                line["commit"] = json!(car.root().to_string());
+            }
+            let repo = car.verify(Expected {
+                did: did.as_ref(),
+                key: key.as_ref(),
+            })?;
+            let mut walker = repo.records();
+            while let Some(record) = walker.next_record()? {
+                records += 1;
+                if args.records {
+                    let record_line = json!({
+                        "did": repo.commit().did.as_str(),
+                        "collection": record.collection,
+                        "rkey": record.rkey,
+                        "cid": record.cid.to_string(),
+                    });
+                    writeln!(out, "{record_line}")?;
+                }
+            }
+            drop(walker);
+            Ok(repo)
+        })();
+        line["records"] = json!(records);
+        match outcome {
+            Ok(repo) => {
+                line["signature"] = json!(match repo.signature() {
+                    SignatureCheck::Valid => "valid",
+                    SignatureCheck::Unchecked => "unchecked",
+                });
+                line["ok"] = json!(true);
+            }
+            Err(atpdb_repo::Error::Io(err)) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+                return Err(err.into());
+            }
+            Err(err) => {
+                failed = true;
+                line["ok"] = json!(false);
+                line["error"] = json!(error_chain(&err));
+            }
+        }
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The error and its sources, joined like `{:#}` in anyhow.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn inspect(args: InspectArgs) -> Result<ExitCode> {
+    let path = &args.file;
+    let car =
+        open(path, &args.spill.options()).with_context(|| format!("reading {}", path.display()))?;
+    let (bytes, blocks, distinct, spilled) = (
+        car.bytes(),
+        car.blocks(),
+        car.store().len(),
+        car.store().spilled_bytes(),
+    );
+    let repo = car
+        .verify(Expected::default())
+        .with_context(|| format!("verifying {}", path.display()))?;
+    let mut collections: BTreeMap<String, u64> = BTreeMap::new();
+    let mut walker = repo.records();
+    while let Some(record) = walker
+        .next_record()
+        .with_context(|| format!("walking {}", path.display()))?
+    {
+        *collections.entry(record.collection.to_owned()).or_default() += 1;
+    }
+    let stats = walker.stats();
+    let record_bytes = walker.record_bytes();
+    drop(walker);
+    let commit = repo.commit();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "file        {}", path.display())?;
+    writeln!(out, "did         {}", commit.did)?;
+    writeln!(out, "commit      {}", repo.commit_cid())?;
+    writeln!(out, "rev         {}", commit.rev)?;
+    writeln!(out, "version     {}", commit.version)?;
+    writeln!(out, "mst root    {}", commit.data)?;
+    writeln!(
+        out,
+        "mst depth   {} (root layer {}, {} nodes)",
+        stats.depth, stats.root_layer, stats.nodes
+    )?;
+    writeln!(out, "records     {} ({record_bytes} bytes)", stats.entries)?;
+    writeln!(out, "blocks      {blocks} ({distinct} distinct)")?;
+    writeln!(
+        out,
+        "bytes       {bytes}{}",
+        if spilled > 0 {
+            format!(" ({spilled} spilled to disk)")
+        } else {
+            String::new()
+        }
+    )?;
+    writeln!(out, "signature   unchecked (use `atpdb car verify --key`)")?;
+    writeln!(out, "collections")?;
+    for (collection, count) in &collections {
+        writeln!(out, "  {count:>9}  {collection}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sample(args: SampleArgs) -> Result<ExitCode> {
+    let curve = match args.curve {
+        CurveArg::K256 => Curve::K256,
+        CurveArg::P256 => Curve::P256,
+    };
+    let file =
+        File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let writer = BufWriter::with_capacity(1 << 20, file);
+    let (writer, summary) = write_sample_car(args.seed, args.records, curve, writer)?;
+    writer
+        .into_inner()
+        .map_err(|err| err.into_error())?
+        .sync_all()
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let line = json!({
+        "file": args.out.display().to_string(),
+        "did": summary.did.as_str(),
+        "commit": summary.commit.to_string(),
+        "rev": summary.rev.as_str(),
+        "records": summary.records,
+        "key": summary.key.public().to_did_key(),
+    });
+    println!("{line}");
+    Ok(ExitCode::SUCCESS)
+}
