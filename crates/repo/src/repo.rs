@@ -290,10 +290,10 @@ impl MemoryRepo {
             });
         }
         for cid in inverse.loaded() {
-            if slice.insert(*cid, ()).is_none() {
-                if let Some(bytes) = self.blocks.get(cid) {
-                    blocks_out.push((*cid, bytes.clone()));
-                }
+            if slice.insert(*cid, ()).is_none()
+                && let Some(bytes) = self.blocks.get(cid)
+            {
+                blocks_out.push((*cid, bytes.clone()));
             }
         }
         let since = self.commit.rev.clone();
@@ -405,10 +405,10 @@ impl MemoryRepo {
                 blocks.push((cid, bytes));
             }
         }
-        if let Some(value) = value {
-            if let Some((cid, bytes)) = self.blocks.get_key_value(&value) {
-                blocks.push((cid, bytes));
-            }
+        if let Some(value) = value
+            && let Some((cid, bytes)) = self.blocks.get_key_value(&value)
+        {
+            blocks.push((cid, bytes));
         }
         Ok(write_car(&[self.cid], blocks))
     }

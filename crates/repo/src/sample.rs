@@ -135,7 +135,8 @@ fn sentence(rng: &mut SampleRng, n: u64) -> String {
         if i > 0 {
             text.push(' ');
         }
-        text.push_str(*rng.pick(WORDS));
+        let word: &&str = rng.pick(WORDS);
+        text.push_str(word);
     }
     text
 }
