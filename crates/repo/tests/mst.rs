@@ -244,3 +244,28 @@ fn commit_proofs() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn repository_walks_require_nsid_collections() -> TestResult {
+    let value = Cid::dag_cbor(b"leaf");
+    for bad in [
+        "A0/374913",
+        "com.example/3kb",
+        "com.example.thing/a b",
+        "com.example.thing/..",
+    ] {
+        let mut tree = build(&["com.example.ok/3kb3fge5lm32x", bad], value)?;
+        let (root, blocks) = tree.changed_blocks();
+        let store: CidMap<Vec<u8>> = blocks.into_iter().collect();
+        let mut walker = MstWalker::new(&store, root, WalkOptions::default());
+        let result = (|| {
+            while walker.next_entry()?.is_some() {}
+            Ok::<_, atpdb_repo::Error>(())
+        })();
+        assert!(
+            matches!(result, Err(atpdb_repo::Error::MstStructure { .. })),
+            "{bad:?} should be refused as a repo path, got {result:?}"
+        );
+    }
+    Ok(())
+}

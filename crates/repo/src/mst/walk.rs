@@ -4,7 +4,7 @@ use super::node::{NodeView, decode_node_into};
 use super::{BlockSource, MAX_LAYER, layer_for_key};
 use crate::cid::Cid;
 use crate::error::{Error, Result};
-use crate::syntax::is_valid_repo_path;
+use crate::syntax::{Nsid, is_valid_repo_path};
 
 /// What the walker checks beyond the tree shape.
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +62,8 @@ pub struct MstWalker<S> {
     started: bool,
     stats: WalkStats,
     pending_root: Option<Cid>,
+    /// The collection of the last key whose NSID was checked.
+    collection: Vec<u8>,
 }
 
 impl<S: BlockSource> MstWalker<S> {
@@ -78,6 +80,7 @@ impl<S: BlockSource> MstWalker<S> {
             started: false,
             stats: WalkStats::default(),
             pending_root: Some(root),
+            collection: Vec::new(),
         }
     }
 
@@ -237,14 +240,26 @@ impl<S: BlockSource> MstWalker<S> {
                     node_layer: layer,
                 });
             }
-            if self.options.check_paths && !is_valid_repo_path(key) {
-                return Err(Error::MstStructure {
-                    node: cid,
-                    reason: format!(
-                        "key {:?} is not a valid repo path",
-                        String::from_utf8_lossy(key)
-                    ),
-                });
+            if self.options.check_paths {
+                let collection = key.split(|&b| b == b'/').next().unwrap_or_default();
+                // Keys arrive sorted, so collections come in runs: parse each NSID once.
+                let new_collection = collection != self.collection.as_slice();
+                let valid_collection = !new_collection
+                    || std::str::from_utf8(collection)
+                        .is_ok_and(|text| text.parse::<Nsid>().is_ok());
+                if !valid_collection || !is_valid_repo_path(key) {
+                    return Err(Error::MstStructure {
+                        node: cid,
+                        reason: format!(
+                            "key {:?} is not a valid repo path",
+                            String::from_utf8_lossy(key)
+                        ),
+                    });
+                }
+                if new_collection {
+                    self.collection.clear();
+                    self.collection.extend_from_slice(collection);
+                }
             }
             frame
                 .entries
