@@ -52,6 +52,7 @@ pub struct Block<'a> {
 }
 
 const READ_CHUNK: usize = 256 << 10;
+const MIN_READ_CHUNK: usize = 8 << 10;
 
 /// What the parser found in its buffer.
 enum Parsed {
@@ -104,7 +105,10 @@ impl CarParser {
             self.filled -= self.pos;
             self.pos = 0;
         }
-        let want = (self.pos + need).max(self.filled + READ_CHUNK);
+        // Start small and double up to READ_CHUNK: zeroing a large buffer would cost more
+        // than reading a small CAR.
+        let chunk = self.buf.len().clamp(MIN_READ_CHUNK, READ_CHUNK);
+        let want = (self.pos + need).max(self.filled + chunk);
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }

@@ -176,8 +176,13 @@ impl BlockStore {
                     && chunk.len() + data.len() <= CHUNK_SIZE.max(data.len())
             });
             if !fits {
-                self.chunks
-                    .push(Vec::with_capacity(CHUNK_SIZE.max(data.len())));
+                // The first chunk is small so that tiny repositories stay cheap.
+                let size = if self.chunks.is_empty() {
+                    64 << 10
+                } else {
+                    CHUNK_SIZE
+                };
+                self.chunks.push(Vec::with_capacity(size.max(data.len())));
             }
             let chunk_index = self.chunks.len() - 1;
             let chunk = &mut self.chunks[chunk_index];
