@@ -127,15 +127,24 @@ fn rewrite_links(data: &mut [u8], map: &HashMap<[u8; 32], [u8; 32]>) -> bool {
 pub fn fixup(car: &mut RawCar) -> bool {
     let mut map: HashMap<[u8; 32], [u8; 32]> = HashMap::new();
     let mut any = false;
+    // Pass 0 hashes every block; later passes rehash only blocks whose links were rewritten.
+    let mut dirty = vec![true; car.blocks.len()];
     for _pass in 0..16 {
         let mut changed = false;
         for (index, block) in car.blocks.iter_mut().enumerate() {
-            changed |= rewrite_links(&mut block.data, &map);
+            if rewrite_links(&mut block.data, &map) {
+                dirty[index] = true;
+                any = true;
+            }
+            if !std::mem::replace(&mut dirty[index], false) {
+                continue;
+            }
             let actual = Cid::compute(block.cid.codec(), &block.data);
             if actual != block.cid {
                 map.insert(*block.cid.digest(), *actual.digest());
                 block.cid = actual;
                 changed = true;
+                any = true;
             }
             if let Ok(index) = u8::try_from(index) {
                 let key = placeholder(index);
@@ -145,7 +154,6 @@ pub fn fixup(car: &mut RawCar) -> bool {
                 }
             }
         }
-        any |= changed;
         if !changed {
             break;
         }
