@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use atpdb_fuzz::{fixup, split_car};
 use atpdb_repo::Cid;
 use atpdb_repo::cbor;
-use atpdb_repo::cid::CidMap;
+use atpdb_repo::cid::{CidMap, DAG_CBOR};
 use atpdb_repo::commit::Commit;
 use atpdb_repo::mst::{
     self, MstWalker, NoBlocks, NodeView, Tree, WalkOptions, decode_node, encode_node,
@@ -74,9 +74,18 @@ fn check_accepted(store: &CidMap<Vec<u8>>, root: Cid, entries: &Entries) {
         "Tree lists different entries than the walker"
     );
     assert_eq!(tree.root_cid(), root, "an unchanged Tree changed its root");
+    // Trees the walker accepts but that do not re-encode to the same bytes: a node without
+    // `l` or `t` (documented leniency), or a subtree linked with a codec other than dag-cbor
+    // (accepted; reported). The root's own codec is compared away below.
     let lenient = tree.loaded().iter().any(|cid| {
         let bytes = &store[cid];
-        reencode(bytes).as_deref() != Some(bytes.as_slice())
+        let links_elsewhere = decode_node(bytes).is_ok_and(|view| {
+            view.left
+                .iter()
+                .chain(view.entries.iter().filter_map(|e| e.right.as_ref()))
+                .any(|link| link.codec() != DAG_CBOR)
+        });
+        links_elsewhere || reencode(bytes).as_deref() != Some(bytes.as_slice())
     });
 
     // Touch every node on the way to every key: all are encoded again.
@@ -92,13 +101,13 @@ fn check_accepted(store: &CidMap<Vec<u8>>, root: Cid, entries: &Entries) {
     }
     if !lenient {
         assert_eq!(
-            tree.root_cid(),
-            root,
+            tree.root_cid().digest(),
+            root.digest(),
             "re-encoding an accepted tree changed its root"
         );
         assert_eq!(
-            built.root_cid(),
-            root,
+            built.root_cid().digest(),
+            root.digest(),
             "the tree built from the entries has another root"
         );
     }
@@ -164,7 +173,8 @@ fuzz_target!(|data: &[u8]| {
                 commit.to_cbor() == block.data,
                 "commit does not re-encode to its bytes"
             );
-            assert_eq!(commit.cid(), block.cid);
+            // The codec is kept as linked (any codec is accepted), so compare digests.
+            assert_eq!(commit.cid().digest(), block.cid.digest());
             roots.push(commit.data);
         }
         store.insert(block.cid, block.data.clone());

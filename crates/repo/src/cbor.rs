@@ -486,6 +486,9 @@ impl<'a> Decoder<'a> {
     pub(crate) fn skip(&mut self, depth: usize) -> Result<(), DecodeError> {
         let head = self.head()?;
         match head.major {
+            MAJOR_UINT | MAJOR_NINT if head.arg > i64::MAX as u64 => Err(DecodeError::IntRange {
+                offset: head.offset,
+            }),
             MAJOR_UINT | MAJOR_NINT => Ok(()),
             MAJOR_BYTES => {
                 let len = self.len_within_input(head)?;
@@ -694,6 +697,21 @@ mod tests {
             validate(&array),
             Err(DecodeError::Truncated { .. })
         ));
+    }
+
+    #[test]
+    fn validate_agrees_with_the_data_model_on_integer_range() {
+        // Fuzzing finding: 2^63 and -2^63-1 passed validate but not Value::from_cbor.
+        for bytes in [
+            &[0x1b, 0x80, 0, 0, 0, 0, 0, 0, 0][..],
+            &[0x3b, 0x80, 0, 0, 0, 0, 0, 0, 0],
+        ] {
+            assert!(matches!(validate(bytes), Err(DecodeError::IntRange { .. })));
+        }
+        assert_eq!(
+            validate(&[0x1b, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            Ok(())
+        );
     }
 
     #[test]

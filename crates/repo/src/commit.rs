@@ -117,10 +117,14 @@ impl Commit {
         let rev: Tid = rev
             .parse()
             .map_err(|err| commit_error(format!("invalid rev {rev:?}: {err}")))?;
+        let data = data.ok_or_else(|| missing("data"))?;
+        if data.codec() != crate::cid::DAG_CBOR {
+            return Err(commit_error(format!("MST root {data} is not dag-cbor")));
+        }
         Ok(Commit {
             did,
             version,
-            data: data.ok_or_else(|| missing("data"))?,
+            data,
             rev,
             prev: prev.ok_or_else(|| missing("prev"))?,
             sig: sig.ok_or_else(|| missing("sig"))?.to_vec(),

@@ -287,6 +287,16 @@ fn loaded(
         offset: 0,
         reason: "header has no roots".to_owned(),
     })?;
+    // Otherwise one signed commit could travel under a second CID.
+    if root.codec() != crate::cid::DAG_CBOR {
+        return Err(Error::Commit {
+            cid: root,
+            reason: format!(
+                "commit CID has codec {:#x}, expected dag-cbor (0x71)",
+                root.codec()
+            ),
+        });
+    }
     Ok(LoadedCar {
         root,
         store,

@@ -269,3 +269,59 @@ fn repository_walks_require_nsid_collections() -> TestResult {
     }
     Ok(())
 }
+
+/// Fuzzing findings: subtree links in another codec, and nodes shared between parents.
+#[test]
+fn malformed_links_are_refused_and_cheap() -> TestResult {
+    use atpdb_repo::cbor::Encoder;
+    let record = Cid::dag_cbor(b"r");
+    let node = |key: &str, child: Option<&Cid>| {
+        let mut e = Encoder::new();
+        e.map(2);
+        e.text("e");
+        e.array(1);
+        e.map(4);
+        e.text("k");
+        e.bytes(key.as_bytes());
+        e.text("p");
+        e.u64(0);
+        e.text("t");
+        e.nullable_link(child);
+        e.text("v");
+        e.link(&record);
+        e.text("l");
+        e.nullable_link(child);
+        e.into_bytes()
+    };
+    // Each node links one child as both `l` and `t`: 2^40 paths if revisited.
+    let mut store: CidMap<Vec<u8>> = CidMap::default();
+    let mut child = None;
+    for depth in 0..40 {
+        let bytes = node(&format!("k{depth}"), child.as_ref());
+        let cid = Cid::dag_cbor(&bytes);
+        store.insert(cid, bytes);
+        child = Some(cid);
+    }
+    let root = child.ok_or("no root")?;
+    let changes = diff(&store, None, root)?;
+    assert_eq!(changes.new_nodes.len(), 40);
+
+    // A raw-codec subtree link.
+    let leaf = node("com.example.a/b", None);
+    let leaf_raw = Cid::from_parts(atpdb_repo::cid::RAW, *Cid::dag_cbor(&leaf).digest());
+    let parent = node("com.example.a/a", Some(&leaf_raw));
+    let parent_cid = Cid::dag_cbor(&parent);
+    let store: CidMap<Vec<u8>> = [(parent_cid, parent), (leaf_raw, leaf)]
+        .into_iter()
+        .collect();
+    let mut walker = MstWalker::new(&store, parent_cid, WalkOptions { check_paths: false });
+    let result = (|| {
+        while walker.next_entry()?.is_some() {}
+        Ok::<_, atpdb_repo::Error>(())
+    })();
+    assert!(
+        matches!(result, Err(atpdb_repo::Error::MstStructure { .. })),
+        "{result:?}"
+    );
+    Ok(())
+}

@@ -269,3 +269,26 @@ fn truncation_anywhere_fails() -> TestResult {
     }
     Ok(())
 }
+
+/// Fuzzing finding: the commit's codec byte could be switched to raw in header and block CID.
+#[test]
+fn commit_cid_must_be_dag_cbor() -> TestResult {
+    let sample = sample(Curve::K256)?;
+    let blocks: Vec<(Cid, Vec<u8>)> = sample
+        .blocks
+        .iter()
+        .map(|&(cid, offset, len)| {
+            let cid = if cid == sample.root {
+                Cid::from_parts(atpdb_repo::cid::RAW, *cid.digest())
+            } else {
+                cid
+            };
+            (cid, sample.car[offset..offset + len].to_vec())
+        })
+        .collect();
+    let raw_root = Cid::from_parts(atpdb_repo::cid::RAW, *sample.root.digest());
+    let car = write_car(&[raw_root], blocks.iter().map(|(c, d)| (c, d.as_slice())));
+    let result = verify(&car, None, None);
+    assert!(matches!(result, Err(Error::Commit { .. })), "{result:?}");
+    Ok(())
+}

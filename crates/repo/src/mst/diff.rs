@@ -117,8 +117,11 @@ fn walk<S: BlockSource>(
     entry: &mut dyn FnMut(Vec<u8>, Cid),
 ) -> Result<()> {
     let mut stack = vec![root];
+    // A malformed tree can link one node from many places; visiting it once keeps the walk
+    // linear instead of exponential in the depth.
+    let mut visited = HashSet::new();
     while let Some(cid) = stack.pop() {
-        if !enter(cid) {
+        if !visited.insert(cid) || !enter(cid) {
             continue;
         }
         let bytes = source.get_block(&cid)?.ok_or_else(|| Error::MissingBlock {

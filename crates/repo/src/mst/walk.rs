@@ -201,6 +201,15 @@ impl<S: BlockSource> MstWalker<S> {
         if view.entries.is_empty() && !is_root && view.left.is_none() {
             return Err(structure("empty non-root node without a subtree"));
         }
+        // Subtree links in another codec would give the same keys a second valid root.
+        if view
+            .left
+            .iter()
+            .chain(view.entries.iter().filter_map(|e| e.right.as_ref()))
+            .any(|link| link.codec() != crate::cid::DAG_CBOR)
+        {
+            return Err(structure("subtree link is not a dag-cbor CID"));
+        }
         if layer == 0 && (view.left.is_some() || view.entries.iter().any(|e| e.right.is_some())) {
             return Err(structure("layer 0 node has a subtree"));
         }
