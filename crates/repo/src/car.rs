@@ -222,6 +222,15 @@ impl CarParser {
         }))
     }
 
+    /// Consumes the block `parse_block` found and lends it out.
+    fn accept(&mut self, cid: Cid, data_start: usize, end: usize) -> Block<'_> {
+        self.pos = end;
+        Block {
+            cid,
+            data: &self.buf[data_start..end],
+        }
+    }
+
     fn truncated(&self, context: &'static str) -> Error {
         Error::Truncated {
             offset: self.base + self.filled as u64,
@@ -334,13 +343,7 @@ impl<R: Read> CarReader<R> {
                     cid,
                     data_start,
                     end,
-                }) => {
-                    self.parser.pos = end;
-                    return Ok(Some(Block {
-                        cid,
-                        data: &self.parser.buf[data_start..end],
-                    }));
-                }
+                }) => return Ok(Some(self.parser.accept(cid, data_start, end))),
             }
         }
     }
@@ -401,13 +404,7 @@ impl<R: AsyncRead + Unpin> AsyncCarReader<R> {
                     cid,
                     data_start,
                     end,
-                }) => {
-                    self.parser.pos = end;
-                    return Ok(Some(Block {
-                        cid,
-                        data: &self.parser.buf[data_start..end],
-                    }));
-                }
+                }) => return Ok(Some(self.parser.accept(cid, data_start, end))),
             }
         }
     }
