@@ -1,0 +1,1 @@
+//! The PLC directory (stub: being written).
