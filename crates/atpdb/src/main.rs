@@ -1,6 +1,7 @@
 //! The `atpdb` command: thin glue over the library crates.
 
 mod car;
+mod devnet;
 
 use std::process::ExitCode;
 
@@ -22,12 +23,15 @@ enum Command {
     /// Repository CAR files: verify, inspect, generate samples.
     #[command(subcommand)]
     Car(car::CarCommand),
+    /// Run a PLC directory, PDS hosts and a relay on 127.0.0.1, with traffic and faults.
+    Devnet(devnet::DevnetArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Car(command) => car::run(command),
+        Command::Devnet(args) => devnet::run(args),
     };
     match result {
         Ok(code) => code,

@@ -144,6 +144,24 @@ pub enum Error {
         /// What does not match.
         reason: String,
     },
+    /// A firehose event names something its own blocks contradict (commit CID, rev).
+    #[error("event {field} is {event}, but its blocks say {found}")]
+    EventMismatch {
+        /// The event field: `commit` or `rev`.
+        field: &'static str,
+        /// What the event says.
+        event: String,
+        /// What the CAR root or the commit block says.
+        found: String,
+    },
+    /// Undoing a commit's operations does not lead back to the `prevData` the event names.
+    #[error("inverted operations give MST root {computed}, but prevData is {prev_data}")]
+    InversionMismatch {
+        /// The root the partial tree has after inversion.
+        computed: Cid,
+        /// The previous root the event claims.
+        prev_data: Cid,
+    },
     /// Reading the input or the spill file failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),

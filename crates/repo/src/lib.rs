@@ -21,6 +21,7 @@ pub mod cid;
 pub mod commit;
 pub mod crypto;
 mod error;
+pub mod firehose;
 pub mod mst;
 pub mod repo;
 pub mod sample;

@@ -132,9 +132,10 @@ impl MemoryRepo {
         writes: &[Write],
     ) -> Result<(MemoryRepo, CommitData)> {
         let mut tree = Tree::empty(crate::mst::NoBlocks);
-        let empty_root = tree.root_cid();
         let mut blocks = CidMap::default();
-        let (_, nodes) = tree.changed_blocks();
+        // Take the root from `changed_blocks`: asking for `root_cid` first would mark the
+        // node clean, and the empty node would never be stored.
+        let (empty_root, nodes) = tree.changed_blocks();
         blocks.extend(nodes);
         // A placeholder commit for the empty tree at the lowest rev; the first real commit
         // below replaces it and is reported without `since`/`prevData`.
@@ -360,6 +361,16 @@ impl MemoryRepo {
     /// Writes the whole repository as a CAR: the commit, then nodes in pre-order with each
     /// node's records after it (the "streamable" order; readers must not rely on it).
     pub fn write_car<W: IoWrite>(&self, writer: W) -> Result<W> {
+        self.write_car_filtered(writer, |_| true)
+    }
+
+    /// Like [`MemoryRepo::write_car`], with only the nodes and records `keep` accepts (the
+    /// commit is always written): `getRepo?since=` sends the blocks written after a rev.
+    pub fn write_car_filtered<W: IoWrite>(
+        &self,
+        writer: W,
+        keep: impl Fn(&Cid) -> bool,
+    ) -> Result<W> {
         let mut car = CarWriter::new(writer, &[self.cid])?;
         if let Some(commit) = self.blocks.get(&self.cid) {
             car.write_block(&self.cid, commit)?;
@@ -370,10 +381,14 @@ impl MemoryRepo {
                 cid,
                 context: "MST node".to_owned(),
             })?;
-            car.write_block(&cid, bytes)?;
+            if keep(&cid) {
+                car.write_block(&cid, bytes)?;
+            }
             let node = decode_node(bytes).map_err(|source| Error::Block { cid, source })?;
             for entry in &node.entries {
-                if let Some(record) = self.blocks.get(&entry.value) {
+                if let Some(record) = self.blocks.get(&entry.value)
+                    && keep(&entry.value)
+                {
                     car.write_block(&entry.value, record)?;
                 }
             }

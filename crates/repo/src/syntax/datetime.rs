@@ -25,6 +25,20 @@ pub struct Datetime(String);
 string_identifier!(Datetime, 0);
 
 impl Datetime {
+    /// The UTC datetime of a Unix timestamp in microseconds, with millisecond precision
+    /// (`2026-11-23T10:00:00.000Z`), the form the reference implementations write.
+    pub fn from_unix_micros(micros: u64) -> Datetime {
+        Datetime(civil(micros))
+    }
+
+    /// The current time (`createdAt`, firehose `time`).
+    pub fn now() -> Datetime {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_micros() as u64);
+        Datetime::from_unix_micros(micros)
+    }
+
     fn parse_str(input: &str) -> Result<Self, SyntaxError> {
         validate(input)?;
         Ok(Datetime(input.to_owned()))
@@ -34,6 +48,28 @@ impl Datetime {
         validate(&input)?;
         Ok(Datetime(input))
     }
+}
+
+fn civil(micros: u64) -> String {
+    let secs = micros / 1_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant), valid for the years samples use.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        micros % 1_000_000 / 1000
+    )
 }
 
 fn validate(input: &str) -> Result<(), SyntaxError> {
