@@ -79,12 +79,12 @@ async fn serve(args: DevnetArgs) -> anyhow::Result<ExitCode> {
     config.relay.admin_password = args.admin_password;
     config.relay.faults = faults(args.relay_faults.as_deref(), "relay-faults")?;
     let started = Instant::now();
-    let mut devnet = Devnet::start(config).await.context("starting the devnet")?;
+    let devnet = Devnet::start(config).await.context("starting the devnet")?;
     let ready_ms = started.elapsed().as_millis() as u64;
     let mut ready = devnet.ready_info();
     ready["ready_ms"] = ready_ms.into();
     if let Some(seconds) = args.bench_seconds {
-        return bench(&mut devnet, ready, seconds).await;
+        return bench(devnet, ready, seconds).await;
     }
     println!("{ready}");
     let mut last = (Instant::now(), 0u64);
@@ -109,7 +109,7 @@ async fn serve(args: DevnetArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Writes as fast as the hosts accept with the relay following, and reports commits/s.
-async fn bench(devnet: &mut Devnet, mut ready: serde_json::Value, seconds: u64) -> anyhow::Result<ExitCode> {
+async fn bench(mut devnet: Devnet, mut ready: serde_json::Value, seconds: u64) -> anyhow::Result<ExitCode> {
     let relay_before = devnet.relay().map_or(0, |relay| relay.head_seq());
     let started = Instant::now();
     devnet.start_traffic(f64::INFINITY);

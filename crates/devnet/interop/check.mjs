@@ -418,6 +418,16 @@ const runFirehose = () => {
 const PNG = Uint8Array.from(Buffer.from(
   'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==', 'base64'))
 
+// A TID record key (app.bsky.feed.post requires one): 53 bits of microseconds
+// then 10 bits of clock id, base32-sortable.
+const S32 = '234567abcdefghijklmnopqrstuvwxyz'
+const makeTid = () => {
+  let v = (BigInt(Date.now()) * 1000n << 10n) | BigInt(Math.floor(Math.random() * 1024))
+  let out = ''
+  for (let i = 0; i < 13; i++) { out = S32[Number(v & 31n)] + out; v >>= 5n }
+  return out
+}
+
 const runAgent = async () => {
   const pds = PDS[0]
   const out = { pds, steps: [] }
@@ -549,11 +559,12 @@ const runAgent = async () => {
   })
 
   let rkeyD
+  const rkeyC = makeTid()
   await s('applyWrites', async () => {
     const res = await agent.com.atproto.repo.applyWrites({
       repo: did,
       writes: [
-        { $type: 'com.atproto.repo.applyWrites#create', collection: 'app.bsky.feed.post', rkey: 'interopc',
+        { $type: 'com.atproto.repo.applyWrites#create', collection: 'app.bsky.feed.post', rkey: rkeyC,
           value: { $type: 'app.bsky.feed.post', text: 'interop post C', createdAt: now() } },
         { $type: 'com.atproto.repo.applyWrites#create', collection: 'app.bsky.feed.post',
           value: { $type: 'app.bsky.feed.post', text: 'interop post D', createdAt: now() } },
@@ -565,11 +576,11 @@ const runAgent = async () => {
     const want = ['com.atproto.repo.applyWrites#createResult', 'com.atproto.repo.applyWrites#createResult',
       'com.atproto.repo.applyWrites#updateResult']
     ensure(JSON.stringify(types) === JSON.stringify(want), 'agent:applyWrites', `results $types ${JSON.stringify(types)}`)
-    ensure(res.data.results[0].uri === `at://${did}/app.bsky.feed.post/interopc`, 'agent:applyWrites', `uri ${res.data.results[0].uri}`)
+    ensure(res.data.results[0].uri === `at://${did}/app.bsky.feed.post/${rkeyC}`, 'agent:applyWrites', `uri ${res.data.results[0].uri}`)
     rkeyD = res.data.results[1].uri.split('/').pop()
     const del = await agent.com.atproto.repo.applyWrites({
       repo: did,
-      writes: [{ $type: 'com.atproto.repo.applyWrites#delete', collection: 'app.bsky.feed.post', rkey: 'interopc' }],
+      writes: [{ $type: 'com.atproto.repo.applyWrites#delete', collection: 'app.bsky.feed.post', rkey: rkeyC }],
     })
     const delTypes = (del.data.results ?? []).map((r) => r.$type)
     ensure(JSON.stringify(delTypes) === JSON.stringify(['com.atproto.repo.applyWrites#deleteResult']),

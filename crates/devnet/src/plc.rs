@@ -1073,7 +1073,7 @@ impl Directory {
             .ok_or_else(|| PlcError::NotRegistered { did: did.clone() })
     }
 
-    /// The latest operation in force: the last one not nullified (never the genesis).
+    /// The latest operation in force: the last one not nullified (a genesis never is).
     fn head(&self, did: &Did) -> Result<&Entry, PlcError> {
         self.entries(did)?
             .iter()

@@ -20,6 +20,14 @@
 //! Accepted events get the relay's own seq. `#identity` goes out without `handle` and
 //! `#account` carries the upstream status, both as the real relay sends them.
 //!
+//! # Faults
+//!
+//! The relay's own [`Faults`] break its hop only: the firehose flags (duplicated, reordered or
+//! cut frames) act on its subscribers, the `#commit` flags (bad signature, corrupt blocks,
+//! missing `prevData` or proof nodes) on the commits it forwards, after it verified them; the
+//! admin API (`/admin/faults`, `/admin/sequencer/{jump,trim}`, `/admin/stats`) switches them
+//! while it runs.
+//!
 //! # Not modelled
 //!
 //! Takedowns and throttling at the relay, rate limits per host, and `requestCrawl`: the hosts
@@ -31,11 +39,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use atpdb_repo::Cid;
+use atpdb_repo::car::{CarLimits, CarReader};
 use atpdb_repo::crypto::PublicKey;
 use atpdb_repo::firehose::{
     self, AccountEvent, CommitEvent, CommitProof, Frame, IdentityEvent, Inversion, Message,
     SyncEvent,
 };
+use atpdb_repo::repo::CommitData;
 use atpdb_repo::syntax::{Did, Nsid, Tid};
 use axum::Json;
 use axum::Router;
@@ -52,7 +62,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::is_admin;
-use crate::faults::{FaultSet, Faults};
+use crate::faults::{EventFaults, FaultSet, Faults};
 use crate::sequencer::Sequencer;
 use crate::subscribe::SubscribeOptions;
 use crate::xrpc::{Params, XrpcError, XrpcResult, limit, parse};
@@ -373,14 +383,20 @@ impl Relay {
                 "/xrpc/_health",
                 get(|| async { Json(json!({"version": "atpdb-devnet relay"})) }),
             )
-            .route("/xrpc/com.atproto.sync.subscribeRepos", get(subscribe_repos))
+            .route(
+                "/xrpc/com.atproto.sync.subscribeRepos",
+                get(subscribe_repos),
+            )
             .route("/xrpc/com.atproto.sync.listRepos", get(list_repos))
             .route(
                 "/xrpc/com.atproto.sync.listReposByCollection",
                 get(list_repos_by_collection),
             )
             .route("/xrpc/com.atproto.sync.getRepo", get(get_repo))
-            .route("/xrpc/com.atproto.sync.getLatestCommit", get(get_latest_commit))
+            .route(
+                "/xrpc/com.atproto.sync.getLatestCommit",
+                get(get_latest_commit),
+            )
             .route("/xrpc/com.atproto.sync.getRepoStatus", get(get_repo_status))
             .route("/xrpc/com.atproto.sync.listHosts", get(list_hosts))
             .route("/xrpc/com.atproto.sync.getHostStatus", get(get_host_status))
@@ -520,9 +536,8 @@ impl Relay {
         progressed: &mut bool,
     ) -> Ended
     where
-        S: futures_util::Stream<
-                Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>,
-            > + Unpin,
+        S: futures_util::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
+            + Unpin,
     {
         let host_url = self
             .inner
@@ -565,7 +580,11 @@ impl Relay {
                     self.take_in(index, message, seen).await;
                 }
                 Ok(Frame::Unknown { op }) => {
-                    tracing::debug!(host = host_url, op, "relay: ignoring a frame with an unknown op");
+                    tracing::debug!(
+                        host = host_url,
+                        op,
+                        "relay: ignoring a frame with an unknown op"
+                    );
                 }
             }
         }
@@ -694,9 +713,21 @@ impl Relay {
         let collections: BTreeSet<String> = event
             .ops
             .iter()
-            .filter_map(|op| op.path.split_once('/').map(|(collection, _)| collection.to_owned()))
+            .filter_map(|op| {
+                op.path
+                    .split_once('/')
+                    .map(|(collection, _)| collection.to_owned())
+            })
             .collect();
         let flags = self.inner.faults.event_flags();
+        if flags.drop_prev_data
+            || flags.corrupt_blocks
+            || flags.bad_signature
+            || flags.drop_proof_nodes
+        {
+            // Done before taking the lock: re-signing and rewriting the CAR is work.
+            break_event(&mut event, &proof, flags);
+        }
         let mut state = self.state();
         let repo = state
             .repos
@@ -729,9 +760,6 @@ impl Relay {
                 .entry(collection)
                 .or_default()
                 .insert(did.clone());
-        }
-        if flags.drop_prev_data {
-            event.prev_data = None;
         }
         self.inner.sequencer.append(Some(&did), |seq| {
             event.seq = seq;
@@ -851,6 +879,28 @@ impl Relay {
         });
         bump(&self.inner.counters.forwarded);
     }
+}
+
+/// Applies the relay's own event faults to an outgoing `#commit`, the same way a PDS applies
+/// them, so that a test can break the relay's hop without breaking any host.
+fn break_event(event: &mut CommitEvent, proof: &CommitProof, flags: EventFaults) {
+    let mut blocks = Vec::new();
+    // The CAR was read once already by the proof, so this cannot fail; if it did, the event
+    // would go out unbroken, which a test notices.
+    if let Ok(mut car) = CarReader::new(event.blocks.as_slice(), CarLimits::default()) {
+        while let Ok(Some(block)) = car.next_block() {
+            blocks.push((block.cid, block.data.to_vec()));
+        }
+    }
+    let data = CommitData {
+        commit: proof.commit().clone(),
+        cid: event.commit,
+        since: event.since.clone(),
+        prev_data: event.prev_data,
+        ops: event.ops.clone(),
+        blocks,
+    };
+    crate::pds::mangle(event, &data, flags);
 }
 
 /// `ws://host/xrpc/com.atproto.sync.subscribeRepos?cursor=N` for an `http://host` URL.
@@ -1031,8 +1081,13 @@ async fn require_admin(State(relay): State<Relay>, request: Request, next: Next)
     } else {
         (
             StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Basic realm=\"atpdb-devnet admin\"")],
-            Json(json!({"error": "AuthenticationRequired", "message": "admin credentials required"})),
+            [(
+                header::WWW_AUTHENTICATE,
+                "Basic realm=\"atpdb-devnet admin\"",
+            )],
+            Json(
+                json!({"error": "AuthenticationRequired", "message": "admin credentials required"}),
+            ),
         )
             .into_response()
     }
@@ -1085,7 +1140,12 @@ async fn list_repos(
     let listed = state
         .repos
         .iter()
-        .filter(|(did, _)| params.cursor.as_deref().is_none_or(|after| did.as_str() > after))
+        .filter(|(did, _)| {
+            params
+                .cursor
+                .as_deref()
+                .is_none_or(|after| did.as_str() > after)
+        })
         .filter_map(|(did, repo)| Some((did, repo, repo.head?, repo.rev.as_ref()?)));
     for (did, repo, head, rev) in listed {
         if repos.len() == limit {
@@ -1129,7 +1189,12 @@ async fn list_repos_by_collection(
         .get(collection.as_str())
         .into_iter()
         .flatten()
-        .filter(|did| params.cursor.as_deref().is_none_or(|after| did.as_str() > after))
+        .filter(|did| {
+            params
+                .cursor
+                .as_deref()
+                .is_none_or(|after| did.as_str() > after)
+        })
         .take(limit + 1)
         .collect();
     let repos: Vec<JsonValue> = dids
@@ -1158,7 +1223,10 @@ struct GetRepoParams {
 }
 
 fn not_found(did: &Did) -> XrpcError {
-    XrpcError::bad("RepoNotFound", format!("Could not find repo for DID: {did}"))
+    XrpcError::bad(
+        "RepoNotFound",
+        format!("Could not find repo for DID: {did}"),
+    )
 }
 
 /// The relay's record of an account, refusing unknown and deleted ones as a PDS would.
@@ -1207,7 +1275,10 @@ fn inactive_error(did: &Did, repo: &Repo) -> Option<XrpcError> {
         "suspended" => "RepoSuspended",
         _ => "RepoDeactivated",
     };
-    Some(XrpcError::bad(error, format!("Repo has been {status}: {did}")))
+    Some(XrpcError::bad(
+        error,
+        format!("Repo has been {status}: {did}"),
+    ))
 }
 
 async fn get_latest_commit(
@@ -1322,10 +1393,12 @@ async fn admin_sequencer(
         serde_json::from_slice(&body).map_err(|err| XrpcError::invalid(err.to_string()))?
     };
     match action.as_str() {
-        "jump" => relay
-            .inner
-            .sequencer
-            .jump(input.get("by").and_then(JsonValue::as_u64).unwrap_or(1_000_000)),
+        "jump" => relay.inner.sequencer.jump(
+            input
+                .get("by")
+                .and_then(JsonValue::as_u64)
+                .unwrap_or(1_000_000),
+        ),
         "trim" => {
             let keep = input.get("keep").and_then(JsonValue::as_u64).unwrap_or(0);
             relay

@@ -160,10 +160,10 @@ pub(crate) async fn serve(
             if !ok {
                 break 'outer;
             }
-            if let Some((_, earlier)) = held.take() {
-                if !matches!(send(&mut sink, timeout, earlier).await, Ok(Ok(()))) {
-                    break 'outer;
-                }
+            if let Some((_, earlier)) = held.take()
+                && !matches!(send(&mut sink, timeout, earlier).await, Ok(Ok(())))
+            {
+                break 'outer;
             }
             if flags.duplicate_seqs && !matches!(send(&mut sink, timeout, frame).await, Ok(Ok(()))) {
                 break 'outer;

@@ -32,7 +32,9 @@ async fn start() -> Result<Devnet, Box<dyn std::error::Error>> {
 }
 
 fn relay_of(devnet: &Devnet) -> Result<&atpdb_devnet::relay::Relay, String> {
-    devnet.relay().ok_or_else(|| "the devnet has no relay".to_owned())
+    devnet
+        .relay()
+        .ok_or_else(|| "the devnet has no relay".to_owned())
 }
 
 /// Polls `check` until it holds; fails with `what` after [`TIMEOUT`].
@@ -111,9 +113,11 @@ fn key_of(devnet: &Devnet, did: &Did) -> Result<PublicKey, Box<dyn std::error::E
     let multikey = document["verificationMethod"]
         .as_array()
         .and_then(|methods| {
-            methods
-                .iter()
-                .find(|method| method["id"].as_str().is_some_and(|id| id.ends_with("#atproto")))
+            methods.iter().find(|method| {
+                method["id"]
+                    .as_str()
+                    .is_some_and(|id| id.ends_with("#atproto"))
+            })
         })
         .and_then(|method| method["publicKeyMultibase"].as_str())
         .ok_or_else(|| format!("no #atproto key for {did}"))?;
@@ -201,7 +205,10 @@ async fn replays_every_event_once_verified_and_resequenced() -> TestResult {
                 commits += 1;
             }
             Message::Identity(event) => {
-                assert_eq!(event.handle, None, "the relay omits handle, as the real one does");
+                assert_eq!(
+                    event.handle, None,
+                    "the relay omits handle, as the real one does"
+                );
             }
             _ => {}
         }
@@ -229,7 +236,10 @@ async fn sync_queries_agree_with_the_hosts() -> TestResult {
         assert_eq!(status, 200, "{page}");
         for repo in page["repos"].as_array().ok_or("repos is not a list")? {
             let did = repo["did"].as_str().ok_or("repo without did")?.to_owned();
-            assert!(listed.insert(did, repo.clone()).is_none(), "a DID listed twice");
+            assert!(
+                listed.insert(did, repo.clone()).is_none(),
+                "a DID listed twice"
+            );
         }
         match page["cursor"].as_str() {
             Some(next) => cursor = Some(next.to_owned()),
@@ -241,7 +251,12 @@ async fn sync_queries_agree_with_the_hosts() -> TestResult {
         let pds = &devnet.hosts()[account.pds];
         let info = pds.account_info(&account.did)?;
         let repo = &listed[account.did.as_str()];
-        assert_eq!(repo["head"], json!(info.commit.to_string()), "{}", account.did);
+        assert_eq!(
+            repo["head"],
+            json!(info.commit.to_string()),
+            "{}",
+            account.did
+        );
         assert_eq!(repo["rev"], json!(info.rev.as_str()), "{}", account.did);
         assert_eq!(repo["active"], json!(true));
 
@@ -251,7 +266,10 @@ async fn sync_queries_agree_with_the_hosts() -> TestResult {
         ))
         .await?;
         assert_eq!(status, 200, "{latest}");
-        assert_eq!(latest, json!({"cid": info.commit.to_string(), "rev": info.rev.as_str()}));
+        assert_eq!(
+            latest,
+            json!({"cid": info.commit.to_string(), "rev": info.rev.as_str()})
+        );
 
         let (status, repo_status) = get_json(&format!(
             "{base}/xrpc/com.atproto.sync.getRepoStatus?did={}",
@@ -276,7 +294,10 @@ async fn sync_queries_agree_with_the_hosts() -> TestResult {
         ))
         .await?;
         assert_eq!(status, 200, "{records}");
-        if records["records"].as_array().is_some_and(|records| !records.is_empty()) {
+        if records["records"]
+            .as_array()
+            .is_some_and(|records| !records.is_empty())
+        {
             with_posts.insert(account.did.to_string());
         }
     }
@@ -332,7 +353,11 @@ async fn sync_queries_agree_with_the_hosts() -> TestResult {
         format!("{base}/xrpc/com.atproto.sync.getRepo?did={unknown}"),
     ] {
         let (status, body) = get_json(&url).await?;
-        assert_eq!((status, &body["error"]), (400, &json!("RepoNotFound")), "{url}");
+        assert_eq!(
+            (status, &body["error"]),
+            (400, &json!("RepoNotFound")),
+            "{url}"
+        );
     }
     let (status, body) = get_json(&format!(
         "{base}/xrpc/com.atproto.sync.getHostStatus?hostname=nowhere.test"
@@ -378,10 +403,20 @@ async fn get_repo_redirects_to_the_pds() -> TestResult {
         .to_owned();
     assert_eq!(
         location,
-        format!("{}/xrpc/com.atproto.sync.getRepo?did={}", pds.url(), account.did)
+        format!(
+            "{}/xrpc/com.atproto.sync.getRepo?did={}",
+            pds.url(),
+            account.did
+        )
     );
 
-    let car = client.get(&location).send().await?.error_for_status()?.bytes().await?;
+    let car = client
+        .get(&location)
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
     let key = key_of(&devnet, &account.did)?;
     let verified = load_car(&car[..], &VerifyOptions::default())?.verify(Expected {
         did: Some(&account.did),
@@ -410,7 +445,10 @@ async fn get_repo_redirects_to_the_pds() -> TestResult {
         .get(reqwest::header::LOCATION)
         .ok_or("no Location")?
         .to_str()?;
-    assert!(location.ends_with(&format!("&since={}", info.rev)), "{location}");
+    assert!(
+        location.ends_with(&format!("&since={}", info.rev)),
+        "{location}"
+    );
     Ok(())
 }
 
@@ -430,7 +468,11 @@ async fn drops_a_commit_with_a_bad_signature_but_not_the_next() -> TestResult {
 
     let stats = relay.stats();
     assert_eq!(stats.invalid_commits, 1, "{stats:?}");
-    assert_eq!(relay.head_seq(), mark + 1, "only the good commit is forwarded");
+    assert_eq!(
+        relay.head_seq(),
+        mark + 1,
+        "only the good commit is forwarded"
+    );
     let relayed = messages(read_stream(relay.url(), mark, relay.head_seq()).await?)?;
     let revs = commit_revs(&relayed);
     assert!(!revs.contains(&(account.did.clone(), bad.commit.rev.clone())));
@@ -459,7 +501,11 @@ async fn a_migrated_account_is_only_heard_from_its_new_host() -> TestResult {
     let [old, new] = devnet.hosts() else {
         return Err("expected two hosts".into());
     };
-    let did = old.dids().first().cloned().ok_or("no account on the first host")?;
+    let did = old
+        .dids()
+        .first()
+        .cloned()
+        .ok_or("no account on the first host")?;
     let old_accounts = old.dids().len();
 
     old.migrate(&did, new)?;
@@ -471,7 +517,11 @@ async fn a_migrated_account_is_only_heard_from_its_new_host() -> TestResult {
     .await?;
     assert_eq!(status["active"], json!(true), "{status}");
     let moved = new.account_info(&did)?;
-    assert_eq!(status["rev"], json!(moved.rev.as_str()), "the new host's #sync moved the rev");
+    assert_eq!(
+        status["rev"],
+        json!(moved.rev.as_str()),
+        "the new host's #sync moved the rev"
+    );
 
     // The old host comes back to life for the account: none of it may reach the relay.
     let mark = relay.head_seq();
@@ -479,7 +529,11 @@ async fn a_migrated_account_is_only_heard_from_its_new_host() -> TestResult {
     old.set_status(&did, Status::Active)?;
     let stray = old.write(&did, &[post("from the old host")?], None)?;
     caught_up(&devnet).await?;
-    assert_eq!(relay.head_seq(), mark, "the old host's events were forwarded");
+    assert_eq!(
+        relay.head_seq(),
+        mark,
+        "the old host's events were forwarded"
+    );
     assert!(relay.stats().foreign_host >= foreign_before + 3);
 
     let fresh = new.write(&did, &[post("from the new host")?], None)?;
@@ -503,7 +557,10 @@ async fn a_migrated_account_is_only_heard_from_its_new_host() -> TestResult {
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let response = client
-        .get(format!("{}/xrpc/com.atproto.sync.getRepo?did={did}", relay.url()))
+        .get(format!(
+            "{}/xrpc/com.atproto.sync.getRepo?did={did}",
+            relay.url()
+        ))
         .send()
         .await?;
     let location = response
@@ -550,7 +607,10 @@ async fn admin_api_switches_the_relays_own_faults() -> TestResult {
     let account = devnet.accounts().first().ok_or("no accounts")?;
     let pds = &devnet.hosts()[account.pds];
     pds.write(&account.did, &[post("after the jump")?], None)?;
-    wait_for("the relay to forward the commit", || relay.head_seq() == head + 1001).await?;
+    wait_for("the relay to forward the commit", || {
+        relay.head_seq() == head + 1001
+    })
+    .await?;
     let after = messages(read_stream(relay.url(), head, head + 1001).await?)?;
     assert_eq!(
         after.iter().filter_map(Message::seq).collect::<Vec<_>>(),
@@ -582,9 +642,14 @@ async fn admin_api_switches_the_relays_own_faults() -> TestResult {
         .error_for_status()?;
     let head = relay.head_seq();
     pds.write(&account.did, &[post("twice")?], None)?;
-    wait_for("the relay to forward the commit", || relay.head_seq() == head + 1).await?;
+    wait_for("the relay to forward the commit", || {
+        relay.head_seq() == head + 1
+    })
+    .await?;
     let mut url = relay.url().replacen("http://", "ws://", 1);
-    url.push_str(&format!("/xrpc/com.atproto.sync.subscribeRepos?cursor={head}"));
+    url.push_str(&format!(
+        "/xrpc/com.atproto.sync.subscribeRepos?cursor={head}"
+    ));
     let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
     let mut seqs = Vec::new();
     while seqs.len() < 2 {
@@ -610,6 +675,192 @@ async fn health_and_unknown_methods() -> TestResult {
     assert_eq!(status, 200);
     let (status, body) =
         get_json(&format!("{}/xrpc/com.atproto.sync.getBlob", relay.url())).await?;
-    assert_eq!((status, &body["error"]), (404, &json!("MethodNotImplemented")));
+    assert_eq!(
+        (status, &body["error"]),
+        (404, &json!("MethodNotImplemented"))
+    );
+    Ok(())
+}
+
+/// The commits a relay stream holds for `did` from `mark` on, after the relay caught up.
+async fn relayed_since(
+    devnet: &Devnet,
+    mark: u64,
+) -> Result<Vec<Message>, Box<dyn std::error::Error>> {
+    caught_up(devnet).await?;
+    let relay = relay_of(devnet)?;
+    Ok(messages(
+        read_stream(relay.url(), mark, relay.head_seq()).await?,
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn takes_in_duplicated_reordered_and_cut_upstream_frames_once() -> TestResult {
+    let devnet = start().await?;
+    let relay = relay_of(&devnet)?;
+    let pds = &devnet.hosts()[0];
+    let dids = pds.dids();
+
+    // Round-robin over the host's accounts, so that no two neighbouring events share a DID:
+    // a reordered pair of one account's commits is a replay the relay rightly drops.
+    for flag in ["duplicate_seqs", "reorder_seqs"] {
+        let mark = relay.head_seq();
+        pds.faults().update(|faults| match flag {
+            "duplicate_seqs" => faults.duplicate_seqs = true,
+            _ => faults.reorder_seqs = true,
+        });
+        let mut written = BTreeSet::new();
+        for round in 0..2 {
+            for did in &dids {
+                let data = pds.write(did, &[post(&format!("{flag} {round}"))?], None)?;
+                written.insert((did.clone(), data.commit.rev));
+            }
+        }
+        pds.faults().clear();
+        let relayed = relayed_since(&devnet, mark).await?;
+        assert_eq!(
+            relayed.len(),
+            written.len(),
+            "{flag}: each commit forwarded once"
+        );
+        assert_eq!(commit_revs(&relayed), written, "{flag}");
+    }
+    assert!(relay.stats().duplicate_seqs > 0, "{:?}", relay.stats());
+
+    let mark = relay.head_seq();
+    let before = relay.stats().invalid_frames;
+    pds.faults()
+        .update(|faults| faults.disconnect_mid_frame = true);
+    let data = pds.write(&dids[0], &[post("cut in half")?], None)?;
+    wait_for("the relay to see a cut frame", || {
+        relay.stats().invalid_frames > before
+    })
+    .await?;
+    assert_eq!(relay.head_seq(), mark, "half a frame is not an event");
+    pds.faults().clear();
+    let relayed = relayed_since(&devnet, mark).await?;
+    assert_eq!(
+        commit_revs(&relayed),
+        BTreeSet::from([(dids[0].clone(), data.commit.rev)]),
+        "after reconnecting the relay takes the event in whole, once"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follows_a_key_rotation() -> TestResult {
+    let devnet = start().await?;
+    let relay = relay_of(&devnet)?;
+    let account = devnet.accounts().first().ok_or("no accounts")?;
+    let pds = &devnet.hosts()[account.pds];
+    let old_key = key_of(&devnet, &account.did)?;
+    let mark = relay.head_seq();
+
+    pds.rotate_key(&account.did, atpdb_repo::crypto::Curve::P256)?;
+    let data = pds.write(&account.did, &[post("signed with the new key")?], None)?;
+    let relayed = relayed_since(&devnet, mark).await?;
+    let new_key = key_of(&devnet, &account.did)?;
+    assert_ne!(old_key, new_key);
+    let kinds: Vec<&str> = relayed.iter().map(Message::t).collect();
+    assert_eq!(kinds, ["#identity", "#sync", "#commit"]);
+    for message in &relayed {
+        match message {
+            Message::Sync(event) => {
+                firehose::verify_sync(event, &new_key)?;
+            }
+            Message::Commit(event) => {
+                assert_eq!(event.rev, data.commit.rev);
+                firehose::verify_commit(event, &new_key)?;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(relay.stats().invalid_commits, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rides_out_a_flaky_or_down_plc_directory() -> TestResult {
+    let devnet = start().await?;
+    let relay = relay_of(&devnet)?;
+    let pds = &devnet.hosts()[0];
+
+    // Two failures in a row: the relay's retries absorb them for a DID it has never seen.
+    devnet.plc_faults().set(atpdb_devnet::faults::FaultSet {
+        status: Some(503),
+        times: Some(2),
+        ..Default::default()
+    });
+    let mark = relay.head_seq();
+    let did = pds.create_account(atpdb_devnet::pds::NewAccount {
+        handle: "newcomer.test".parse()?,
+        email: "newcomer@example.test".to_owned(),
+        password: "password".to_owned(),
+        signing: atpdb_repo::sample::sample_keypair(99, atpdb_repo::crypto::Curve::K256),
+        rotation: atpdb_repo::sample::sample_keypair(98, atpdb_repo::crypto::Curve::K256),
+        records: vec![post("hello")?],
+    })?;
+    let relayed = relayed_since(&devnet, mark).await?;
+    let kinds: Vec<&str> = relayed.iter().map(Message::t).collect();
+    assert_eq!(
+        kinds,
+        ["#identity", "#account", "#commit"],
+        "{:?}",
+        relay.stats()
+    );
+    assert!(relayed.iter().all(|message| message.did() == Some(&did)));
+    assert_eq!(
+        devnet.plc_faults().get().times,
+        None,
+        "both faults were used up"
+    );
+
+    // The directory goes down for good: accounts the relay knows keep flowing on the
+    // identities it cached, even after an `#identity` asked it to look again.
+    devnet.plc_faults().set(atpdb_devnet::faults::FaultSet {
+        status: Some(500),
+        ..Default::default()
+    });
+    let mark = relay.head_seq();
+    pds.set_handle(&did, "renamed.test".parse()?)?;
+    let data = pds.write(&did, &[post("still here")?], None)?;
+    let relayed = relayed_since(&devnet, mark).await?;
+    let kinds: Vec<&str> = relayed.iter().map(Message::t).collect();
+    assert_eq!(kinds, ["#identity", "#commit"], "{:?}", relay.stats());
+    assert_eq!(
+        commit_revs(&relayed),
+        BTreeSet::from([(did, data.commit.rev)])
+    );
+    devnet.plc_faults().clear();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn its_own_commit_faults_break_only_its_hop() -> TestResult {
+    let devnet = start().await?;
+    let relay = relay_of(&devnet)?;
+    let account = devnet.accounts().first().ok_or("no accounts")?;
+    let pds = &devnet.hosts()[account.pds];
+    let key = key_of(&devnet, &account.did)?;
+    let relay_mark = relay.head_seq();
+    let pds_mark = pds.head_seq();
+
+    relay.faults().update(|faults| faults.bad_signature = true);
+    pds.write(&account.did, &[post("forged by the relay")?], None)?;
+    let relayed = relayed_since(&devnet, relay_mark).await?;
+    relay.faults().clear();
+    let [Message::Commit(forged)] = relayed.as_slice() else {
+        return Err(format!("expected one commit, got {relayed:?}").into());
+    };
+    assert!(
+        firehose::verify_commit(forged, &key).is_err(),
+        "the relay's copy verifies"
+    );
+    let upstream = messages(read_stream(pds.url(), pds_mark, pds.head_seq()).await?)?;
+    let [Message::Commit(genuine)] = upstream.as_slice() else {
+        return Err(format!("expected one commit, got {upstream:?}").into());
+    };
+    firehose::verify_commit(genuine, &key)?;
+    assert_eq!(genuine.rev, forged.rev);
     Ok(())
 }

@@ -16,6 +16,34 @@
 //! splits the signature from the rest, so a caller can retry with a fresh key without
 //! redoing the tree work.
 //!
+//! # Example
+//!
+//! A host commits, encodes the event; a consumer decodes and verifies it.
+//!
+//! ```
+//! use atpdb_repo::crypto::Curve;
+//! use atpdb_repo::firehose::{self, CommitEvent, Frame, Inversion, Message};
+//! use atpdb_repo::repo::{MemoryRepo, Write};
+//! use atpdb_repo::sample::{sample_did, sample_keypair, sample_record};
+//! use atpdb_repo::syntax::{Datetime, Tid};
+//!
+//! let key = sample_keypair(1, Curve::K256);
+//! let (mut repo, _) = MemoryRepo::create(sample_did(1), &key, Tid::from_parts(1, 0), &[])?;
+//! let record = sample_record(1, 1, 1_700_000_000_000_000, &[]);
+//! let write = Write::Create { path: record.path(), record: record.to_cbor()? };
+//! let data = repo.apply(&key, Tid::from_parts(2, 0), &[write])?;
+//! let event = CommitEvent::from_commit_data(1, &data, Datetime::now(), Vec::new());
+//! let bytes = firehose::encode_message(&Message::Commit(event));
+//!
+//! let Frame::Message(Message::Commit(event)) = firehose::decode_frame(&bytes)? else {
+//!     return Err("not a #commit".into());
+//! };
+//! let verified = firehose::verify_commit(&event, &key.public())?;
+//! assert_eq!(verified.inversion(), Inversion::Proven);
+//! assert_eq!(verified.records()[0].path, record.path());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Decisions
 //!
 //! - Frames must be strict DRISL, map keys in canonical order included. Both reference
@@ -335,7 +363,7 @@ pub enum FrameError {
         source: DecodeError,
     },
     /// A body field is missing, of the wrong type, or malformed.
-    #[error("{t}{}: field {field} {problem}", seq_suffix(.seq))]
+    #[error("{t}{}: field {field}: {problem}", seq_suffix(.seq))]
     Field {
         /// The message type.
         t: String,
@@ -424,7 +452,7 @@ fn decode_header<'a>(
         let key = decoder.ordered_key(previous).map_err(FrameError::Header)?;
         previous = Some(key);
         let wrong = |err: DecodeError| FrameError::HeaderField {
-            problem: format!("{key} {}", describe(&err)),
+            problem: format!("field {key}: {}", describe(&err)),
         };
         match key {
             "op" => op = Some(decoder.i64().map_err(wrong)?),
@@ -664,7 +692,7 @@ impl<'a> Fields<'a> {
     }
 
     fn missing(&self, field: &str) -> FrameError {
-        self.error(field.to_owned(), "is missing".to_owned())
+        self.error(field.to_owned(), "missing".to_owned())
     }
 
     fn invalid(&self, field: &str, err: &DecodeError) -> FrameError {
@@ -759,8 +787,8 @@ fn describe(err: &DecodeError) -> String {
     match err {
         DecodeError::Unexpected {
             expected, found, ..
-        } => format!("must be a {expected}, found a {found}"),
-        other => format!("is not valid: {other}"),
+        } => format!("expected {expected}, found {found}"),
+        other => other.to_string(),
     }
 }
 

@@ -86,8 +86,9 @@ impl Pds {
     }
 }
 
-/// Applies the event-level faults in force to one outgoing `#commit`.
-fn mangle(event: &mut CommitEvent, data: &CommitData, flags: EventFaults) {
+/// Applies the event-level faults in force to one outgoing `#commit` (the relay uses it too,
+/// so a fault means the same on either hop).
+pub(crate) fn mangle(event: &mut CommitEvent, data: &CommitData, flags: EventFaults) {
     if flags.drop_prev_data {
         event.prev_data = None;
     }

@@ -23,6 +23,7 @@ use crate::plc::{Plc, PlcError};
 use crate::sequencer::Sequencer;
 use crate::subscribe::SubscribeOptions;
 
+pub(crate) use events::mangle;
 pub use routes::router;
 
 /// How a PDS host behaves.

@@ -1,7 +1,7 @@
 //! Helpers the devnet integration tests share: a firehose client that decodes every frame,
 //! DID key lookup, and small HTTP shorthands.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::large_enum_variant)]
 
 use std::time::Duration;
 
