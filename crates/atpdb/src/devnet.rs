@@ -67,7 +67,11 @@ async fn serve(args: DevnetArgs) -> anyhow::Result<ExitCode> {
         pds_hosts: args.pds.max(1),
         accounts: args.accounts,
         records: args.records,
-        rate: if args.bench_seconds.is_some() { 0.0 } else { args.rate },
+        rate: if args.bench_seconds.is_some() {
+            0.0
+        } else {
+            args.rate
+        },
         seed: args.seed,
         pds_faults: vec![pds_faults; args.pds.max(1)],
         with_relay: !args.no_relay,
@@ -109,7 +113,11 @@ async fn serve(args: DevnetArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Writes as fast as the hosts accept with the relay following, and reports commits/s.
-async fn bench(mut devnet: Devnet, mut ready: serde_json::Value, seconds: u64) -> anyhow::Result<ExitCode> {
+async fn bench(
+    mut devnet: Devnet,
+    mut ready: serde_json::Value,
+    seconds: u64,
+) -> anyhow::Result<ExitCode> {
     let relay_before = devnet.relay().map_or(0, |relay| relay.head_seq());
     let started = Instant::now();
     devnet.start_traffic(f64::INFINITY);

@@ -155,7 +155,8 @@ impl Devnet {
 
         let mut hosts = Vec::new();
         for index in 0..config.pds_hosts.max(1) {
-            let host_faults = Faults::new(config.pds_faults.get(index).cloned().unwrap_or_default());
+            let host_faults =
+                Faults::new(config.pds_faults.get(index).cloned().unwrap_or_default());
             let (listener, addr) = FaultyListener::bind_loopback(host_faults.clone()).await?;
             let pds_config = PdsConfig {
                 clock_id: index as u16,
@@ -252,7 +253,11 @@ impl Devnet {
     pub fn start_traffic(&mut self, rate: f64) {
         self.stop_traffic();
         let stop = self.shutdown.child_token();
-        let (hosts, accounts, stats) = (self.hosts.clone(), self.accounts.clone(), self.stats.clone());
+        let (hosts, accounts, stats) = (
+            self.hosts.clone(),
+            self.accounts.clone(),
+            self.stats.clone(),
+        );
         let seed = self.seed;
         let thread_stop = stop.clone();
         let handle = std::thread::spawn(move || {

@@ -183,10 +183,7 @@ mod tests {
         );
         let batch = seq.read_from(6, 2);
         assert!(!batch.evicted);
-        assert_eq!(
-            batch.frames.iter().map(|f| f.0).collect::<Vec<_>>(),
-            [6, 7]
-        );
+        assert_eq!(batch.frames.iter().map(|f| f.0).collect::<Vec<_>>(), [6, 7]);
         assert!(seq.read_from(9, 10).frames.is_empty());
     }
 

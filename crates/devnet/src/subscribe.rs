@@ -115,7 +115,9 @@ pub(crate) async fn serve(
     let mut held: Option<(u64, Bytes)> = None;
     'outer: loop {
         let batch = log.read_from(next, BATCH);
-        if (caught_up && batch.behind as u64 > options.max_lag) || (batch.evicted && next > 0 && caught_up) {
+        if (caught_up && batch.behind as u64 > options.max_lag)
+            || (batch.evicted && next > 0 && caught_up)
+        {
             let frame = Bytes::from(firehose::encode_error(
                 "ConsumerTooSlow",
                 Some("consumer fell too far behind the stream"),
@@ -165,7 +167,8 @@ pub(crate) async fn serve(
             {
                 break 'outer;
             }
-            if flags.duplicate_seqs && !matches!(send(&mut sink, timeout, frame).await, Ok(Ok(()))) {
+            if flags.duplicate_seqs && !matches!(send(&mut sink, timeout, frame).await, Ok(Ok(())))
+            {
                 break 'outer;
             }
             if gone.is_cancelled() || shutdown.is_cancelled() {

@@ -122,7 +122,12 @@ fn seed_records(
     records: usize,
     others: &[Did],
 ) -> Result<(), PdsError> {
-    let others: Vec<Did> = others.iter().filter(|other| *other != did).take(64).cloned().collect();
+    let others: Vec<Did> = others
+        .iter()
+        .filter(|other| *other != did)
+        .take(64)
+        .cloned()
+        .collect();
     let mut batch = Vec::with_capacity(SEED_BATCH);
     for index in 0..records {
         batch.push(generate(host, did, account_seed, index as u64, &others)?);

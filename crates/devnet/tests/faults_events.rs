@@ -40,8 +40,10 @@ fn write_one(pds: &Pds, did: &Did, n: u32) -> TestResult {
         did,
         &[Write::Create {
             path: format!("com.example.forum.post/3l4z2xq7nq{n:03}"),
-            record: atpdb_repo::value::Value::from_json(&json!({"$type": "com.example.forum.post", "n": n}))?
-                .to_cbor(),
+            record: atpdb_repo::value::Value::from_json(
+                &json!({"$type": "com.example.forum.post", "n": n}),
+            )?
+            .to_cbor(),
         }],
         None,
     )?;
@@ -77,8 +79,13 @@ async fn faulty_then_clean(
 async fn corrupt_blocks_fail_the_hash_check() -> TestResult {
     let (devnet, bad, good) = faulty_then_clean(json!({"corrupt_blocks": true})).await?;
     let key = key_of(&devnet, &bad.repo)?;
-    let err = verify_commit(&bad, &key).err().ok_or("corrupt commit verified")?;
-    assert!(matches!(err, atpdb_repo::Error::HashMismatch { .. }), "{err}");
+    let err = verify_commit(&bad, &key)
+        .err()
+        .ok_or("corrupt commit verified")?;
+    assert!(
+        matches!(err, atpdb_repo::Error::HashMismatch { .. }),
+        "{err}"
+    );
     verify_commit(&good, &key)?;
     Ok(())
 }
@@ -87,8 +94,13 @@ async fn corrupt_blocks_fail_the_hash_check() -> TestResult {
 async fn bad_signatures_are_detected() -> TestResult {
     let (devnet, bad, good) = faulty_then_clean(json!({"bad_signature": true})).await?;
     let key = key_of(&devnet, &bad.repo)?;
-    let err = verify_commit(&bad, &key).err().ok_or("forged commit verified")?;
-    assert!(matches!(err, atpdb_repo::Error::BadSignature { .. }), "{err}");
+    let err = verify_commit(&bad, &key)
+        .err()
+        .ok_or("forged commit verified")?;
+    assert!(
+        matches!(err, atpdb_repo::Error::BadSignature { .. }),
+        "{err}"
+    );
     verify_commit(&good, &key)?;
     Ok(())
 }
@@ -107,8 +119,13 @@ async fn commits_without_prev_data_cannot_be_proven() -> TestResult {
 async fn slices_missing_mst_nodes_fail_inversion() -> TestResult {
     let (devnet, bad, good) = faulty_then_clean(json!({"drop_proof_nodes": true})).await?;
     let key = key_of(&devnet, &bad.repo)?;
-    let err = verify_commit(&bad, &key).err().ok_or("commit without its nodes verified")?;
-    assert!(matches!(err, atpdb_repo::Error::MissingBlock { .. }), "{err}");
+    let err = verify_commit(&bad, &key)
+        .err()
+        .ok_or("commit without its nodes verified")?;
+    assert!(
+        matches!(err, atpdb_repo::Error::MissingBlock { .. }),
+        "{err}"
+    );
     verify_commit(&good, &key)?;
     Ok(())
 }
@@ -119,8 +136,14 @@ async fn disconnect_mid_frame() -> TestResult {
     let pds = devnet.hosts()[0].clone();
     set_faults(&pds, json!({"disconnect_mid_frame": true})).await?;
     let mut firehose = Firehose::connect(pds.url(), Some(0)).await?;
-    assert!(matches!(firehose.next().await?, Read::Undecodable(_)), "half a frame");
-    assert!(matches!(firehose.next().await?, Read::Closed), "then the connection drops");
+    assert!(
+        matches!(firehose.next().await?, Read::Undecodable(_)),
+        "half a frame"
+    );
+    assert!(
+        matches!(firehose.next().await?, Read::Closed),
+        "then the connection drops"
+    );
     Ok(())
 }
 
@@ -161,7 +184,11 @@ async fn duplicate_reordered_and_jumping_seqs() -> TestResult {
 async fn admin_faults_round_trip_and_refuse_nonsense() -> TestResult {
     let devnet = devnet().await?;
     let pds = devnet.hosts()[0].clone();
-    set_faults(&pds, json!({"status": 503, "paths": ["com.atproto.sync.getRepo"]})).await?;
+    set_faults(
+        &pds,
+        json!({"status": 503, "paths": ["com.atproto.sync.getRepo"]}),
+    )
+    .await?;
     assert_eq!(pds.faults().get().status, Some(503));
     let did = devnet.accounts()[0].did.to_string();
     let response = http()
@@ -171,7 +198,10 @@ async fn admin_faults_round_trip_and_refuse_nonsense() -> TestResult {
         .await?;
     assert_eq!(response.status(), 503);
     let response = http()
-        .get(format!("{}/xrpc/com.atproto.sync.getLatestCommit", pds.url()))
+        .get(format!(
+            "{}/xrpc/com.atproto.sync.getLatestCommit",
+            pds.url()
+        ))
         .query(&[("did", &did)])
         .send()
         .await?;

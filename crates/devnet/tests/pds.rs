@@ -26,7 +26,11 @@ async fn small() -> Result<Devnet, Box<dyn std::error::Error>> {
     .await?)
 }
 
-async fn get_car(base: &str, did: &Did, since: Option<&str>) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+async fn get_car(
+    base: &str,
+    did: &Did,
+    since: Option<&str>,
+) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     let mut query = vec![("did", did.as_str().to_owned())];
     if let Some(since) = since {
         query.push(("since", since.to_owned()));
@@ -61,8 +65,12 @@ async fn every_repo_verifies_with_its_plc_key() -> TestResult {
             count += 1;
         }
         assert_eq!(count, 31, "30 records and a profile in {}", account.did);
-        let (status, latest) =
-            xrpc_get(base, "com.atproto.sync.getLatestCommit", &[("did", account.did.as_str())]).await?;
+        let (status, latest) = xrpc_get(
+            base,
+            "com.atproto.sync.getLatestCommit",
+            &[("did", account.did.as_str())],
+        )
+        .await?;
         assert_eq!(status, 200);
         assert_eq!(latest["cid"], repo.commit_cid().to_string());
         assert_eq!(latest["rev"], repo.commit().rev.to_string());
@@ -81,13 +89,20 @@ async fn get_repo_since_sends_only_newer_blocks() -> TestResult {
         &account.did,
         &[Write::Create {
             path: "com.example.forum.thread/3l4z2xq7nqs2a".to_owned(),
-            record: atpdb_repo::value::Value::from_json(&json!({"$type": "com.example.forum.thread", "title": "hello"}))?
-                .to_cbor(),
+            record: atpdb_repo::value::Value::from_json(
+                &json!({"$type": "com.example.forum.thread", "title": "hello"}),
+            )?
+            .to_cbor(),
         }],
         None,
     )?;
     let diff = get_car(pds.url(), &account.did, Some(before.as_str())).await?;
-    assert!(diff.len() < full.len() / 2, "diff {} vs full {}", diff.len(), full.len());
+    assert!(
+        diff.len() < full.len() / 2,
+        "diff {} vs full {}",
+        diff.len(),
+        full.len()
+    );
     let mut reader = atpdb_repo::car::CarReader::new(diff.as_slice(), Default::default())?;
     let mut cids = BTreeSet::new();
     while let Some(block) = reader.next_block()? {
@@ -95,8 +110,16 @@ async fn get_repo_since_sends_only_newer_blocks() -> TestResult {
     }
     let info = pds.account_info(&account.did)?;
     assert!(cids.contains(&info.commit), "the diff holds the new commit");
-    let (status, error) = xrpc_get(pds.url(), "com.atproto.sync.getRepo", &[("did", account.did.as_str()), ("since", "nope")]).await?;
-    assert_eq!((status, error["error"].as_str()), (400, Some("InvalidRequest")));
+    let (status, error) = xrpc_get(
+        pds.url(),
+        "com.atproto.sync.getRepo",
+        &[("did", account.did.as_str()), ("since", "nope")],
+    )
+    .await?;
+    assert_eq!(
+        (status, error["error"].as_str()),
+        (400, Some("InvalidRequest"))
+    );
     Ok(())
 }
 
@@ -115,14 +138,22 @@ async fn every_commit_on_the_firehose_inverts_to_prev_data() -> TestResult {
                 let key = key_of(&devnet, &commit.repo)?;
                 let verified = verify_commit(commit, &key)?;
                 if commit.prev_data.is_some() {
-                    assert!(verified.inversion() == Inversion::Proven, "commit {} inverts", commit.rev);
+                    assert!(
+                        verified.inversion() == Inversion::Proven,
+                        "commit {} inverts",
+                        commit.rev
+                    );
                     proven += 1;
                 } else {
                     first += 1;
                 }
             }
         }
-        assert_eq!(seqs, (1..=head).collect::<Vec<_>>(), "seqs 1..=head once each");
+        assert_eq!(
+            seqs,
+            (1..=head).collect::<Vec<_>>(),
+            "seqs 1..=head once each"
+        );
         assert_eq!(first, 3, "each new repo's first commit has no prevData");
         assert!(proven >= 3, "later commits are proven");
     }
@@ -166,7 +197,11 @@ async fn future_and_outdated_cursors() -> TestResult {
     }
     let frames = firehose.frames_until(head).await?;
     let seqs: Vec<u64> = frames.iter().filter_map(seq_of).collect();
-    assert_eq!(seqs, (head - 4..=head).collect::<Vec<_>>(), "the whole remaining window");
+    assert_eq!(
+        seqs,
+        (head - 4..=head).collect::<Vec<_>>(),
+        "the whole remaining window"
+    );
     Ok(())
 }
 
@@ -198,7 +233,8 @@ async fn a_consumer_that_stops_reading_gets_consumer_too_slow() -> TestResult {
                     .unwrap_or_default(),
                 })
                 .collect();
-            pds.write(&did, &writes, None).map_err(|err| err.to_string())?;
+            pds.write(&did, &writes, None)
+                .map_err(|err| err.to_string())?;
         }
         Ok(())
     });
@@ -211,10 +247,17 @@ async fn a_consumer_that_stops_reading_gets_consumer_too_slow() -> TestResult {
                 break;
             }
             Read::Frame(_) => seen += 1,
-            other => return Err(format!("expected ConsumerTooSlow, got {other:?} after {seen} frames").into()),
+            other => {
+                return Err(
+                    format!("expected ConsumerTooSlow, got {other:?} after {seen} frames").into(),
+                );
+            }
         }
     }
-    assert!(seen < 400, "the stream was cut before the end ({seen} frames)");
+    assert!(
+        seen < 400,
+        "the stream was cut before the end ({seen} frames)"
+    );
     Ok(())
 }
 
@@ -244,8 +287,16 @@ async fn list_repos_pages_through_every_account() -> TestResult {
     }
     let expected: Vec<String> = pds.dids().iter().map(|did| did.to_string()).collect();
     assert_eq!(dids, expected);
-    let (status, error) = xrpc_get(pds.url(), "com.atproto.sync.listRepos", &[("limit", "1001")]).await?;
-    assert_eq!((status, error["error"].as_str()), (400, Some("InvalidRequest")));
+    let (status, error) = xrpc_get(
+        pds.url(),
+        "com.atproto.sync.listRepos",
+        &[("limit", "1001")],
+    )
+    .await?;
+    assert_eq!(
+        (status, error["error"].as_str()),
+        (400, Some("InvalidRequest"))
+    );
     Ok(())
 }
 
@@ -273,88 +324,240 @@ async fn the_standard_write_path_works_end_to_end() -> TestResult {
     assert_eq!(status, 200);
     assert_eq!(describe["availableUserDomains"], json!([".test"]));
 
-    let (status, created) = post(&base, "com.atproto.server.createAccount", None, json!({
-        "handle": "alice.test", "email": "alice@example.test", "password": "hunter2"
-    })).await?;
+    let (status, created) = post(
+        &base,
+        "com.atproto.server.createAccount",
+        None,
+        json!({
+            "handle": "alice.test", "email": "alice@example.test", "password": "hunter2"
+        }),
+    )
+    .await?;
     assert_eq!(status, 200, "{created}");
     let did = created["did"].as_str().ok_or("did")?.to_owned();
     assert_eq!(created["didDoc"]["service"][0]["serviceEndpoint"], base);
-    let (status, taken) = post(&base, "com.atproto.server.createAccount", None, json!({
-        "handle": "alice.test", "password": "x"
-    })).await?;
-    assert_eq!((status, taken["error"].as_str()), (400, Some("HandleNotAvailable")));
+    let (status, taken) = post(
+        &base,
+        "com.atproto.server.createAccount",
+        None,
+        json!({
+            "handle": "alice.test", "password": "x"
+        }),
+    )
+    .await?;
+    assert_eq!(
+        (status, taken["error"].as_str()),
+        (400, Some("HandleNotAvailable"))
+    );
 
-    let (status, bad) = post(&base, "com.atproto.server.createSession", None, json!({"identifier": "alice.test", "password": "wrong"})).await?;
-    assert_eq!((status, bad["error"].as_str()), (401, Some("AuthenticationRequired")));
-    let (status, session) = post(&base, "com.atproto.server.createSession", None, json!({"identifier": "alice.test", "password": "hunter2"})).await?;
+    let (status, bad) = post(
+        &base,
+        "com.atproto.server.createSession",
+        None,
+        json!({"identifier": "alice.test", "password": "wrong"}),
+    )
+    .await?;
+    assert_eq!(
+        (status, bad["error"].as_str()),
+        (401, Some("AuthenticationRequired"))
+    );
+    let (status, session) = post(
+        &base,
+        "com.atproto.server.createSession",
+        None,
+        json!({"identifier": "alice.test", "password": "hunter2"}),
+    )
+    .await?;
     assert_eq!(status, 200);
     let access = session["accessJwt"].as_str().ok_or("accessJwt")?.to_owned();
-    let refresh = session["refreshJwt"].as_str().ok_or("refreshJwt")?.to_owned();
+    let refresh = session["refreshJwt"]
+        .as_str()
+        .ok_or("refreshJwt")?
+        .to_owned();
 
     let post_record = json!({"$type": "app.bsky.feed.post", "text": "hello devnet", "createdAt": "2026-11-23T10:00:00.000Z"});
-    let (status, unauth) = post(&base, "com.atproto.repo.createRecord", None, json!({"repo": did, "collection": "app.bsky.feed.post", "record": post_record})).await?;
-    assert_eq!((status, unauth["error"].as_str()), (401, Some("AuthenticationRequired")));
-    let (status, made) = post(&base, "com.atproto.repo.createRecord", Some(&access), json!({"repo": did, "collection": "app.bsky.feed.post", "record": post_record})).await?;
+    let (status, unauth) = post(
+        &base,
+        "com.atproto.repo.createRecord",
+        None,
+        json!({"repo": did, "collection": "app.bsky.feed.post", "record": post_record}),
+    )
+    .await?;
+    assert_eq!(
+        (status, unauth["error"].as_str()),
+        (401, Some("AuthenticationRequired"))
+    );
+    let (status, made) = post(
+        &base,
+        "com.atproto.repo.createRecord",
+        Some(&access),
+        json!({"repo": did, "collection": "app.bsky.feed.post", "record": post_record}),
+    )
+    .await?;
     assert_eq!(status, 200, "{made}");
     let uri = made["uri"].as_str().ok_or("uri")?.to_owned();
     let rkey = uri.rsplit('/').next().ok_or("rkey")?.to_owned();
     let commit_cid = made["commit"]["cid"].as_str().ok_or("commit")?.to_owned();
 
-    let (status, wrong_type) = post(&base, "com.atproto.repo.createRecord", Some(&access), json!({"repo": did, "collection": "app.bsky.feed.like", "record": post_record})).await?;
-    assert_eq!((status, wrong_type["error"].as_str()), (400, Some("InvalidRecord")));
+    let (status, wrong_type) = post(
+        &base,
+        "com.atproto.repo.createRecord",
+        Some(&access),
+        json!({"repo": did, "collection": "app.bsky.feed.like", "record": post_record}),
+    )
+    .await?;
+    assert_eq!(
+        (status, wrong_type["error"].as_str()),
+        (400, Some("InvalidRecord"))
+    );
 
     // A stale swapRecord and a stale swapCommit are refused; the right ones pass.
     let edited = json!({"$type": "app.bsky.feed.post", "text": "edited", "createdAt": "2026-11-23T10:00:01.000Z"});
     let (status, stale) = post(&base, "com.atproto.repo.putRecord", Some(&access), json!({"repo": did, "collection": "app.bsky.feed.post", "rkey": rkey, "record": edited, "swapRecord": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"})).await?;
-    assert_eq!((status, stale["error"].as_str()), (400, Some("InvalidSwap")));
+    assert_eq!(
+        (status, stale["error"].as_str()),
+        (400, Some("InvalidSwap"))
+    );
     let (status, put) = post(&base, "com.atproto.repo.putRecord", Some(&access), json!({"repo": did, "collection": "app.bsky.feed.post", "rkey": rkey, "record": edited, "swapRecord": made["cid"], "swapCommit": commit_cid})).await?;
     assert_eq!(status, 200, "{put}");
-    let (status, stale) = post(&base, "com.atproto.repo.applyWrites", Some(&access), json!({"repo": did, "swapCommit": commit_cid, "writes": []})).await?;
-    assert_eq!((status, stale["error"].as_str()), (400, Some("InvalidSwap")));
+    let (status, stale) = post(
+        &base,
+        "com.atproto.repo.applyWrites",
+        Some(&access),
+        json!({"repo": did, "swapCommit": commit_cid, "writes": []}),
+    )
+    .await?;
+    assert_eq!(
+        (status, stale["error"].as_str()),
+        (400, Some("InvalidSwap"))
+    );
     let (status, applied) = post(&base, "com.atproto.repo.applyWrites", Some(&access), json!({"repo": did, "writes": [
         {"$type": "com.atproto.repo.applyWrites#create", "collection": "fm.teal.alpha.feed.play", "rkey": "3l4z2xq7nqs2b", "value": {"trackName": "Song", "playedTime": "2026-11-23T10:00:00.000Z"}},
         {"$type": "com.atproto.repo.applyWrites#delete", "collection": "app.bsky.feed.post", "rkey": rkey},
     ]})).await?;
     assert_eq!(status, 200, "{applied}");
-    assert_eq!(applied["results"][0]["$type"], "com.atproto.repo.applyWrites#createResult");
-    assert_eq!(applied["results"][1]["$type"], "com.atproto.repo.applyWrites#deleteResult");
+    assert_eq!(
+        applied["results"][0]["$type"],
+        "com.atproto.repo.applyWrites#createResult"
+    );
+    assert_eq!(
+        applied["results"][1]["$type"],
+        "com.atproto.repo.applyWrites#deleteResult"
+    );
 
-    let (status, record) = xrpc_get(&base, "com.atproto.repo.getRecord", &[("repo", &did), ("collection", "fm.teal.alpha.feed.play"), ("rkey", "3l4z2xq7nqs2b")]).await?;
+    let (status, record) = xrpc_get(
+        &base,
+        "com.atproto.repo.getRecord",
+        &[
+            ("repo", &did),
+            ("collection", "fm.teal.alpha.feed.play"),
+            ("rkey", "3l4z2xq7nqs2b"),
+        ],
+    )
+    .await?;
     assert_eq!(status, 200);
     assert_eq!(record["value"]["$type"], "fm.teal.alpha.feed.play");
-    let (status, gone) = xrpc_get(&base, "com.atproto.repo.getRecord", &[("repo", &did), ("collection", "app.bsky.feed.post"), ("rkey", &rkey)]).await?;
-    assert_eq!((status, gone["error"].as_str()), (400, Some("RecordNotFound")));
+    let (status, gone) = xrpc_get(
+        &base,
+        "com.atproto.repo.getRecord",
+        &[
+            ("repo", &did),
+            ("collection", "app.bsky.feed.post"),
+            ("rkey", &rkey),
+        ],
+    )
+    .await?;
+    assert_eq!(
+        (status, gone["error"].as_str()),
+        (400, Some("RecordNotFound"))
+    );
 
     // Blobs: upload, reference, read back; size and MIME limits.
     let png = b"\x89PNG\r\n\x1a\nfake image".to_vec();
-    let response = http().post(format!("{base}/xrpc/com.atproto.repo.uploadBlob")).bearer_auth(&access).header("content-type", "image/png").body(png.clone()).send().await?;
+    let response = http()
+        .post(format!("{base}/xrpc/com.atproto.repo.uploadBlob"))
+        .bearer_auth(&access)
+        .header("content-type", "image/png")
+        .body(png.clone())
+        .send()
+        .await?;
     assert_eq!(response.status(), 200);
     let blob: serde_json::Value = response.json().await?;
-    let blob_cid = blob["blob"]["ref"]["$link"].as_str().ok_or("blob ref")?.to_owned();
+    let blob_cid = blob["blob"]["ref"]["$link"]
+        .as_str()
+        .ok_or("blob ref")?
+        .to_owned();
     assert_eq!(blob_cid, atpdb_repo::Cid::raw(&png).to_string());
-    let response = http().get(format!("{base}/xrpc/com.atproto.sync.getBlob")).query(&[("did", &did), ("cid", &blob_cid)]).send().await?;
-    assert_eq!(response.headers().get("content-type").map(|v| v.as_bytes()), Some(&b"image/png"[..]));
+    let response = http()
+        .get(format!("{base}/xrpc/com.atproto.sync.getBlob"))
+        .query(&[("did", &did), ("cid", &blob_cid)])
+        .send()
+        .await?;
+    assert_eq!(
+        response.headers().get("content-type").map(|v| v.as_bytes()),
+        Some(&b"image/png"[..])
+    );
     assert_eq!(response.bytes().await?.to_vec(), png);
     let (_, blobs) = xrpc_get(&base, "com.atproto.sync.listBlobs", &[("did", &did)]).await?;
     assert_eq!(blobs["cids"], json!([blob_cid]));
-    let response = http().post(format!("{base}/xrpc/com.atproto.repo.uploadBlob")).bearer_auth(&access).body(png.clone()).send().await?;
+    let response = http()
+        .post(format!("{base}/xrpc/com.atproto.repo.uploadBlob"))
+        .bearer_auth(&access)
+        .body(png.clone())
+        .send()
+        .await?;
     assert_eq!(response.status(), 400, "no content type");
     let big = vec![0u8; 5 * 1024 * 1024 + 1];
-    let response = http().post(format!("{base}/xrpc/com.atproto.repo.uploadBlob")).bearer_auth(&access).header("content-type", "image/png").body(big).send().await?;
+    let response = http()
+        .post(format!("{base}/xrpc/com.atproto.repo.uploadBlob"))
+        .bearer_auth(&access)
+        .header("content-type", "image/png")
+        .body(big)
+        .send()
+        .await?;
     assert_eq!(response.status(), 413);
 
     // Refresh rotates: the new pair works, the old refresh token no longer does.
-    let (status, refreshed) = post(&base, "com.atproto.server.refreshSession", Some(&refresh), json!({})).await?;
+    let (status, refreshed) = post(
+        &base,
+        "com.atproto.server.refreshSession",
+        Some(&refresh),
+        json!({}),
+    )
+    .await?;
     assert_eq!(status, 200);
-    let (status, _) = post(&base, "com.atproto.server.refreshSession", Some(&refresh), json!({})).await?;
+    let (status, _) = post(
+        &base,
+        "com.atproto.server.refreshSession",
+        Some(&refresh),
+        json!({}),
+    )
+    .await?;
     assert_eq!(status, 400);
-    let response = http().get(format!("{base}/xrpc/com.atproto.server.getSession")).bearer_auth(refreshed["accessJwt"].as_str().ok_or("jwt")?).send().await?;
+    let response = http()
+        .get(format!("{base}/xrpc/com.atproto.server.getSession"))
+        .bearer_auth(refreshed["accessJwt"].as_str().ok_or("jwt")?)
+        .send()
+        .await?;
     let got: serde_json::Value = response.json().await?;
     assert_eq!(got["handle"], "alice.test");
 
-    let (status, resolved) = xrpc_get(&base, "com.atproto.identity.resolveHandle", &[("handle", "alice.test")]).await?;
-    assert_eq!((status, resolved["did"].as_str()), (200, Some(did.as_str())));
-    let (_, described) = xrpc_get(&base, "com.atproto.repo.describeRepo", &[("repo", "alice.test")]).await?;
+    let (status, resolved) = xrpc_get(
+        &base,
+        "com.atproto.identity.resolveHandle",
+        &[("handle", "alice.test")],
+    )
+    .await?;
+    assert_eq!(
+        (status, resolved["did"].as_str()),
+        (200, Some(did.as_str()))
+    );
+    let (_, described) = xrpc_get(
+        &base,
+        "com.atproto.repo.describeRepo",
+        &[("repo", "alice.test")],
+    )
+    .await?;
     assert_eq!(described["collections"], json!(["fm.teal.alpha.feed.play"]));
     Ok(())
 }
@@ -372,7 +575,11 @@ async fn list_records_pages_newest_first() -> TestResult {
     let mut seen = Vec::new();
     let mut cursor = String::new();
     loop {
-        let mut query = vec![("repo", account.did.as_str()), ("collection", "app.bsky.feed.like"), ("limit", "3")];
+        let mut query = vec![
+            ("repo", account.did.as_str()),
+            ("collection", "app.bsky.feed.like"),
+            ("limit", "3"),
+        ];
         if !cursor.is_empty() {
             query.push(("cursor", cursor.as_str()));
         }
@@ -380,7 +587,11 @@ async fn list_records_pages_newest_first() -> TestResult {
         assert_eq!(status, 200);
         for record in page["records"].as_array().ok_or("records")? {
             let uri = record["uri"].as_str().ok_or("uri")?;
-            seen.push(uri.split_once("/app.bsky.feed.like/").map(|(_, rkey)| format!("app.bsky.feed.like/{rkey}")).ok_or("uri shape")?);
+            seen.push(
+                uri.split_once("/app.bsky.feed.like/")
+                    .map(|(_, rkey)| format!("app.bsky.feed.like/{rkey}"))
+                    .ok_or("uri shape")?,
+            );
         }
         match page["cursor"].as_str() {
             Some(next) => cursor = next.to_owned(),
@@ -402,14 +613,23 @@ async fn admin_actions_reach_plc_firehose_and_sync_endpoints() -> TestResult {
     let admin = |action: &str| format!("{base}/admin/accounts/{did}/{action}");
     let response = http().post(admin("deactivate")).send().await?;
     assert_eq!(response.status(), 401, "admin needs credentials");
-    let response = http().post(admin("deactivate")).basic_auth("admin", Some("wrong")).send().await?;
+    let response = http()
+        .post(admin("deactivate"))
+        .basic_auth("admin", Some("wrong"))
+        .send()
+        .await?;
     assert_eq!(response.status(), 401);
 
     let mut firehose = Firehose::connect(&base, None).await?;
     let call = |action: &'static str, body: serde_json::Value| {
         let url = admin(action);
         async move {
-            let response = http().post(url).basic_auth("admin", Some("admin")).json(&body).send().await?;
+            let response = http()
+                .post(url)
+                .basic_auth("admin", Some("admin"))
+                .json(&body)
+                .send()
+                .await?;
             assert_eq!(response.status(), 200, "admin {action}");
             Ok::<_, Box<dyn std::error::Error>>(())
         }
@@ -417,11 +637,17 @@ async fn admin_actions_reach_plc_firehose_and_sync_endpoints() -> TestResult {
     call("handle", json!({"handle": "renamed.test"})).await?;
     match firehose.frame().await? {
         Frame::Message(Message::Identity(identity)) => {
-            assert_eq!(identity.handle.as_ref().map(|h| h.as_str()), Some("renamed.test"));
+            assert_eq!(
+                identity.handle.as_ref().map(|h| h.as_str()),
+                Some("renamed.test")
+            );
         }
         other => return Err(format!("expected #identity, got {other:?}").into()),
     }
-    assert_eq!(devnet.plc().data(&did).ok_or("plc")?.also_known_as, vec!["at://renamed.test".to_owned()]);
+    assert_eq!(
+        devnet.plc().data(&did).ok_or("plc")?.also_known_as,
+        vec!["at://renamed.test".to_owned()]
+    );
 
     call("deactivate", json!({})).await?;
     match firehose.frame().await? {
@@ -431,14 +657,27 @@ async fn admin_actions_reach_plc_firehose_and_sync_endpoints() -> TestResult {
         }
         other => return Err(format!("expected #account, got {other:?}").into()),
     }
-    let (status, error) = xrpc_get(&base, "com.atproto.sync.getRepo", &[("did", did.as_str())]).await?;
-    assert_eq!((status, error["error"].as_str()), (400, Some("RepoDeactivated")));
-    let (_, repo_status) = xrpc_get(&base, "com.atproto.sync.getRepoStatus", &[("did", did.as_str())]).await?;
+    let (status, error) =
+        xrpc_get(&base, "com.atproto.sync.getRepo", &[("did", did.as_str())]).await?;
+    assert_eq!(
+        (status, error["error"].as_str()),
+        (400, Some("RepoDeactivated"))
+    );
+    let (_, repo_status) = xrpc_get(
+        &base,
+        "com.atproto.sync.getRepoStatus",
+        &[("did", did.as_str())],
+    )
+    .await?;
     assert_eq!(repo_status["active"], false);
     call("activate", json!({})).await?;
     call("takedown", json!({})).await?;
-    let (status, error) = xrpc_get(&base, "com.atproto.sync.getRepo", &[("did", did.as_str())]).await?;
-    assert_eq!((status, error["error"].as_str()), (400, Some("RepoTakendown")));
+    let (status, error) =
+        xrpc_get(&base, "com.atproto.sync.getRepo", &[("did", did.as_str())]).await?;
+    assert_eq!(
+        (status, error["error"].as_str()),
+        (400, Some("RepoTakendown"))
+    );
     call("activate", json!({})).await?;
 
     // A rotated key signs the next commits, and the PLC document names it.
@@ -446,19 +685,37 @@ async fn admin_actions_reach_plc_firehose_and_sync_endpoints() -> TestResult {
     call("rotate-key", json!({"curve": "p256"})).await?;
     let new_key = key_of(&devnet, &did)?;
     assert_ne!(old_key.to_did_key(), new_key.to_did_key());
-    let commit = pds.write(&did, &[Write::Create {
-        path: "com.example.forum.thread/3l4z2xq7nqs2c".to_owned(),
-        record: atpdb_repo::value::Value::from_json(&json!({"$type": "com.example.forum.thread", "title": "after rotation"}))?.to_cbor(),
-    }], None)?;
+    let commit = pds.write(
+        &did,
+        &[Write::Create {
+            path: "com.example.forum.thread/3l4z2xq7nqs2c".to_owned(),
+            record: atpdb_repo::value::Value::from_json(
+                &json!({"$type": "com.example.forum.thread", "title": "after rotation"}),
+            )?
+            .to_cbor(),
+        }],
+        None,
+    )?;
     commit.commit.verify_signature(&new_key)?;
     assert!(commit.commit.verify_signature(&old_key).is_err());
 
     // Deleting: the account's old events are no longer replayed, its DID is tombstoned.
     let head = pds.head_seq();
     call("delete", json!({})).await?;
-    let (status, error) = xrpc_get(&base, "com.atproto.sync.getRepoStatus", &[("did", did.as_str())]).await?;
-    assert_eq!((status, error["error"].as_str()), (400, Some("RepoNotFound")));
-    let response = http().get(format!("{}/{did}", devnet.plc_url())).send().await?;
+    let (status, error) = xrpc_get(
+        &base,
+        "com.atproto.sync.getRepoStatus",
+        &[("did", did.as_str())],
+    )
+    .await?;
+    assert_eq!(
+        (status, error["error"].as_str()),
+        (400, Some("RepoNotFound"))
+    );
+    let response = http()
+        .get(format!("{}/{did}", devnet.plc_url()))
+        .send()
+        .await?;
     assert_eq!(response.status(), 404);
     let mut replay = Firehose::connect(&base, Some(0)).await?;
     let frames = replay.frames_until(head + 1).await?;
@@ -489,7 +746,10 @@ async fn migration_moves_the_account_and_its_events() -> TestResult {
         .send()
         .await?;
     assert_eq!(response.status(), 200);
-    assert_eq!(devnet.plc().data(&did).ok_or("plc")?.services["atproto_pds"].endpoint, to.url());
+    assert_eq!(
+        devnet.plc().data(&did).ok_or("plc")?.services["atproto_pds"].endpoint,
+        to.url()
+    );
     match old_stream.frame().await? {
         Frame::Message(Message::Account(account)) => assert!(!account.active),
         other => return Err(format!("expected #account on the old host, got {other:?}").into()),
@@ -508,9 +768,21 @@ async fn migration_moves_the_account_and_its_events() -> TestResult {
     assert_eq!(kinds, ["identity", "account", "sync"]);
     let car = get_car(to.url(), &did, None).await?;
     let key = key_of(&devnet, &did)?;
-    load_car(car.as_slice(), &VerifyOptions::default())?.verify(Expected { did: Some(&did), key: Some(&key) })?;
-    let (status, _) = xrpc_get(from.url(), "com.atproto.sync.getRepo", &[("did", did.as_str())]).await?;
+    load_car(car.as_slice(), &VerifyOptions::default())?.verify(Expected {
+        did: Some(&did),
+        key: Some(&key),
+    })?;
+    let (status, _) = xrpc_get(
+        from.url(),
+        "com.atproto.sync.getRepo",
+        &[("did", did.as_str())],
+    )
+    .await?;
     assert_eq!(status, 400, "the old host no longer serves it");
-    eventually(|| to.dids().contains(&did), "the new host lists the account").await?;
+    eventually(
+        || to.dids().contains(&did),
+        "the new host lists the account",
+    )
+    .await?;
     Ok(())
 }

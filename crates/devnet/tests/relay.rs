@@ -716,6 +716,8 @@ async fn takes_in_duplicated_reordered_and_cut_upstream_frames_once() -> TestRes
                 written.insert((did.clone(), data.commit.rev));
             }
         }
+        // The flags are read as frames are sent: clear them only once the relay has them all.
+        caught_up(&devnet).await?;
         pds.faults().clear();
         let relayed = relayed_since(&devnet, mark).await?;
         assert_eq!(

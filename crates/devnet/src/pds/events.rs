@@ -5,9 +5,7 @@ use atpdb_repo::Cid;
 use atpdb_repo::car::write_car;
 use atpdb_repo::commit::UnsignedCommit;
 use atpdb_repo::crypto::{Curve, Keypair};
-use atpdb_repo::firehose::{
-    self, AccountEvent, CommitEvent, IdentityEvent, Message, SyncEvent,
-};
+use atpdb_repo::firehose::{self, AccountEvent, CommitEvent, IdentityEvent, Message, SyncEvent};
 use atpdb_repo::repo::CommitData;
 use atpdb_repo::syntax::{Datetime, Did};
 use atpdb_repo::value::Value;
@@ -30,7 +28,11 @@ impl Pds {
     }
 
     pub(crate) fn emit_account(&self, account: &Account) {
-        self.emit_raw_account(&account.did, account.status.as_str().is_none(), account.status.as_str());
+        self.emit_raw_account(
+            &account.did,
+            account.status.as_str().is_none(),
+            account.status.as_str(),
+        );
     }
 
     pub(crate) fn emit_raw_account(&self, did: &Did, active: bool, status: Option<&str>) {
@@ -77,8 +79,7 @@ impl Pds {
         blobs.dedup();
         let flags = self.inner.faults.event_flags();
         self.inner.sequencer.append(Some(&account.did), |seq| {
-            let mut event =
-                CommitEvent::from_commit_data(seq, data, Datetime::now(), blobs);
+            let mut event = CommitEvent::from_commit_data(seq, data, Datetime::now(), blobs);
             mangle(&mut event, data, flags);
             firehose::encode_message(&Message::Commit(event))
         });

@@ -197,7 +197,9 @@ impl std::fmt::Debug for Pds {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn unix_micros() -> u64 {
@@ -286,7 +288,11 @@ impl Pds {
     }
 
     pub(crate) fn set_peers(&self, peers: Vec<Pds>) {
-        *self.inner.peers.write().unwrap_or_else(std::sync::PoisonError::into_inner) = peers;
+        *self
+            .inner
+            .peers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = peers;
     }
 
     /// The next rev: the current time in microseconds, strictly increasing per host.
@@ -458,7 +464,9 @@ impl Pds {
             )));
         }
         if writes.len() > 200 {
-            return Err(PdsError::Invalid("at most 200 writes per commit".to_owned()));
+            return Err(PdsError::Invalid(
+                "at most 200 writes per commit".to_owned(),
+            ));
         }
         let rev = self.next_rev();
         let signing = account.signing.clone();
@@ -477,9 +485,9 @@ impl Pds {
             return Err(PdsError::HandleNotAvailable(key));
         }
         let aka = format!("at://{handle}");
-        self.inner
-            .plc
-            .update(did, &account.rotation, |data| data.also_known_as = vec![aka])?;
+        self.inner.plc.update(did, &account.rotation, |data| {
+            data.also_known_as = vec![aka]
+        })?;
         {
             let mut accounts = self
                 .inner
@@ -561,7 +569,9 @@ impl Pds {
     /// it, and this host deactivates its copy (`#account` deactivated).
     pub fn migrate(&self, did: &Did, to: &Pds) -> Result<(), PdsError> {
         if Arc::ptr_eq(&self.inner, &to.inner) {
-            return Err(PdsError::Invalid("account is already on that host".to_owned()));
+            return Err(PdsError::Invalid(
+                "account is already on that host".to_owned(),
+            ));
         }
         let account = self.account(did)?;
         let mut old = lock(&account);
@@ -612,7 +622,12 @@ impl Pds {
     }
 
     /// Stores a blob for an account and returns its raw CID.
-    pub(crate) fn put_blob(&self, did: &Did, mime: String, bytes: bytes::Bytes) -> Result<Cid, PdsError> {
+    pub(crate) fn put_blob(
+        &self,
+        did: &Did,
+        mime: String,
+        bytes: bytes::Bytes,
+    ) -> Result<Cid, PdsError> {
         let account = self.account(did)?;
         let mut account = lock(&account);
         let cid = Cid::raw(&bytes);
@@ -624,7 +639,12 @@ impl Pds {
     pub fn account_paths(&self, did: &Did) -> Result<Vec<String>, PdsError> {
         let account = self.account(did)?;
         let account = lock(&account);
-        Ok(account.repo.list()?.into_iter().map(|(path, _)| path).collect())
+        Ok(account
+            .repo
+            .list()?
+            .into_iter()
+            .map(|(path, _)| path)
+            .collect())
     }
 
     /// A snapshot of what the relay and tests need to know about an account.

@@ -27,9 +27,10 @@ use crate::xrpc::{Body, Params, XrpcError, XrpcResult, limit, parse};
 impl From<PdsError> for XrpcError {
     fn from(err: PdsError) -> Self {
         match err {
-            PdsError::RepoNotFound(did) => {
-                XrpcError::bad("RepoNotFound", format!("Could not find repo for DID: {did}"))
-            }
+            PdsError::RepoNotFound(did) => XrpcError::bad(
+                "RepoNotFound",
+                format!("Could not find repo for DID: {did}"),
+            ),
             PdsError::Inactive { did, status } => XrpcError::bad(
                 match status {
                     "takendown" => "RepoTakendown",
@@ -57,14 +58,35 @@ pub fn router(pds: Pds) -> Router {
         .merge(crate::faults::admin_router(pds.inner.faults.clone()))
         .layer(middleware::from_fn_with_state(pds.clone(), require_admin));
     let xrpc = Router::new()
-        .route("/xrpc/_health", get(|| async { Json(json!({"version": "atpdb-devnet"})) }))
-        .route("/xrpc/com.atproto.server.describeServer", get(describe_server))
-        .route("/xrpc/com.atproto.server.createAccount", post(create_account))
-        .route("/xrpc/com.atproto.server.createSession", post(create_session))
-        .route("/xrpc/com.atproto.server.refreshSession", post(refresh_session))
+        .route(
+            "/xrpc/_health",
+            get(|| async { Json(json!({"version": "atpdb-devnet"})) }),
+        )
+        .route(
+            "/xrpc/com.atproto.server.describeServer",
+            get(describe_server),
+        )
+        .route(
+            "/xrpc/com.atproto.server.createAccount",
+            post(create_account),
+        )
+        .route(
+            "/xrpc/com.atproto.server.createSession",
+            post(create_session),
+        )
+        .route(
+            "/xrpc/com.atproto.server.refreshSession",
+            post(refresh_session),
+        )
         .route("/xrpc/com.atproto.server.getSession", get(get_session))
-        .route("/xrpc/com.atproto.server.deleteSession", post(delete_session))
-        .route("/xrpc/com.atproto.identity.resolveHandle", get(resolve_handle))
+        .route(
+            "/xrpc/com.atproto.server.deleteSession",
+            post(delete_session),
+        )
+        .route(
+            "/xrpc/com.atproto.identity.resolveHandle",
+            get(resolve_handle),
+        )
         .route("/xrpc/com.atproto.repo.describeRepo", get(describe_repo))
         .route("/xrpc/com.atproto.repo.getRecord", get(repo_get_record))
         .route("/xrpc/com.atproto.repo.listRecords", get(list_records))
@@ -74,17 +96,27 @@ pub fn router(pds: Pds) -> Router {
         .route("/xrpc/com.atproto.repo.applyWrites", post(apply_writes))
         .route("/xrpc/com.atproto.repo.uploadBlob", post(upload_blob))
         .route("/xrpc/com.atproto.sync.getRepo", get(get_repo))
-        .route("/xrpc/com.atproto.sync.getLatestCommit", get(get_latest_commit))
+        .route(
+            "/xrpc/com.atproto.sync.getLatestCommit",
+            get(get_latest_commit),
+        )
         .route("/xrpc/com.atproto.sync.getRepoStatus", get(get_repo_status))
         .route("/xrpc/com.atproto.sync.listRepos", get(list_repos))
         .route("/xrpc/com.atproto.sync.getRecord", get(sync_get_record))
         .route("/xrpc/com.atproto.sync.getBlob", get(get_blob))
         .route("/xrpc/com.atproto.sync.listBlobs", get(list_blobs))
-        .route("/xrpc/com.atproto.sync.subscribeRepos", get(subscribe_repos))
+        .route(
+            "/xrpc/com.atproto.sync.subscribeRepos",
+            get(subscribe_repos),
+        )
         .with_state(pds.clone());
     xrpc.merge(admin)
         .fallback(|| async {
-            XrpcError::new(StatusCode::NOT_FOUND, "MethodNotImplemented", "Method Not Implemented")
+            XrpcError::new(
+                StatusCode::NOT_FOUND,
+                "MethodNotImplemented",
+                "Method Not Implemented",
+            )
         })
         .layer(axum::extract::DefaultBodyLimit::max(
             pds.inner.max_blob_size.max(2 * 1024 * 1024) + 1024,
@@ -101,8 +133,13 @@ async fn require_admin(State(pds): State<Pds>, request: Request, next: Next) -> 
     } else {
         (
             StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Basic realm=\"atpdb-devnet admin\"")],
-            Json(json!({"error": "AuthenticationRequired", "message": "admin credentials required"})),
+            [(
+                header::WWW_AUTHENTICATE,
+                "Basic realm=\"atpdb-devnet admin\"",
+            )],
+            Json(
+                json!({"error": "AuthenticationRequired", "message": "admin credentials required"}),
+            ),
         )
             .into_response()
     }
@@ -117,8 +154,8 @@ impl FromRequestParts<Pds> for Session {
     type Rejection = XrpcError;
 
     async fn from_request_parts(parts: &mut Parts, pds: &Pds) -> Result<Self, Self::Rejection> {
-        let token = bearer(&parts.headers)
-            .ok_or_else(|| XrpcError::auth("Authentication Required"))?;
+        let token =
+            bearer(&parts.headers).ok_or_else(|| XrpcError::auth("Authentication Required"))?;
         let claims = pds.inner.tokens.verify(token, ACCESS_SCOPE)?;
         let did = pds
             .lookup(&claims.sub)
@@ -423,7 +460,11 @@ async fn list_records(
             .iter()
             .position(|(path, _)| {
                 let rkey = rkey_of(path);
-                if reverse { rkey.as_str() > cursor.as_str() } else { rkey.as_str() < cursor.as_str() }
+                if reverse {
+                    rkey.as_str() > cursor.as_str()
+                } else {
+                    rkey.as_str() < cursor.as_str()
+                }
             })
             .unwrap_or(entries.len()),
         None => 0,
@@ -507,9 +548,20 @@ async fn create_record(
     };
     let path = format!("{collection}/{rkey}");
     let record = record_bytes(&collection, &input.record)?;
-    let swap = input.swap_commit.as_deref().map(|c| parse_cid("swapCommit", c)).transpose()?;
+    let swap = input
+        .swap_commit
+        .as_deref()
+        .map(|c| parse_cid("swapCommit", c))
+        .transpose()?;
     let cid = Cid::dag_cbor(&record);
-    let data = pds.write(&session.did, &[Write::Create { path: path.clone(), record }], swap)?;
+    let data = pds.write(
+        &session.did,
+        &[Write::Create {
+            path: path.clone(),
+            record,
+        }],
+        swap,
+    )?;
     Ok(Json(json!({
         "uri": format!("at://{}/{path}", session.did),
         "cid": cid.to_string(),
@@ -559,15 +611,25 @@ async fn put_record(
     let collection: Nsid = parse("collection", &input.collection)?;
     let path = record_path(&input.collection, &input.rkey)?;
     let record = record_bytes(&collection, &input.record)?;
-    let swap = input.swap_commit.as_deref().map(|c| parse_cid("swapCommit", c)).transpose()?;
+    let swap = input
+        .swap_commit
+        .as_deref()
+        .map(|c| parse_cid("swapCommit", c))
+        .transpose()?;
     let cid = Cid::dag_cbor(&record);
     let account = pds.account(&session.did)?;
     let mut account = lock(&account);
     let current = check_swap_record(&account, &path, input.swap_record.as_deref())?;
     let write = if current.is_some() {
-        Write::Update { path: path.clone(), record }
+        Write::Update {
+            path: path.clone(),
+            record,
+        }
     } else {
-        Write::Create { path: path.clone(), record }
+        Write::Create {
+            path: path.clone(),
+            record,
+        }
     };
     let data = pds.write_locked(&mut account, &[write], swap)?;
     Ok(Json(json!({
@@ -595,7 +657,11 @@ async fn delete_record(
 ) -> XrpcResult<Json<Json_>> {
     session.check_repo(&pds, &input.repo)?;
     let path = record_path(&input.collection, &input.rkey)?;
-    let swap = input.swap_commit.as_deref().map(|c| parse_cid("swapCommit", c)).transpose()?;
+    let swap = input
+        .swap_commit
+        .as_deref()
+        .map(|c| parse_cid("swapCommit", c))
+        .transpose()?;
     let account = pds.account(&session.did)?;
     let mut account = lock(&account);
     let current = check_swap_record(&account, &path, input.swap_record.as_deref())?;
@@ -624,11 +690,18 @@ async fn apply_writes(
     if input.writes.len() > 200 {
         return Err(XrpcError::invalid("Too many writes. Max: 200"));
     }
-    let swap = input.swap_commit.as_deref().map(|c| parse_cid("swapCommit", c)).transpose()?;
+    let swap = input
+        .swap_commit
+        .as_deref()
+        .map(|c| parse_cid("swapCommit", c))
+        .transpose()?;
     let mut writes = Vec::with_capacity(input.writes.len());
     let mut results = Vec::with_capacity(input.writes.len());
     for write in &input.writes {
-        let kind = write.get("$type").and_then(Json_::as_str).unwrap_or_default();
+        let kind = write
+            .get("$type")
+            .and_then(Json_::as_str)
+            .unwrap_or_default();
         let field = |name: &str| {
             write
                 .get(name)
@@ -673,7 +746,9 @@ async fn apply_writes(
         }
     }
     let data = pds.write(&session.did, &writes, swap)?;
-    Ok(Json(json!({"commit": commit_meta(&data), "results": results})))
+    Ok(Json(
+        json!({"commit": commit_meta(&data), "results": results}),
+    ))
 }
 
 async fn upload_blob(
@@ -685,16 +760,30 @@ async fn upload_blob(
     let mime = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .map(|value| value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+        .map(|value| {
+            value
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     if mime.is_empty() || !mime.contains('/') || mime.contains(char::is_whitespace) {
-        return Err(XrpcError::bad("InvalidMimeType", "blob needs a Content-Type like image/png"));
+        return Err(XrpcError::bad(
+            "InvalidMimeType",
+            "blob needs a Content-Type like image/png",
+        ));
     }
     if body.len() > pds.inner.max_blob_size {
         return Err(XrpcError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "BlobTooLarge",
-            format!("blob is {} bytes, the limit is {}", body.len(), pds.inner.max_blob_size),
+            format!(
+                "blob is {} bytes, the limit is {}",
+                body.len(),
+                pds.inner.max_blob_size
+            ),
         ));
     }
     let size = body.len();
@@ -739,7 +828,11 @@ async fn get_repo(
     State(pds): State<Pds>,
     Params(params): Params<GetRepoParams>,
 ) -> XrpcResult<Response> {
-    let since = params.since.as_deref().map(|s| parse::<Tid>("since", s)).transpose()?;
+    let since = params
+        .since
+        .as_deref()
+        .map(|s| parse::<Tid>("since", s))
+        .transpose()?;
     let account = readable(&pds, &params.did)?;
     let bytes = tokio::task::spawn_blocking(move || {
         let account = lock(&account);
@@ -855,7 +948,10 @@ async fn get_blob(
     Ok((
         [
             (header::CONTENT_TYPE, blob.mime.clone()),
-            (header::CONTENT_SECURITY_POLICY, "default-src 'none'; sandbox".to_owned()),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; sandbox".to_owned(),
+            ),
         ],
         blob.bytes.clone(),
     )
@@ -901,22 +997,22 @@ async fn subscribe_repos(
     upgrade: WebSocketUpgrade,
 ) -> XrpcResult<Response> {
     let cursor = match params.cursor {
-        Some(cursor) if cursor < 0 => return Err(XrpcError::invalid("cursor must not be negative")),
+        Some(cursor) if cursor < 0 => {
+            return Err(XrpcError::invalid("cursor must not be negative"));
+        }
         other => other.map(|cursor| cursor as u64),
     };
     let inner = pds.inner.clone();
-    Ok(upgrade
-        .max_message_size(1 << 20)
-        .on_upgrade(move |socket| {
-            crate::subscribe::serve(
-                socket,
-                inner.sequencer.clone(),
-                cursor,
-                inner.subscribe,
-                inner.faults.clone(),
-                inner.shutdown.clone(),
-            )
-        }))
+    Ok(upgrade.max_message_size(1 << 20).on_upgrade(move |socket| {
+        crate::subscribe::serve(
+            socket,
+            inner.sequencer.clone(),
+            cursor,
+            inner.subscribe,
+            inner.faults.clone(),
+            inner.shutdown.clone(),
+        )
+    }))
 }
 
 async fn admin_accounts(State(pds): State<Pds>) -> XrpcResult<Json<Json_>> {
@@ -1016,7 +1112,11 @@ async fn admin_sequencer(
     match action.as_str() {
         "jump" => pds.jump_seq(input.get("by").and_then(Json_::as_u64).unwrap_or(1_000_000)),
         "trim" => pds.trim_window(input.get("keep").and_then(Json_::as_u64).unwrap_or(0) as usize),
-        other => return Err(XrpcError::invalid(format!("unknown sequencer action {other:?}"))),
+        other => {
+            return Err(XrpcError::invalid(format!(
+                "unknown sequencer action {other:?}"
+            )));
+        }
     }
     Ok(Json(json!({"head": pds.head_seq()})))
 }

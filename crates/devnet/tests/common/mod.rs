@@ -37,7 +37,10 @@ pub struct Firehose {
 
 impl Firehose {
     /// Connects to `subscribeRepos` at `base` (`http://…`), from `cursor` if given.
-    pub async fn connect(base: &str, cursor: Option<u64>) -> Result<Firehose, Box<dyn std::error::Error>> {
+    pub async fn connect(
+        base: &str,
+        cursor: Option<u64>,
+    ) -> Result<Firehose, Box<dyn std::error::Error>> {
         let mut url = format!(
             "{}/xrpc/com.atproto.sync.subscribeRepos",
             base.replacen("http://", "ws://", 1)
@@ -57,8 +60,7 @@ impl Firehose {
         socket.set_recv_buffer_size(4096)?;
         let stream = socket.connect(addr).await?;
         let url = format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos");
-        let (ws, _) =
-            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
         Ok(Firehose { ws })
     }
 
@@ -88,7 +90,10 @@ impl Firehose {
     }
 
     /// Frames until one has seq ≥ `until` (inclusive).
-    pub async fn frames_until(&mut self, until: u64) -> Result<Vec<Frame>, Box<dyn std::error::Error>> {
+    pub async fn frames_until(
+        &mut self,
+        until: u64,
+    ) -> Result<Vec<Frame>, Box<dyn std::error::Error>> {
         let mut frames = Vec::new();
         loop {
             let frame = self.frame().await?;
@@ -111,7 +116,10 @@ pub fn seq_of(frame: &Frame) -> Option<u64> {
 
 /// An account's current `#atproto` key, from the devnet's PLC directory.
 pub fn key_of(devnet: &Devnet, did: &Did) -> Result<PublicKey, Box<dyn std::error::Error>> {
-    let data = devnet.plc().data(did).ok_or("DID not in the PLC directory")?;
+    let data = devnet
+        .plc()
+        .data(did)
+        .ok_or("DID not in the PLC directory")?;
     let key = data
         .verification_methods
         .get("atproto")
