@@ -196,3 +196,85 @@ fn bad_arguments_are_clear() -> TestResult {
     assert!(String::from_utf8_lossy(&output.stderr).contains("--did"));
     Ok(())
 }
+
+/// `atpdb devnet` prints one ready line naming every server, serves on it, and exits
+/// cleanly on Ctrl-C (SIGINT).
+#[test]
+fn devnet_prints_ready_line_serves_and_stops_on_sigint() -> TestResult {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_atpdb"))
+        .args(["devnet", "--pds", "1", "--accounts", "3", "--records", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let ready: Json = serde_json::from_str(&line)?;
+    let pds = ready["pds"][0].as_str().ok_or("no pds url")?;
+    assert!(
+        ready["plc"]
+            .as_str()
+            .is_some_and(|url| url.starts_with("http://127.0.0.1:"))
+    );
+    assert!(
+        ready["relay"]
+            .as_str()
+            .is_some_and(|url| url.starts_with("http://127.0.0.1:"))
+    );
+    assert_eq!(ready["accounts"], 3);
+
+    let mut stream = std::net::TcpStream::connect(pds.trim_start_matches("http://"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET /xrpc/com.atproto.sync.listRepos HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(
+        response.matches("\"did\":\"did:plc:").count(),
+        3,
+        "{response}"
+    );
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()?
+            .success()
+    );
+    let status = child.wait()?;
+    assert!(status.success(), "exit after SIGINT: {status}");
+    Ok(())
+}
+
+#[test]
+fn devnet_bench_reports_commit_rate() -> TestResult {
+    let output = atpdb(&[
+        "devnet",
+        "--pds",
+        "1",
+        "--accounts",
+        "4",
+        "--records",
+        "3",
+        "--bench-seconds",
+        "1",
+    ])?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = json_lines(&output).pop().ok_or("no report")?;
+    assert!(
+        report["bench"]["commits"].as_u64().is_some_and(|n| n > 0),
+        "{report}"
+    );
+    assert_eq!(report["bench"]["errors"], 0);
+    assert_eq!(report["bench"]["relay_caught_up"], true);
+    Ok(())
+}

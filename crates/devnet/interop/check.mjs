@@ -157,6 +157,22 @@ const resolveKey = async (did, refresh = false) => {
 
 // ------------------------------------------------- (a) every repo verifies
 
+const TID_RE = /^[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}$/
+
+// Rebuilds the tree from the repo's leaves with the reference MST and requires
+// the same root: the only check here of key layers and node layout.
+const checkCanonical = async (carBytes, verified) => {
+  if (!TID_RE.test(verified.commit.rev)) throw new Error(`commit rev "${verified.commit.rev}" is not a TID`)
+  const car = await readCarWithRoot(carBytes)
+  const commit = await new MemoryBlockstore(car.blocks).readObj(car.root, repoDef.commit)
+  let mst = await MST.create(new MemoryBlockstore())
+  for (const c of verified.creates) mst = await mst.add(`${c.collection}/${c.rkey}`, c.cid)
+  const root = await mst.getPointer()
+  if (!root.equals(commit.data)) {
+    throw new Error(`commit data ${commit.data} but the canonical MST of the same ${verified.creates.length} records is ${root}`)
+  }
+}
+
 const checkRepos = async () => {
   const out = { hosts: [], repos: 0, records: 0 }
   const seen = new Map() // did -> { pds, records }
@@ -203,6 +219,9 @@ const checkRepos = async () => {
         ensure(ctype.startsWith('application/vnd.ipld.car'), name, `content-type is "${ctype}", want application/vnd.ipld.car`)
         ensure(res.data instanceof Uint8Array, name, 'getRepo body was not returned as bytes')
         const verified = await step(`${name} (verifyRepoCar)`, () => verifyRepoCar(res.data, repo.did, key))
+        // verifyRepoCar walks whatever tree it is given: it accepts a
+        // non-canonical MST (wrong layers, unsorted keys) and any rev string.
+        await step(`${name} (canonical MST)`, () => checkCanonical(res.data, verified))
         ensure(verified.commit.rev >= repo.rev, name,
           `getRepo commit rev ${verified.commit.rev} is older than listRepos rev ${repo.rev}`)
         if (verified.commit.rev === repo.rev) {
@@ -634,6 +653,7 @@ const runAgent = async () => {
 const main = async () => {
   log(`node ${process.version}; plc ${PLC}; relay ${RELAY}; pds ${PDS.join(', ')}; ${ACCOUNTS.length} accounts`)
   const fh = SKIP.has('firehose') ? null : runFirehose()
+  if (fh) summary.firehose = fh.stats // live view, so a timeout still reports progress
   // A firehose failure surfaces at once, whatever else is running.
   const race = (p) => (fh ? Promise.race([p, fh.failed()]) : p)
   try {

@@ -21,6 +21,9 @@ pub(crate) struct SubscribeOptions {
     pub(crate) send_timeout: Duration,
 }
 
+/// How long a frame held back by `reorder_seqs` waits for a later one to overtake it.
+const REORDER_LINGER: Duration = Duration::from_millis(250);
+
 /// Frames read from the log per lock.
 const BATCH: usize = 256;
 
@@ -128,18 +131,29 @@ pub(crate) async fn serve(
         }
         if batch.frames.is_empty() {
             caught_up = true;
-            if let Some((_, earlier)) = held.take()
-                && !matches!(send(&mut sink, timeout, earlier).await, Ok(Ok(())))
-            {
-                break;
-            }
             // Mark what we have seen before waiting so an append in between still wakes us.
             head.borrow_and_update();
             if log.head() >= next {
                 continue;
             }
+            // A frame held back for reordering waits a little for a successor to overtake
+            // it; a stream that stays idle gets it anyway.
+            let linger = async {
+                if held.is_some() {
+                    tokio::time::sleep(REORDER_LINGER).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 changed = head.changed() => if changed.is_err() { break },
+                () = linger => {
+                    if let Some((_, earlier)) = held.take()
+                        && !matches!(send(&mut sink, timeout, earlier).await, Ok(Ok(())))
+                    {
+                        break;
+                    }
+                }
                 () = gone.cancelled() => break,
                 () = shutdown.cancelled() => break,
             }

@@ -164,6 +164,21 @@ async fn duplicate_reordered_and_jumping_seqs() -> TestResult {
     let a = seq_of(&firehose.frame().await?);
     let b = seq_of(&firehose.frame().await?);
     assert_eq!((a, b), (Some(2), Some(1)), "pairs arrive swapped");
+    // Live, one commit at a time: the first waits for the second to overtake it.
+    let mut live = Firehose::connect(pds.url(), None).await?;
+    let did = devnet.accounts()[0].did.clone();
+    write_one(&pds, &did, 3)?;
+    write_one(&pds, &did, 4)?;
+    let a = seq_of(&live.frame().await?).ok_or("seq")?;
+    let b = seq_of(&live.frame().await?).ok_or("seq")?;
+    assert_eq!(b + 1, a, "live frames arrive swapped too");
+    write_one(&pds, &did, 5)?;
+    assert_eq!(
+        seq_of(&live.frame().await?),
+        Some(a + 1),
+        "an idle stream still gets the held frame"
+    );
+    let head = pds.head_seq();
 
     set_faults(&pds, json!({})).await?;
     let mut firehose = Firehose::connect(pds.url(), Some(head)).await?;
