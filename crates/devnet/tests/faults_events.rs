@@ -151,7 +151,6 @@ async fn disconnect_mid_frame() -> TestResult {
 async fn duplicate_reordered_and_jumping_seqs() -> TestResult {
     let devnet = devnet().await?;
     let pds = devnet.hosts()[0].clone();
-    let head = pds.head_seq();
 
     set_faults(&pds, json!({"duplicate_seqs": true})).await?;
     let mut firehose = Firehose::connect(pds.url(), Some(0)).await?;
