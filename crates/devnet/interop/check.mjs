@@ -7,6 +7,7 @@
 // ready-json: {"plc": "http://127.0.0.1:P", "relay": "http://127.0.0.1:Q",
 //              "pds": ["http://127.0.0.1:R", ...],
 //              "accounts": [{"did": "...", "pds": "http://..."}, ...]}
+// "accounts" may also list bare DIDs, or be just the number of seeded accounts.
 // Optional keys (anything else is ignored):
 //   expect_commits     commits the relay firehose must deliver and verify (default 50)
 //   firehose_cursor    cursor for the first subscribeRepos dial (default 0: replay the window)
@@ -103,7 +104,9 @@ let ready
   if (!Array.isArray(ready?.pds) || ready.pds.length === 0 || !ready.pds.every(httpUrl)) {
     problems.push('"pds" must be a non-empty list of http(s) URLs')
   }
-  if (ready?.accounts !== undefined && !Array.isArray(ready.accounts)) problems.push('"accounts" must be a list')
+  if (ready?.accounts !== undefined && !Array.isArray(ready.accounts) && !Number.isInteger(ready.accounts)) {
+    problems.push('"accounts" must be a list of {did, pds} (or DIDs), or a count')
+  }
   if (problems.length) {
     process.stderr.write(`interop: bad ready-json: ${problems.join('; ')}\n`)
     usage()
@@ -114,7 +117,10 @@ const trimSlash = (u) => u.replace(/\/+$/, '')
 const PLC = trimSlash(ready.plc)
 const RELAY = trimSlash(ready.relay)
 const PDS = ready.pds.map(trimSlash)
-const ACCOUNTS = (ready.accounts ?? []).map((a) => ({ ...a, pds: a.pds ? trimSlash(a.pds) : undefined }))
+// "accounts": a list of {did, pds} or of DIDs; or just how many were seeded.
+const ACCOUNTS = (Array.isArray(ready.accounts) ? ready.accounts : [])
+  .map((a) => (typeof a === 'string' ? { did: a } : { ...a, pds: typeof a.pds === 'string' ? trimSlash(a.pds) : undefined }))
+const SEEDED_COUNT = Number.isInteger(ready.accounts) ? ready.accounts : ACCOUNTS.length
 const EXPECT_COMMITS = Number.isInteger(ready.expect_commits) ? ready.expect_commits : 50
 const FIREHOSE_CURSOR = Number.isInteger(ready.firehose_cursor) ? ready.firehose_cursor : 0
 const MIN_RECORDS = Number.isInteger(ready.min_records) ? ready.min_records : 1
@@ -245,6 +251,9 @@ const checkRepos = async () => {
     ensure(got.records >= MIN_RECORDS, 'repos:accounts',
       `account ${acc.did} holds ${got.records} records, want >= ${MIN_RECORDS}`)
   }
+  const holding = [...seen.values()].filter((r) => r.records >= MIN_RECORDS).length
+  ensure(holding >= SEEDED_COUNT, 'repos:accounts',
+    `${SEEDED_COUNT} seeded accounts expected, but only ${holding} listed repos hold >= ${MIN_RECORDS} records`)
   log(`repos: ${out.repos} repos with ${out.records} records verified by verifyRepoCar`)
   return out
 }
@@ -621,11 +630,17 @@ const runAgent = async () => {
   })
 
   await s('refreshSession', async () => {
-    const before = agent.session?.accessJwt
+    // Tokens may repeat (same claims within one second); what matters is that
+    // the refreshed pair is accepted.
     await agent.sessionManager.refreshSession()
     ensure(agent.session?.did === did, 'agent:refreshSession', 'session lost its did')
-    ensure(agent.session?.accessJwt && agent.session.accessJwt !== before, 'agent:refreshSession', 'no new access token')
+    ensure(agent.session?.accessJwt && agent.session?.refreshJwt, 'agent:refreshSession', 'no tokens after refresh')
     await agent.com.atproto.server.getSession()
+    const post = await agent.com.atproto.repo.createRecord({
+      repo: did, collection: 'app.bsky.feed.post',
+      record: { $type: 'app.bsky.feed.post', text: 'interop post E', createdAt: now() },
+    })
+    await agent.com.atproto.repo.deleteRecord({ repo: did, collection: 'app.bsky.feed.post', rkey: post.data.uri.split('/').pop() })
   })
 
   // Read everything back through the sync endpoint: the repo must verify and
@@ -651,7 +666,7 @@ const runAgent = async () => {
 // ------------------------------------------------------------------- main
 
 const main = async () => {
-  log(`node ${process.version}; plc ${PLC}; relay ${RELAY}; pds ${PDS.join(', ')}; ${ACCOUNTS.length} accounts`)
+  log(`node ${process.version}; plc ${PLC}; relay ${RELAY}; pds ${PDS.join(', ')}; ${SEEDED_COUNT} seeded accounts`)
   const fh = SKIP.has('firehose') ? null : runFirehose()
   if (fh) summary.firehose = fh.stats // live view, so a timeout still reports progress
   // A firehose failure surfaces at once, whatever else is running.

@@ -89,7 +89,9 @@ impl TokenKey {
             aud: self.audience.clone(),
             iat: now,
             exp: now + ACCESS_SECONDS,
-            jti: None,
+            // Unique per issue, so a refresh always yields a new access token (clients
+            // compare tokens to decide whether a refresh did anything).
+            jti: Some(format!("{session}-{}", hex(&random_bytes::<8>()))),
         };
         let refresh = Claims {
             scope: REFRESH_SCOPE.to_owned(),
@@ -166,4 +168,8 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     // better than refusing to start.
     let _ = getrandom::fill(&mut bytes);
     bytes
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
