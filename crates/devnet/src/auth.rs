@@ -170,6 +170,31 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     bytes
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex, for session and token ids.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Middleware in front of every host's `/admin` routes: HTTP Basic `admin:{password}`.
+pub(crate) async fn require_admin(
+    axum::extract::State(password): axum::extract::State<std::sync::Arc<str>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if is_admin(request.headers(), &password) {
+        next.run(request).await
+    } else {
+        (
+            axum::http::StatusCode::UNAUTHORIZED,
+            [(
+                axum::http::header::WWW_AUTHENTICATE,
+                "Basic realm=\"atpdb-devnet admin\"",
+            )],
+            axum::Json(
+                serde_json::json!({"error": "AuthenticationRequired", "message": "admin credentials required"}),
+            ),
+        )
+            .into_response()
+    }
 }

@@ -49,19 +49,17 @@ use atpdb_repo::repo::CommitData;
 use atpdb_repo::syntax::{Did, Nsid, Tid};
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, Request, State, WebSocketUpgrade};
+use axum::extract::{State, WebSocketUpgrade};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::is_admin;
 use crate::faults::{EventFaults, FaultSet, Faults};
 use crate::sequencer::Sequencer;
 use crate::subscribe::SubscribeOptions;
@@ -373,11 +371,14 @@ impl Relay {
     /// Every route of the relay, with its faults applied in front.
     pub fn router(&self) -> Router {
         let admin = Router::new()
-            .route("/admin/sequencer/{action}", post(admin_sequencer))
             .route("/admin/stats", get(admin_stats))
             .with_state(self.clone())
             .merge(crate::faults::admin_router(self.inner.faults.clone()))
-            .layer(middleware::from_fn_with_state(self.clone(), require_admin));
+            .merge(crate::subscribe::admin_router(self.inner.sequencer.clone()))
+            .layer(middleware::from_fn_with_state(
+                Arc::<str>::from(self.inner.admin_password.as_str()),
+                crate::auth::require_admin,
+            ));
         let xrpc = Router::new()
             .route(
                 "/xrpc/_health",
@@ -1075,24 +1076,6 @@ fn parse_document(did: &Did, document: &JsonValue) -> Result<Identity, String> {
 // ---------------------------------------------------------------------------------------------
 // HTTP.
 
-async fn require_admin(State(relay): State<Relay>, request: Request, next: Next) -> Response {
-    if is_admin(request.headers(), &relay.inner.admin_password) {
-        next.run(request).await
-    } else {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(
-                header::WWW_AUTHENTICATE,
-                "Basic realm=\"atpdb-devnet admin\"",
-            )],
-            Json(
-                json!({"error": "AuthenticationRequired", "message": "admin credentials required"}),
-            ),
-        )
-            .into_response()
-    }
-}
-
 #[derive(Deserialize)]
 struct CursorParams {
     cursor: Option<i64>,
@@ -1380,39 +1363,6 @@ async fn get_host_status(
             )
         })?;
     Ok(Json(host_json(&relay, index, host)))
-}
-
-async fn admin_sequencer(
-    State(relay): State<Relay>,
-    Path(action): Path<String>,
-    body: Bytes,
-) -> XrpcResult<Json<JsonValue>> {
-    let input: JsonValue = if body.is_empty() {
-        json!({})
-    } else {
-        serde_json::from_slice(&body).map_err(|err| XrpcError::invalid(err.to_string()))?
-    };
-    match action.as_str() {
-        "jump" => relay.inner.sequencer.jump(
-            input
-                .get("by")
-                .and_then(JsonValue::as_u64)
-                .unwrap_or(1_000_000),
-        ),
-        "trim" => {
-            let keep = input.get("keep").and_then(JsonValue::as_u64).unwrap_or(0);
-            relay
-                .inner
-                .sequencer
-                .trim(usize::try_from(keep).unwrap_or(usize::MAX));
-        }
-        other => {
-            return Err(XrpcError::invalid(format!(
-                "unknown sequencer action {other:?} (expected jump or trim)"
-            )));
-        }
-    }
-    Ok(Json(json!({"head": relay.head_seq()})))
 }
 
 async fn admin_stats(State(relay): State<Relay>) -> Json<JsonValue> {

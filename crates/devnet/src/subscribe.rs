@@ -192,3 +192,38 @@ pub(crate) async fn serve(
     }
     reader.abort();
 }
+
+/// `POST /admin/sequencer/jump {"by"}` and `/admin/sequencer/trim {"keep"}`: the seq jump of
+/// a relay swap and the outdated-cursor start, for any host's log.
+pub(crate) fn admin_router(log: Arc<Sequencer>) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/admin/sequencer/{action}",
+            axum::routing::post(admin_sequencer),
+        )
+        .with_state(log)
+}
+
+async fn admin_sequencer(
+    axum::extract::State(log): axum::extract::State<Arc<Sequencer>>,
+    axum::extract::Path(action): axum::extract::Path<String>,
+    body: Bytes,
+) -> crate::xrpc::XrpcResult<axum::Json<serde_json::Value>> {
+    use crate::xrpc::XrpcError;
+    let input: serde_json::Value = if body.is_empty() {
+        serde_json::json!({})
+    } else {
+        serde_json::from_slice(&body).map_err(|err| XrpcError::invalid(err.to_string()))?
+    };
+    let number = |name: &str| input.get(name).and_then(serde_json::Value::as_u64);
+    match action.as_str() {
+        "jump" => log.jump(number("by").unwrap_or(1_000_000)),
+        "trim" => log.trim(usize::try_from(number("keep").unwrap_or(0)).unwrap_or(usize::MAX)),
+        other => {
+            return Err(XrpcError::invalid(format!(
+                "unknown sequencer action {other:?} (expected jump or trim)"
+            )));
+        }
+    }
+    Ok(axum::Json(serde_json::json!({"head": log.head()})))
+}

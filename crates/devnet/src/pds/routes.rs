@@ -11,17 +11,17 @@ use atpdb_repo::value::{Value, cbor_to_json};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, Request, State, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Path, State, WebSocketUpgrade};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value as Json_, json};
 
 use super::{Account, NewAccount, Pds, PdsError, Status, lock};
-use crate::auth::{ACCESS_SCOPE, REFRESH_SCOPE, bearer, is_admin};
+use crate::auth::{ACCESS_SCOPE, REFRESH_SCOPE, bearer};
 use crate::xrpc::{Body, Params, XrpcError, XrpcResult, limit, parse};
 
 impl From<PdsError> for XrpcError {
@@ -53,10 +53,13 @@ pub fn router(pds: Pds) -> Router {
     let admin = Router::new()
         .route("/admin/accounts", get(admin_accounts))
         .route("/admin/accounts/{did}/{action}", post(admin_account_action))
-        .route("/admin/sequencer/{action}", post(admin_sequencer))
         .with_state(pds.clone())
         .merge(crate::faults::admin_router(pds.inner.faults.clone()))
-        .layer(middleware::from_fn_with_state(pds.clone(), require_admin));
+        .merge(crate::subscribe::admin_router(pds.inner.sequencer.clone()))
+        .layer(middleware::from_fn_with_state(
+            std::sync::Arc::<str>::from(pds.inner.admin_password.as_str()),
+            crate::auth::require_admin,
+        ));
     let xrpc = Router::new()
         .route(
             "/xrpc/_health",
@@ -127,24 +130,6 @@ pub fn router(pds: Pds) -> Router {
         ))
 }
 
-async fn require_admin(State(pds): State<Pds>, request: Request, next: Next) -> Response {
-    if is_admin(request.headers(), &pds.inner.admin_password) {
-        next.run(request).await
-    } else {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(
-                header::WWW_AUTHENTICATE,
-                "Basic realm=\"atpdb-devnet admin\"",
-            )],
-            Json(
-                json!({"error": "AuthenticationRequired", "message": "admin credentials required"}),
-            ),
-        )
-            .into_response()
-    }
-}
-
 /// The account a bearer access token belongs to.
 struct Session {
     did: Did,
@@ -204,17 +189,13 @@ fn session_json(pds: &Pds, account: &Account, tokens: Option<(String, String)>) 
 }
 
 fn new_session(pds: &Pds, account: &mut Account) -> (String, String) {
-    let id = hex(&crate::auth::random_bytes::<16>());
+    let id = crate::auth::hex(&crate::auth::random_bytes::<16>());
     account.sessions.push(id.clone());
     // Bound the live sessions per account; the oldest stop refreshing.
     if account.sessions.len() > 32 {
         account.sessions.remove(0);
     }
     pds.inner.tokens.issue(account.did.as_str(), &id)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn describe_server(State(pds): State<Pds>) -> Json<Json_> {
@@ -1097,26 +1078,4 @@ async fn admin_account_action(
         .await
         .map_err(|err| XrpcError::internal(err.to_string()))??;
     Ok(Json(json!({"did": did.as_str(), "ok": true})))
-}
-
-async fn admin_sequencer(
-    State(pds): State<Pds>,
-    Path(action): Path<String>,
-    body: Bytes,
-) -> XrpcResult<Json<Json_>> {
-    let input: Json_ = if body.is_empty() {
-        json!({})
-    } else {
-        serde_json::from_slice(&body).map_err(|err| XrpcError::invalid(err.to_string()))?
-    };
-    match action.as_str() {
-        "jump" => pds.jump_seq(input.get("by").and_then(Json_::as_u64).unwrap_or(1_000_000)),
-        "trim" => pds.trim_window(input.get("keep").and_then(Json_::as_u64).unwrap_or(0) as usize),
-        other => {
-            return Err(XrpcError::invalid(format!(
-                "unknown sequencer action {other:?}"
-            )));
-        }
-    }
-    Ok(Json(json!({"head": pds.head_seq()})))
 }
