@@ -1,6 +1,6 @@
 //! `atpdb car`: verify, inspect and generate repository CAR files.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use atpdb_repo::crypto::{Curve, PublicKey};
 use atpdb_repo::sample::write_sample_car;
 use atpdb_repo::syntax::Did;
-use atpdb_repo::verify::{Expected, SignatureCheck, VerifiedRepo, VerifyOptions, load_car};
+use atpdb_repo::verify::{Expected, VerifiedRepo, VerifyOptions, load_car};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
@@ -48,13 +48,18 @@ impl SpillArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("keys_from").required(true).args(["key", "keys"])))]
 pub(crate) struct VerifyArgs {
     /// The DID every commit must name.
     #[arg(long)]
     did: Option<String>,
-    /// The signing key: did:key:z..., or a Multikey z... (without it signatures are unchecked).
+    /// The signing key of every file: did:key:z..., or a Multikey z....
     #[arg(long)]
     key: Option<String>,
+    /// A file of JSON lines {"did": "...", "key": "did:key:z..."}: each CAR is checked against
+    /// the key of the DID its commit names.
+    #[arg(long, value_name = "FILE")]
+    keys: Option<PathBuf>,
     /// Also print one JSON line per record.
     #[arg(long)]
     records: bool,
@@ -109,7 +114,50 @@ fn parse_key(text: &str) -> Result<PublicKey> {
     } else {
         PublicKey::from_multikey(text)
     };
-    key.with_context(|| format!("--key {text:?}"))
+    key.with_context(|| format!("key {text:?}"))
+}
+
+/// Where each file's key comes from.
+enum Keys {
+    One(PublicKey),
+    ByDid(HashMap<Did, PublicKey>),
+}
+
+impl Keys {
+    fn from_args(args: &VerifyArgs) -> Result<Keys> {
+        if let Some(text) = &args.key {
+            return Ok(Keys::One(parse_key(text).context("--key")?));
+        }
+        let Some(path) = &args.keys else {
+            anyhow::bail!("give --key or --keys");
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --keys {}", path.display()))?;
+        let mut keys = HashMap::new();
+        for (number, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let context = || format!("{} line {}", path.display(), number + 1);
+            let entry: KeyLine = serde_json::from_str(line).with_context(context)?;
+            let did: Did = entry.did.parse().with_context(context)?;
+            keys.insert(did, parse_key(&entry.key).with_context(context)?);
+        }
+        Ok(Keys::ByDid(keys))
+    }
+
+    fn get(&self, did: &Did) -> Option<&PublicKey> {
+        match self {
+            Keys::One(key) => Some(key),
+            Keys::ByDid(keys) => keys.get(did),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct KeyLine {
+    did: String,
+    key: String,
 }
 
 fn open(
@@ -127,7 +175,7 @@ fn verify(args: VerifyArgs) -> Result<ExitCode> {
         .map(str::parse)
         .transpose()
         .context("--did")?;
-    let key = args.key.as_deref().map(parse_key).transpose()?;
+    let keys = Keys::from_args(&args)?;
     let options = args.spill.options();
     let stdout = std::io::stdout();
     let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
@@ -136,17 +184,19 @@ fn verify(args: VerifyArgs) -> Result<ExitCode> {
         let file = path.display().to_string();
         let mut line = json!({ "file": file });
         let mut records = 0u64;
-        let outcome = (|| -> Result<VerifiedRepo, atpdb_repo::Error> {
+        let outcome = (|| -> Result<VerifiedRepo> {
             let car = open(path, &options)?;
             line["bytes"] = json!(car.bytes());
-            if let Ok(commit) = car.commit() {
-                line["did"] = json!(commit.did.as_str());
-                line["rev"] = json!(commit.rev.as_str());
-                line["commit"] = json!(car.root().to_string());
-            }
+            let commit = car.commit()?;
+            line["did"] = json!(commit.did.as_str());
+            line["rev"] = json!(commit.rev.as_str());
+            line["commit"] = json!(car.root().to_string());
+            let key = keys
+                .get(&commit.did)
+                .with_context(|| format!("no key for {} in --keys", commit.did))?;
             let repo = car.verify(Expected {
                 did: did.as_ref(),
-                key: key.as_ref(),
+                key,
             })?;
             let mut walker = repo.records();
             while let Some(record) = walker.next_record()? {
@@ -166,20 +216,15 @@ fn verify(args: VerifyArgs) -> Result<ExitCode> {
         })();
         line["records"] = json!(records);
         match outcome {
-            Ok(repo) => {
-                line["signature"] = json!(match repo.signature() {
-                    SignatureCheck::Valid => "valid",
-                    SignatureCheck::Unchecked => "unchecked",
-                });
+            Ok(_) => {
+                line["signature"] = json!("valid");
                 line["ok"] = json!(true);
             }
-            Err(atpdb_repo::Error::Io(err)) if err.kind() == std::io::ErrorKind::BrokenPipe => {
-                return Err(err.into());
-            }
+            Err(err) if is_broken_pipe(&err) => return Err(err),
             Err(err) => {
                 failed = true;
                 line["ok"] = json!(false);
-                line["error"] = json!(error_chain(&err));
+                line["error"] = json!(format!("{err:#}"));
             }
         }
         writeln!(out, "{line}")?;
@@ -192,16 +237,12 @@ fn verify(args: VerifyArgs) -> Result<ExitCode> {
     })
 }
 
-/// The error and its sources, joined like `{:#}` in anyhow.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn inspect(args: InspectArgs) -> Result<ExitCode> {
@@ -214,11 +255,11 @@ fn inspect(args: InspectArgs) -> Result<ExitCode> {
         car.store().len(),
         car.store().spilled_bytes(),
     );
-    let repo = car
-        .verify(Expected::default())
-        .with_context(|| format!("verifying {}", path.display()))?;
+    // Inspection knows no key: the tree is checked, the signature is not (and not claimed).
+    let (commit, mut walker) = car
+        .walk_unsigned()
+        .with_context(|| format!("reading the commit of {}", path.display()))?;
     let mut collections: BTreeMap<String, u64> = BTreeMap::new();
-    let mut walker = repo.records();
     while let Some(record) = walker
         .next_record()
         .with_context(|| format!("walking {}", path.display()))?
@@ -228,11 +269,10 @@ fn inspect(args: InspectArgs) -> Result<ExitCode> {
     let stats = walker.stats();
     let record_bytes = walker.record_bytes();
     drop(walker);
-    let commit = repo.commit();
     let mut out = std::io::stdout().lock();
     writeln!(out, "file        {}", path.display())?;
     writeln!(out, "did         {}", commit.did)?;
-    writeln!(out, "commit      {}", repo.commit_cid())?;
+    writeln!(out, "commit      {}", car.root())?;
     writeln!(out, "rev         {}", commit.rev)?;
     writeln!(out, "version     {}", commit.version)?;
     writeln!(out, "mst root    {}", commit.data)?;

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use serde_json::Value as Json;
+use serde_json::{Value as Json, json};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -23,14 +23,18 @@ fn json_lines(output: &Output) -> Vec<Json> {
 }
 
 fn make_sample(dir: &Path, records: &str) -> Result<(String, Json), Box<dyn std::error::Error>> {
-    let car = dir.join("sample.car").display().to_string();
+    // The seed follows the size, so two samples of different sizes are two accounts.
+    let car = dir
+        .join(format!("sample-{records}.car"))
+        .display()
+        .to_string();
     let output = atpdb(&[
         "car",
         "sample",
         "--records",
         records,
         "--seed",
-        "3",
+        records,
         "--out",
         &car,
     ])?;
@@ -92,8 +96,34 @@ fn sample_then_verify_with_key_and_records() -> TestResult {
     sorted.sort();
     assert_eq!(keys, sorted);
 
-    let unchecked = json_lines(&atpdb(&["car", "verify", &car])?);
-    assert_eq!(unchecked[0]["signature"], "unchecked");
+    // Verifying needs a key: without one the command refuses to run at all.
+    let output = atpdb(&["car", "verify", &car])?;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--key") && stderr.contains("--keys"),
+        "{stderr}"
+    );
+
+    // --keys: each CAR against its own DID's key; a DID without a key fails alone.
+    let (other_car, other) = make_sample(dir.path(), "20")?;
+    let keys = dir.path().join("keys.jsonl");
+    let key_line = json!({"did": did, "key": summary["key"]});
+    std::fs::write(&keys, format!("{key_line}\n"))?;
+    let keys = keys.display().to_string();
+    let output = atpdb(&["car", "verify", "--keys", &keys, &car, &other_car])?;
+    assert_eq!(output.status.code(), Some(1));
+    let lines = json_lines(&output);
+    assert_eq!(lines[0]["ok"], true, "{}", lines[0]);
+    assert_eq!(lines[0]["signature"], "valid");
+    assert_eq!(lines[1]["ok"], false);
+    assert!(
+        lines[1]["error"].as_str().is_some_and(
+            |e| e.contains("no key for") && e.contains(other["did"].as_str().unwrap_or("?"))
+        ),
+        "{}",
+        lines[1]
+    );
     Ok(())
 }
 
@@ -109,7 +139,8 @@ fn a_bad_file_fails_alone_and_sets_the_exit_status() -> TestResult {
     let cut = dir.path().join("cut.car").display().to_string();
     std::fs::write(&cut, &bytes[..middle])?;
     let missing = dir.path().join("missing.car").display().to_string();
-    let output = atpdb(&["car", "verify", &bad, &car, &cut, &missing])?;
+    let key = summary["key"].as_str().ok_or("key")?;
+    let output = atpdb(&["car", "verify", "--key", key, &bad, &car, &cut, &missing])?;
     assert_eq!(output.status.code(), Some(1));
     let lines = json_lines(&output);
     assert_eq!(lines.len(), 4);
@@ -148,6 +179,8 @@ fn a_bad_file_fails_alone_and_sets_the_exit_status() -> TestResult {
         "verify",
         "--did",
         "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa",
+        "--key",
+        key,
         &car,
     ])?;
     assert_eq!(output.status.code(), Some(1));
@@ -191,7 +224,8 @@ fn bad_arguments_are_clear() -> TestResult {
     let output = atpdb(&["car", "verify", "--key", "zNotAKey", "x.car"])?;
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--key"));
-    let output = atpdb(&["car", "verify", "--did", "not-a-did", "x.car"])?;
+    let key = "did:key:zQ3shokFTS3brHcDQrn82RUDfCZESWL1ZdCEJwekUDPQiYBme";
+    let output = atpdb(&["car", "verify", "--did", "not-a-did", "--key", key, "x.car"])?;
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--did"));
     Ok(())

@@ -38,7 +38,7 @@
 use atpdb_repo::crypto::{Curve, PublicKey};
 use atpdb_repo::sample::write_sample_car;
 use atpdb_repo::syntax::Did;
-use atpdb_repo::verify::{Expected, SignatureCheck, VerifyOptions, load_car};
+use atpdb_repo::verify::{Expected, RecordWalker, VerifyOptions, load_car};
 use tokio::runtime::Runtime;
 
 /// Memory either implementation may use for one repository's blocks: far above any corpus,
@@ -61,9 +61,6 @@ pub enum Error {
         /// Bytes written to the spill file.
         bytes: u64,
     },
-    /// The signature was not checked although a key was given.
-    #[error("commit signature was not checked although the key was given")]
-    SignatureUnchecked,
     /// The tokio runtime could not be built.
     #[error("building the tokio runtime")]
     Runtime(#[source] std::io::Error),
@@ -144,18 +141,23 @@ pub fn verify_atpdb(car: &Car, check_record_encoding: bool) -> Result<Tally> {
     if spilled > 0 {
         return Err(Error::Spilled { bytes: spilled });
     }
-    let repo = loaded.verify(Expected {
-        did: car.did.as_ref(),
-        key: car.key.as_ref(),
-    })?;
-    if car.key.is_some() && repo.signature() != SignatureCheck::Valid {
-        return Err(Error::SignatureUnchecked);
-    }
     let mut tally = Tally::default();
-    let mut records = repo.records();
-    while let Some(record) = records.next_record()? {
-        tally.records += 1;
-        tally.record_bytes += record.bytes.len() as u64;
+    let mut count = |records: &mut RecordWalker<'_>| -> Result<()> {
+        while let Some(record) = records.next_record()? {
+            tally.records += 1;
+            tally.record_bytes += record.bytes.len() as u64;
+        }
+        Ok(())
+    };
+    match &car.key {
+        Some(key) => {
+            let repo = loaded.verify(Expected {
+                did: car.did.as_ref(),
+                key,
+            })?;
+            count(&mut repo.records())?;
+        }
+        None => count(&mut loaded.walk_unsigned()?.1)?,
     }
     Ok(tally)
 }
@@ -199,17 +201,26 @@ pub fn drive_repo_stream(runtime: &Runtime, bytes: &[u8]) -> Result<Tally> {
 /// atpdb's `(collection/rkey, record CID)` pairs in walk order.
 pub fn atpdb_entries(car: &Car) -> Result<Vec<(String, String)>> {
     let loaded = load_car(car.bytes.as_slice(), &atpdb_options(true))?;
-    let repo = loaded.verify(Expected {
-        did: car.did.as_ref(),
-        key: car.key.as_ref(),
-    })?;
     let mut entries = Vec::new();
-    let mut records = repo.records();
-    while let Some(record) = records.next_record()? {
-        entries.push((
-            format!("{}/{}", record.collection, record.rkey),
-            record.cid.to_string(),
-        ));
+    let mut list = |records: &mut RecordWalker<'_>| -> Result<()> {
+        while let Some(record) = records.next_record()? {
+            entries.push((
+                format!("{}/{}", record.collection, record.rkey),
+                record.cid.to_string(),
+            ));
+        }
+        Ok(())
+    };
+    match &car.key {
+        Some(key) => list(
+            &mut loaded
+                .verify(Expected {
+                    did: car.did.as_ref(),
+                    key,
+                })?
+                .records(),
+        )?,
+        None => list(&mut loaded.walk_unsigned()?.1)?,
     }
     Ok(entries)
 }

@@ -42,8 +42,7 @@ use atpdb_repo::Cid;
 use atpdb_repo::car::{CarLimits, CarReader};
 use atpdb_repo::crypto::PublicKey;
 use atpdb_repo::firehose::{
-    self, AccountEvent, CommitEvent, CommitProof, Frame, IdentityEvent, Inversion, Message,
-    SyncEvent,
+    self, AccountEvent, CommitEvent, CommitProof, Frame, IdentityEvent, Message, SyncEvent,
 };
 use atpdb_repo::repo::CommitData;
 use atpdb_repo::syntax::{Did, Nsid, Tid};
@@ -710,7 +709,7 @@ impl Relay {
             }
         }
         let data = proof.commit().data;
-        let proven = proof.inversion() == Inversion::Proven;
+        let proven = proof.prev_data().is_some();
         let collections: BTreeSet<String> = event
             .ops
             .iter()

@@ -3,8 +3,9 @@
 //! The reader is split in two: [`CarParser`] is sans-I/O (it looks at a buffer and says
 //! "here is a block" or "I need more bytes"), and [`CarReader`] / [`AsyncCarReader`] feed it
 //! from a [`Read`] or an [`AsyncRead`]. Blocks are borrowed from the reader's buffer, so a
-//! block costs no allocation; the buffer only grows for a block larger than it, up to
-//! [`CarLimits::max_block_size`].
+//! block costs no allocation. The buffer grows only as bytes arrive (a declared block length
+//! is never allocated ahead of its bytes), so it stays below the largest block actually
+//! received plus one read chunk, and never above [`CarLimits::max_block_size`] plus 256 KiB.
 
 use std::io::{Read, Write};
 
@@ -14,15 +15,25 @@ use crate::cbor::{Decoder, Encoder};
 use crate::cid::{Cid, MAX_CID_BYTES};
 use crate::error::{Error, Result};
 
-/// Limits applied while reading a CAR.
+/// Limits applied while reading a CAR; every one has a finite default.
 #[derive(Debug, Clone, Copy)]
 pub struct CarLimits {
     /// Largest block (CID and data) accepted. atproto records are at most ~1 MiB.
     pub max_block_size: usize,
     /// Largest header accepted.
     pub max_header_size: usize,
-    /// Largest whole CAR accepted, if any.
-    pub max_car_size: Option<u64>,
+    /// Largest whole CAR accepted (default 4 GiB, several times the largest repositories).
+    pub max_car_size: u64,
+    /// Most blocks accepted (default 8 M, a repository of about 6 M records). This bounds
+    /// the memory of a whole-repository load's block index (about 60 bytes a block).
+    pub max_blocks: u64,
+}
+
+impl CarLimits {
+    /// Default [`CarLimits::max_car_size`].
+    pub const DEFAULT_MAX_CAR_SIZE: u64 = 4 << 30;
+    /// Default [`CarLimits::max_blocks`].
+    pub const DEFAULT_MAX_BLOCKS: u64 = 8_000_000;
 }
 
 impl Default for CarLimits {
@@ -30,7 +41,8 @@ impl Default for CarLimits {
         CarLimits {
             max_block_size: 4 << 20,
             max_header_size: 64 << 10,
-            max_car_size: None,
+            max_car_size: CarLimits::DEFAULT_MAX_CAR_SIZE,
+            max_blocks: CarLimits::DEFAULT_MAX_BLOCKS,
         }
     }
 }
@@ -77,6 +89,8 @@ struct CarParser {
     base: u64,
     limits: CarLimits,
     eof: bool,
+    /// Blocks handed out so far.
+    blocks: u64,
 }
 
 impl CarParser {
@@ -88,6 +102,7 @@ impl CarParser {
             base: 0,
             limits,
             eof: false,
+            blocks: 0,
         }
     }
 
@@ -95,10 +110,13 @@ impl CarParser {
         self.base + self.pos as u64
     }
 
-    /// Makes room for `need` bytes from `pos` plus one read chunk, returning the spare slice.
+    /// Makes room for the next read and returns the spare slice. `need` (bytes wanted from
+    /// `pos`) only decides whether to compact: the buffer grows by at most one read chunk
+    /// past what has arrived, so a declared length never allocates ahead of its bytes.
     fn spare(&mut self, need: usize) -> &mut [u8] {
         if self.pos > 0
-            && (self.pos == self.filled || self.buf.len() - self.pos < need + READ_CHUNK / 2)
+            && (self.pos == self.filled
+                || self.buf.len() - self.pos < need.min(self.buf.len()) + READ_CHUNK / 2)
         {
             self.buf.copy_within(self.pos..self.filled, 0);
             self.base += self.pos as u64;
@@ -108,7 +126,7 @@ impl CarParser {
         // Start small and double up to READ_CHUNK: zeroing a large buffer would cost more
         // than reading a small CAR.
         let chunk = self.buf.len().clamp(MIN_READ_CHUNK, READ_CHUNK);
-        let want = (self.pos + need).max(self.filled + chunk);
+        let want = self.filled + chunk;
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }
@@ -120,15 +138,13 @@ impl CarParser {
             self.eof = true;
         }
         self.filled += n;
-        if let Some(max) = self.limits.max_car_size {
-            let total = self.base + self.filled as u64;
-            if total > max {
-                return Err(Error::LimitExceeded {
-                    what: "CAR size",
-                    limit: max,
-                    found: total,
-                });
-            }
+        let total = self.base + self.filled as u64;
+        if total > self.limits.max_car_size {
+            return Err(Error::LimitExceeded {
+                what: "CAR size",
+                limit: self.limits.max_car_size,
+                found: total,
+            });
         }
         Ok(())
     }
@@ -215,6 +231,14 @@ impl CarParser {
         if actual != cid {
             return Err(Error::HashMismatch { cid, actual });
         }
+        if self.blocks >= self.limits.max_blocks {
+            return Err(Error::LimitExceeded {
+                what: "CAR block count",
+                limit: self.limits.max_blocks,
+                found: self.blocks + 1,
+            });
+        }
+        self.blocks += 1;
         Ok(Some(Parsed::Block {
             cid,
             data_start: start + cid_len,
@@ -252,7 +276,8 @@ fn decode_header(bytes: &[u8]) -> std::result::Result<CarHeader, String> {
                 let n = decoder
                     .array_len()
                     .map_err(|err| format!("header roots: {err}"))?;
-                let mut list = Vec::with_capacity(n);
+                // A count from input never sizes an allocation beyond a few entries.
+                let mut list = Vec::with_capacity(n.min(4));
                 for _ in 0..n {
                     list.push(
                         decoder

@@ -22,7 +22,7 @@
 //!
 //! ```
 //! use atpdb_repo::crypto::Curve;
-//! use atpdb_repo::firehose::{self, CommitEvent, Frame, Inversion, Message};
+//! use atpdb_repo::firehose::{self, CommitEvent, Frame, Message};
 //! use atpdb_repo::repo::{MemoryRepo, Write};
 //! use atpdb_repo::sample::{sample_did, sample_keypair, sample_record};
 //! use atpdb_repo::syntax::{Datetime, Tid};
@@ -39,8 +39,8 @@
 //!     return Err("not a #commit".into());
 //! };
 //! let verified = firehose::verify_commit(&event, &key.public())?;
-//! assert_eq!(verified.inversion(), Inversion::Proven);
-//! assert_eq!(verified.records()[0].path, record.path());
+//! assert!(verified.is_proven());
+//! assert_eq!(verified.proof().records()?[0].path(), record.path());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -59,18 +59,18 @@
 //!   (`@atproto/sync`) validates frames against the lexicon and drops those that fail too.
 //! - Limits ([`MAX_FRAME_BYTES`], [`MAX_COMMIT_BLOCKS_BYTES`], [`MAX_SYNC_BLOCKS_BYTES`],
 //!   [`MAX_COMMIT_OPS`]) are checked before the work they bound.
-//! - Verified records are owned bytes ([`Record`]): the sync engine hands them on after the
-//!   event's buffer is gone.
+//! - Verified records are owned bytes ([`Record`], the same type a `getRepo` walk gives): the
+//!   sync engine hands them on after the event's buffer is gone.
 
-use std::borrow::Cow;
-
-use crate::car::{CarLimits, CarReader, write_car};
+use crate::blocks::VerifiedBlocks;
+use crate::car::{CarHeader, CarLimits, write_car};
 use crate::cbor::{self, DecodeError, Decoder, Encoder};
-use crate::cid::{Cid, CidMap};
+use crate::cid::Cid;
 use crate::commit::{Commit, REPO_VERSION};
 use crate::crypto::PublicKey;
 use crate::error::{Error, Result};
-use crate::mst::{BlockSource, Tree};
+use crate::mst::{MstRules, Tree};
+use crate::record::Record;
 use crate::repo::{Action, CommitData, RepoOp, invert_ops};
 use crate::syntax::{Datetime, Did, Handle, Tid, is_valid_repo_path};
 
@@ -933,27 +933,6 @@ pub fn encode_error(error: &str, message: Option<&str>) -> Vec<u8> {
     encoder.into_bytes()
 }
 
-/// A record a verified commit created or updated, owned so that it outlives the event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    /// `collection/rkey`.
-    pub path: String,
-    /// The record's CID, which its bytes hash to.
-    pub cid: Cid,
-    /// The record's DRISL bytes.
-    pub bytes: Vec<u8>,
-}
-
-/// How far a commit is proven to follow from the previous one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inversion {
-    /// Undoing the ops on the new tree gives `prevData`: the ops are exactly the change.
-    Proven,
-    /// The event has no `prevData` (an older host), so inversion was skipped: the ops match
-    /// the new tree, but whether they are the whole change is unproven.
-    NoPrevData,
-}
-
 /// A `#commit` whose blocks, commit object, ops and MST proof have been checked, but whose
 /// signature has not.
 ///
@@ -965,18 +944,51 @@ pub struct CommitProof {
     commit: Commit,
     cid: Cid,
     ops: Vec<RepoOp>,
-    records: Vec<Record>,
-    inversion: Inversion,
+    blocks: VerifiedBlocks,
+    since: Option<Tid>,
+    prev_data: Option<Cid>,
 }
 
-/// A `#commit` that passed every stateless check, signature included.
+/// A `#commit` that passed every stateless check, signature included, and what it proves.
 #[derive(Debug, Clone)]
-pub struct VerifiedCommit {
-    proof: CommitProof,
+pub enum VerifiedCommit {
+    /// The event has `prevData` and undoing the ops on the new tree gives it: the ops are
+    /// exactly the change from the tree at `prevData`.
+    Proven(CommitProof),
+    /// The event has no `prevData` (an older host), so inversion was skipped: the ops match
+    /// the new tree, but whether they are the whole change is unproven. Counted, accepted.
+    Unproven(CommitProof),
 }
+
+/// What a caller last applied for a repository: the rev and MST root of that commit.
+#[derive(Debug, Clone, Copy)]
+pub struct RepoHead<'a> {
+    /// The stored rev.
+    pub rev: &'a Tid,
+    /// The stored MST root (`data`).
+    pub data: &'a Cid,
+}
+
+/// Whether a verified commit follows the stored state (Sync 1.1 checklist steps 5 and 8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chain {
+    /// It follows: apply the ops, then store its rev and `data`.
+    Next,
+    /// Its rev is not newer than the stored one: a duplicate or a replay; ignore it.
+    Stale,
+    /// Its rev lies further in the future than [`MAX_CLOCK_DRIFT_MICROS`]; reject it.
+    Future,
+    /// It does not follow the stored state (`since` or `prevData` differ): the repository
+    /// is desynchronized and needs a resync. The text says which field and both values.
+    Broken(String),
+}
+
+/// How far past the local clock a rev may lie (the spec's "a few minutes").
+pub const MAX_CLOCK_DRIFT_MICROS: u64 = 5 * 60 * 1_000_000;
 
 impl CommitProof {
-    /// Every check [`verify_commit`] makes except the signature.
+    /// Every check [`verify_commit`] makes except the signature; keys must be repo paths
+    /// with NSID collections, as in a `getRepo` walk.
     ///
     /// # Errors
     ///
@@ -991,28 +1003,46 @@ impl CommitProof {
     ///   action, or whose `cid` is not what the new tree holds at its path.
     /// - [`Error::MissingBlock`]: the commit, a created or updated record, or an MST node that
     ///   a lookup or the inversion needs is not in the CAR.
+    /// - [`Error::MstOrder`], [`Error::MstLayer`], [`Error::MstStructure`], [`Error::Block`]:
+    ///   a node the check reads breaks a shape rule, exactly as a full walk would report it.
     /// - [`Error::InversionMismatch`]: undoing the ops does not give `prevData`.
     pub fn check(event: &CommitEvent) -> Result<CommitProof> {
+        CommitProof::check_with(event, MstRules::default())
+    }
+
+    /// [`CommitProof::check`] under other key rules (the conformance fixtures' keys are not
+    /// repo paths with NSIDs).
+    ///
+    /// # Errors
+    ///
+    /// As [`CommitProof::check`].
+    pub fn check_with(event: &CommitEvent, rules: MstRules) -> Result<CommitProof> {
         check_size(
             "#commit blocks",
             event.blocks.len(),
             MAX_COMMIT_BLOCKS_BYTES,
         )?;
         check_size("#commit ops", event.ops.len(), MAX_COMMIT_OPS)?;
-        let slice = SliceBlocks::read(&event.blocks)?;
-        let (cid, commit) = slice.commit(Some(&event.commit), &event.repo, &event.rev)?;
+        let (header, blocks) = VerifiedBlocks::from_car(&event.blocks, CarLimits::default())?;
+        let (cid, commit) = root_commit(
+            &header,
+            &blocks,
+            Some(&event.commit),
+            &event.repo,
+            &event.rev,
+        )?;
         let ops = normalize_ops(&event.ops, event.prev_data.is_some())?;
         for op in &ops {
             if let Some(cid) = op.cid {
-                let bytes = slice.get(&cid).ok_or_else(|| Error::MissingBlock {
+                let bytes = blocks.get(&cid).ok_or_else(|| Error::MissingBlock {
                     cid,
                     context: format!("record {}", op.path),
                 })?;
                 cbor::validate(bytes).map_err(|source| Error::Block { cid, source })?;
             }
         }
-        let mut tree = Tree::load(&slice, commit.data);
-        let inversion = match event.prev_data {
+        let mut tree = Tree::load_with(&blocks, commit.data, rules);
+        match event.prev_data {
             Some(prev_data) => {
                 // invert_ops looks each path up in the new tree before undoing it.
                 invert_ops(&mut tree, &ops)?;
@@ -1023,7 +1053,6 @@ impl CommitProof {
                         prev_data,
                     });
                 }
-                Inversion::Proven
             }
             None => {
                 for op in &ops {
@@ -1040,26 +1069,16 @@ impl CommitProof {
                         });
                     }
                 }
-                Inversion::NoPrevData
             }
-        };
-        let records = ops
-            .iter()
-            .filter_map(|op| {
-                let cid = op.cid?;
-                Some(Record {
-                    path: op.path.clone(),
-                    cid,
-                    bytes: slice.get(&cid)?.to_vec(),
-                })
-            })
-            .collect();
+        }
+        drop(tree);
         Ok(CommitProof {
             commit,
             cid,
             ops,
-            records,
-            inversion,
+            blocks,
+            since: event.since.clone(),
+            prev_data: event.prev_data,
         })
     }
 
@@ -1079,10 +1098,13 @@ impl CommitProof {
     /// [`Error::BadSignature`].
     pub fn verify(self, key: &PublicKey) -> Result<VerifiedCommit> {
         self.verify_signature(key)?;
-        Ok(VerifiedCommit { proof: self })
+        Ok(match self.prev_data {
+            Some(_) => VerifiedCommit::Proven(self),
+            None => VerifiedCommit::Unproven(self),
+        })
     }
 
-    /// The commit object (unverified signature).
+    /// The commit object.
     pub fn commit(&self) -> &Commit {
         &self.commit
     }
@@ -1097,46 +1119,127 @@ impl CommitProof {
         &self.ops
     }
 
-    /// The created and updated records, in path order.
-    pub fn records(&self) -> &[Record] {
-        &self.records
+    /// The event's blocks, every one hashed against its CID: the commit, the records and the
+    /// MST nodes, for callers that need more than the records (no second parse).
+    pub fn blocks(&self) -> &VerifiedBlocks {
+        &self.blocks
     }
 
-    /// Whether the ops were proven against `prevData`.
-    pub fn inversion(&self) -> Inversion {
-        self.inversion
+    /// The event's `since`.
+    pub fn since(&self) -> Option<&Tid> {
+        self.since.as_ref()
+    }
+
+    /// The event's `prevData`, which the ops were proven to invert to when present.
+    pub fn prev_data(&self) -> Option<Cid> {
+        self.prev_data
+    }
+
+    /// The created and updated records, in path order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Syntax`] when an op's collection is not an NSID or its record key is too long
+    /// (paths were checked as MST keys, which allow more).
+    pub fn records(&self) -> Result<Vec<Record>> {
+        let mut records = Vec::new();
+        for op in &self.ops {
+            let Some(cid) = op.cid else { continue };
+            let Some(bytes) = self.blocks.get(&cid) else {
+                continue;
+            };
+            let (collection, rkey) = op.path.split_once('/').unwrap_or((&op.path, ""));
+            records.push(Record::from_verified(
+                self.commit.did.clone(),
+                collection.parse()?,
+                rkey.parse()?,
+                cid,
+                bytes.to_vec(),
+            ));
+        }
+        Ok(records)
     }
 }
 
 impl VerifiedCommit {
-    /// The commit object.
-    pub fn commit(&self) -> &Commit {
-        &self.proof.commit
+    /// The checked event, whichever its proof.
+    pub fn proof(&self) -> &CommitProof {
+        match self {
+            VerifiedCommit::Proven(proof) | VerifiedCommit::Unproven(proof) => proof,
+        }
     }
 
-    /// The commit's CID.
-    pub fn cid(&self) -> Cid {
-        self.proof.cid
-    }
-
-    /// The ops, sorted by path.
-    pub fn ops(&self) -> &[RepoOp] {
-        &self.proof.ops
-    }
-
-    /// The created and updated records, in path order.
-    pub fn records(&self) -> &[Record] {
-        &self.proof.records
+    /// The checked event, taken.
+    pub fn into_proof(self) -> CommitProof {
+        match self {
+            VerifiedCommit::Proven(proof) | VerifiedCommit::Unproven(proof) => proof,
+        }
     }
 
     /// Whether the ops were proven against `prevData`.
-    pub fn inversion(&self) -> Inversion {
-        self.proof.inversion
+    pub fn is_proven(&self) -> bool {
+        matches!(self, VerifiedCommit::Proven(_))
     }
 
-    /// The commit, the ops and the records, for handing on.
-    pub fn into_parts(self) -> (Commit, Vec<RepoOp>, Vec<Record>) {
-        (self.proof.commit, self.proof.ops, self.proof.records)
+    /// Whether this commit follows `head`, at local time `now_micros` (unix microseconds):
+    /// its rev must be newer and not in the future, its `since` must be the stored rev and,
+    /// when proven, its `prevData` the stored root. An unproven commit is chained by `since`
+    /// alone.
+    pub fn chain(&self, head: RepoHead<'_>, now_micros: u64) -> Chain {
+        let proof = self.proof();
+        let rev = &proof.commit.rev;
+        if rev.timestamp_micros() > now_micros.saturating_add(MAX_CLOCK_DRIFT_MICROS) {
+            return Chain::Future;
+        }
+        if rev <= head.rev {
+            return Chain::Stale;
+        }
+        if proof.since.as_ref() != Some(head.rev) {
+            return Chain::Broken(format!(
+                "since is {}, the stored rev is {}",
+                proof
+                    .since
+                    .as_ref()
+                    .map_or_else(|| "absent".to_owned(), Tid::to_string),
+                head.rev
+            ));
+        }
+        if let VerifiedCommit::Proven(proof) = self
+            && proof.prev_data.as_ref() != Some(head.data)
+        {
+            return Chain::Broken(format!(
+                "prevData is {}, the stored data is {}",
+                describe_cid(proof.prev_data),
+                head.data
+            ));
+        }
+        Chain::Next
+    }
+}
+
+/// What a verified `#sync` asks of a caller holding `head` (Sync 1.1 "When to resync").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncAction {
+    /// Its rev is not newer than the stored one: ignore it.
+    Ignore,
+    /// Newer, but the tree is the one already stored: store the rev, fetch nothing.
+    AdvanceRev,
+    /// Newer and another tree: fetch the repository again.
+    Resync,
+    /// Its rev lies further in the future than [`MAX_CLOCK_DRIFT_MICROS`]; reject it.
+    Future,
+}
+
+/// Decides what a verified `#sync` commit means against `head`, at local time `now_micros`.
+pub fn sync_action(commit: &Commit, head: RepoHead<'_>, now_micros: u64) -> SyncAction {
+    if commit.rev.timestamp_micros() > now_micros.saturating_add(MAX_CLOCK_DRIFT_MICROS) {
+        SyncAction::Future
+    } else if commit.rev <= *head.rev {
+        SyncAction::Ignore
+    } else if commit.data == *head.data {
+        SyncAction::AdvanceRev
+    } else {
+        SyncAction::Resync
     }
 }
 
@@ -1144,8 +1247,9 @@ impl VerifiedCommit {
 /// 6 and 7 of the Sync 1.1 validation checklist, with `key` as the only key tried.
 ///
 /// Ops are checked with their paths sorted, so producers may list them in any order. When the
-/// event has no `prevData`, inversion is skipped ([`Inversion::NoPrevData`]) and `update` and
-/// `delete` ops may lack `prev`, as older hosts send them; every other shape rule still holds.
+/// event has no `prevData`, inversion is skipped ([`VerifiedCommit::Unproven`]) and `update`
+/// and `delete` ops may lack `prev`, as older hosts send them; every other shape rule still
+/// holds. The chain against stored state is [`VerifiedCommit::chain`].
 ///
 /// # Errors
 ///
@@ -1164,8 +1268,8 @@ pub fn verify_commit(event: &CommitEvent, key: &PublicKey) -> Result<VerifiedCom
 /// [`Error::DidMismatch`], [`Error::EventMismatch`] and [`Error::BadSignature`].
 pub fn verify_sync(event: &SyncEvent, key: &PublicKey) -> Result<Commit> {
     check_size("#sync blocks", event.blocks.len(), MAX_SYNC_BLOCKS_BYTES)?;
-    let slice = SliceBlocks::read(&event.blocks)?;
-    let (_, commit) = slice.commit(None, &event.did, &event.rev)?;
+    let (header, blocks) = VerifiedBlocks::from_car(&event.blocks, CarLimits::default())?;
+    let (_, commit) = root_commit(&header, &blocks, None, &event.did, &event.rev)?;
     commit.verify_signature(key)?;
     Ok(commit)
 }
@@ -1226,77 +1330,50 @@ fn normalize_ops(ops: &[RepoOp], strict: bool) -> Result<Vec<RepoOp>> {
     Ok(sorted)
 }
 
-/// The blocks of an event's CAR, hashed once and then read in place.
-struct SliceBlocks<'a> {
-    car: &'a [u8],
-    roots: Vec<Cid>,
-    /// Where each block's data lies in `car`.
-    index: CidMap<(usize, usize)>,
-}
-
-impl<'a> SliceBlocks<'a> {
-    fn read(car: &'a [u8]) -> Result<SliceBlocks<'a>> {
-        let mut reader = CarReader::new(car, CarLimits::default())?;
-        let roots = reader.header().roots.clone();
-        let mut index = CidMap::default();
-        while let Some(block) = reader.next_block()? {
-            let (cid, len) = (block.cid, block.data.len());
-            let end = usize::try_from(reader.offset()).unwrap_or(usize::MAX);
-            index.entry(cid).or_insert((end.saturating_sub(len), end));
-        }
-        Ok(SliceBlocks { car, roots, index })
+/// The root commit of an event's CAR, checked against what the event says about it.
+fn root_commit(
+    header: &CarHeader,
+    blocks: &VerifiedBlocks,
+    expected: Option<&Cid>,
+    did: &Did,
+    rev: &Tid,
+) -> Result<(Cid, Commit)> {
+    let root = *header.roots.first().ok_or_else(|| Error::Car {
+        offset: 0,
+        reason: "header has no roots".to_owned(),
+    })?;
+    if let Some(expected) = expected
+        && *expected != root
+    {
+        return Err(Error::EventMismatch {
+            field: "commit",
+            event: expected.to_string(),
+            found: format!("CAR root {root}"),
+        });
     }
-
-    fn get(&self, cid: &Cid) -> Option<&'a [u8]> {
-        let &(start, end) = self.index.get(cid)?;
-        self.car.get(start..end)
-    }
-
-    /// The root commit, checked against what the event says about it.
-    fn commit(&self, expected: Option<&Cid>, did: &Did, rev: &Tid) -> Result<(Cid, Commit)> {
-        let root = *self.roots.first().ok_or_else(|| Error::Car {
-            offset: 0,
-            reason: "header has no roots".to_owned(),
-        })?;
-        if let Some(expected) = expected
-            && *expected != root
-        {
-            return Err(Error::EventMismatch {
-                field: "commit",
-                event: expected.to_string(),
-                found: format!("CAR root {root}"),
-            });
-        }
-        let bytes = self.get(&root).ok_or_else(|| Error::MissingBlock {
+    let bytes = blocks.get(&root).ok_or_else(|| Error::MissingBlock {
+        cid: root,
+        context: "commit".to_owned(),
+    })?;
+    let commit = Commit::from_cbor(root, bytes)?;
+    if commit.version != REPO_VERSION {
+        return Err(Error::Commit {
             cid: root,
-            context: "commit".to_owned(),
-        })?;
-        let commit = Commit::from_cbor(root, bytes)?;
-        if commit.version != REPO_VERSION {
-            return Err(Error::Commit {
-                cid: root,
-                reason: format!(
-                    "version {} on the firehose, which carries only version {REPO_VERSION}",
-                    commit.version
-                ),
-            });
-        }
-        commit.verify_did(did)?;
-        if commit.rev != *rev {
-            return Err(Error::EventMismatch {
-                field: "rev",
-                event: rev.to_string(),
-                found: format!("commit rev {}", commit.rev),
-            });
-        }
-        Ok((root, commit))
+            reason: format!(
+                "version {} on the firehose, which carries only version {REPO_VERSION}",
+                commit.version
+            ),
+        });
     }
-}
-
-impl BlockSource for SliceBlocks<'_> {
-    fn get_block(&self, cid: &Cid) -> Result<Option<Cow<'_, [u8]>>> {
-        Ok(self.get(cid).map(Cow::Borrowed))
+    commit.verify_did(did)?;
+    if commit.rev != *rev {
+        return Err(Error::EventMismatch {
+            field: "rev",
+            event: rev.to_string(),
+            found: format!("commit rev {}", commit.rev),
+        });
     }
+    Ok((root, commit))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod blocks;
 pub mod car;
 pub mod cbor;
 pub mod cid;
@@ -23,6 +24,7 @@ pub mod crypto;
 mod error;
 pub mod firehose;
 pub mod mst;
+pub mod record;
 pub mod repo;
 pub mod sample;
 pub mod syntax;
@@ -31,3 +33,4 @@ pub mod verify;
 
 pub use cid::Cid;
 pub use error::{Error, Result};
+pub use record::Record;

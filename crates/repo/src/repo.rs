@@ -4,6 +4,7 @@
 
 use std::io::Write as IoWrite;
 
+use crate::blocks::VerifiedBlocks;
 use crate::car::{CarWriter, write_car};
 use crate::cid::{Cid, CidMap};
 use crate::commit::{Commit, UnsignedCommit};
@@ -117,7 +118,8 @@ const GC_INTERVAL: u32 = 256;
 /// A repository in memory.
 #[derive(Debug, Clone)]
 pub struct MemoryRepo {
-    blocks: CidMap<Vec<u8>>,
+    /// Every block here was produced and hashed by this repo's own encoder.
+    blocks: VerifiedBlocks,
     commit: Commit,
     cid: Cid,
     commits_since_gc: u32,
@@ -132,11 +134,13 @@ impl MemoryRepo {
         writes: &[Write],
     ) -> Result<(MemoryRepo, CommitData)> {
         let mut tree = Tree::empty(crate::mst::NoBlocks);
-        let mut blocks = CidMap::default();
+        let mut blocks = VerifiedBlocks::new();
         // Take the root from `changed_blocks`: asking for `root_cid` first would mark the
         // node clean, and the empty node would never be stored.
         let (empty_root, nodes) = tree.changed_blocks();
-        blocks.extend(nodes);
+        for (cid, bytes) in nodes {
+            blocks.insert_hashed(cid, bytes);
+        }
         // A placeholder commit for the empty tree at the lowest rev; the first real commit
         // below replaces it and is reported without `since`/`prevData`.
         let commit = UnsignedCommit {
@@ -184,7 +188,7 @@ impl MemoryRepo {
         let Some(cid) = tree.get(path.as_bytes())? else {
             return Ok(None);
         };
-        Ok(self.blocks.get(&cid).map(|bytes| (cid, bytes.as_slice())))
+        Ok(self.blocks.get(&cid).map(|bytes| (cid, bytes)))
     }
 
     /// Every `(path, cid)` in key order.
@@ -271,13 +275,13 @@ impl MemoryRepo {
             if slice.insert(cid, ()).is_none() {
                 blocks_out.push((cid, bytes.clone()));
             }
-            self.blocks.insert(cid, bytes);
+            self.blocks.insert_hashed(cid, bytes);
         }
         for (cid, bytes) in new_records {
             if slice.insert(cid, ()).is_none() {
                 blocks_out.push((cid, bytes.clone()));
             }
-            self.blocks.insert(cid, bytes);
+            self.blocks.insert_hashed(cid, bytes);
         }
         // Invert against the new tree to learn which unchanged nodes a consumer must also read,
         // and to check this commit is provable before it is published.
@@ -294,7 +298,7 @@ impl MemoryRepo {
             if slice.insert(*cid, ()).is_none()
                 && let Some(bytes) = self.blocks.get(cid)
             {
-                blocks_out.push((*cid, bytes.clone()));
+                blocks_out.push((*cid, bytes.to_vec()));
             }
         }
         let since = self.commit.rev.clone();
@@ -307,7 +311,7 @@ impl MemoryRepo {
         .sign(key);
         let commit_bytes = commit.to_cbor();
         let cid = Cid::dag_cbor(&commit_bytes);
-        self.blocks.insert(cid, commit_bytes.clone());
+        self.blocks.insert_hashed(cid, commit_bytes.clone());
         self.blocks.remove(&self.cid);
         blocks_out.insert(0, (cid, commit_bytes));
         self.commit = commit.clone();
@@ -333,7 +337,7 @@ impl MemoryRepo {
 
     /// Drops blocks the current tree no longer reaches.
     fn collect_garbage(&mut self) -> Result<()> {
-        let mut keep = CidMap::default();
+        let mut keep: CidMap<()> = CidMap::default();
         let mut stack = vec![self.commit.data];
         while let Some(cid) = stack.pop() {
             let bytes = self.blocks.get(&cid).ok_or_else(|| Error::MissingBlock {
@@ -344,16 +348,12 @@ impl MemoryRepo {
             stack.extend(node.left);
             for entry in &node.entries {
                 stack.extend(entry.right);
-                if let Some(record) = self.blocks.get(&entry.value) {
-                    keep.insert(entry.value, record.clone());
-                }
+                keep.insert(entry.value, ());
             }
-            keep.insert(cid, bytes.clone());
+            keep.insert(cid, ());
         }
-        if let Some(commit) = self.blocks.get(&self.cid) {
-            keep.insert(self.cid, commit.clone());
-        }
-        self.blocks = keep;
+        keep.insert(self.cid, ());
+        self.blocks.retain(|cid| keep.contains_key(cid));
         self.commits_since_gc = 0;
         Ok(())
     }
@@ -416,14 +416,14 @@ impl MemoryRepo {
             blocks.push((&self.cid, commit));
         }
         for cid in tree.loaded() {
-            if let Some((cid, bytes)) = self.blocks.get_key_value(cid) {
+            if let Some(bytes) = self.blocks.get(cid) {
                 blocks.push((cid, bytes));
             }
         }
-        if let Some(value) = value
-            && let Some((cid, bytes)) = self.blocks.get_key_value(&value)
+        if let Some(value) = &value
+            && let Some(bytes) = self.blocks.get(value)
         {
-            blocks.push((cid, bytes));
+            blocks.push((value, bytes));
         }
         Ok(write_car(&[self.cid], blocks))
     }

@@ -16,20 +16,27 @@ use tokio::io::AsyncRead;
 
 use crate::car::{AsyncCarReader, Block, CarLimits, CarReader};
 use crate::cbor;
-use crate::cid::Cid;
+use crate::cid::{Cid, CidMap, DAG_CBOR};
 use crate::commit::Commit;
 use crate::crypto::PublicKey;
 use crate::error::{Error, Result};
-use crate::mst::{BlockSource, MstWalker, WalkOptions, WalkStats};
-use crate::syntax::Did;
+use crate::mst::{BlockSource, MstRules, MstWalker, WalkStats};
+use crate::record::Record;
+use crate::syntax::{Did, Nsid, RecordKey};
 
 /// How to read and check a repository CAR.
+///
+/// Memory while loading stays below `memory_budget` + about 60 bytes per block for the index
+/// (at most [`CarLimits::max_blocks`] blocks) + the reader's buffer (at most
+/// [`CarLimits::max_block_size`] + 256 KiB); disk below `max_spill_bytes`.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
     /// Bytes of blocks (plus index overhead) kept in memory before spilling to disk.
     pub memory_budget: usize,
     /// Where the spill file goes (the system temporary directory if `None`).
     pub spill_dir: Option<PathBuf>,
+    /// Largest spill file (default 4 GiB, the default largest CAR).
+    pub max_spill_bytes: u64,
     /// CAR size limits.
     pub limits: CarLimits,
     /// Also require every record block to be well-formed DRISL within the data-model limits.
@@ -41,19 +48,22 @@ impl Default for VerifyOptions {
         VerifyOptions {
             memory_budget: 64 << 20,
             spill_dir: None,
+            max_spill_bytes: CarLimits::DEFAULT_MAX_CAR_SIZE,
             limits: CarLimits::default(),
             check_record_encoding: true,
         }
     }
 }
 
-/// Memory one index entry costs: a 32-byte digest, an 8-byte location, a control byte, and
-/// the slack of a hash table between resizes.
-const INDEX_ENTRY_COST: usize = 48;
+/// Memory one index entry costs: a 32-byte digest and an 8-byte location, and 8-byte table
+/// slots at a load factor between 3/8 and 3/4.
+pub const INDEX_BYTES_PER_BLOCK: usize = 40 + 22;
 /// In-memory blocks live in chunks of this size, so the arena never doubles and copies.
 const CHUNK_SIZE: usize = 1 << 20;
 /// Largest block the packed location can describe.
 const MAX_STORED_BLOCK: usize = (1 << 23) - 1;
+/// Index entries per chunk: the entry list grows by chunks, so it never doubles and copies.
+const ENTRY_CHUNK: usize = 1 << 16;
 
 /// Where a block's bytes are, packed into 64 bits to keep the index small: bit 63 says on
 /// disk; bits 40..63 hold the length; bits 0..40 hold the spill offset, or for memory the
@@ -83,39 +93,139 @@ impl Location {
     }
 }
 
-/// A map keyed by a sha2-256 digest, hashed by passing its first bytes through.
-type DigestMap<V> =
-    std::collections::HashMap<[u8; 32], V, std::hash::BuildHasherDefault<DigestHasher>>;
+#[derive(Debug, Clone, Copy)]
+struct IndexEntry {
+    digest: [u8; 32],
+    location: Location,
+}
 
+/// The block index: dag-cbor blocks (all of a repository's) by digest in a compact table,
+/// blocks of any other codec by full CID in a map, so every lookup is by full CID.
+///
+/// Entries are appended while the CAR streams in (no lookups happen then) and the table is
+/// built once at the end with its final size, so memory is exact: no hash-table doubling, no
+/// copy of the entries.
 #[derive(Default)]
-struct DigestHasher(u64);
+struct Index {
+    chunks: Vec<Vec<IndexEntry>>,
+    len: usize,
+    /// Open addressing with linear probing; a slot is `tag << 32 | (entry number + 1)`, 0 empty.
+    table: Vec<u64>,
+    others: CidMap<Location>,
+}
 
-impl std::hash::Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
+fn slot_hash(digest: &[u8; 32]) -> (usize, u64) {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&digest[..8]);
+    let mut tag = [0u8; 4];
+    tag.copy_from_slice(&digest[8..12]);
+    (
+        u64::from_le_bytes(word) as usize,
+        u64::from(u32::from_le_bytes(tag)),
+    )
+}
+
+impl Index {
+    fn push(&mut self, cid: &Cid, location: Location) {
+        if cid.codec() != DAG_CBOR {
+            self.others.entry(*cid).or_insert(location);
+            return;
+        }
+        if self
+            .chunks
+            .last()
+            .is_none_or(|chunk| chunk.len() == ENTRY_CHUNK)
+        {
+            self.chunks.push(Vec::with_capacity(ENTRY_CHUNK));
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.push(IndexEntry {
+                digest: *cid.digest(),
+                location,
+            });
+            self.len += 1;
+        }
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        // Keys are digests: eight of their bytes are already uniformly distributed.
-        let mut word = [0u8; 8];
-        let n = bytes.len().min(8);
-        word[..n].copy_from_slice(&bytes[..n]);
-        self.0 ^= u64::from_le_bytes(word);
+    fn entry(&self, number: usize) -> Option<&IndexEntry> {
+        self.chunks
+            .get(number / ENTRY_CHUNK)
+            .and_then(|chunk| chunk.get(number % ENTRY_CHUNK))
+    }
+
+    /// Builds the table; the first of duplicate digests wins.
+    fn seal(&mut self) {
+        let capacity = (self.len * 4 / 3 + 1).next_power_of_two().max(16);
+        self.table = vec![0; capacity];
+        let mask = capacity - 1;
+        for number in 0..self.len {
+            let Some(entry) = self.entry(number) else {
+                break;
+            };
+            let (hash, tag) = slot_hash(&entry.digest);
+            let mut slot = hash & mask;
+            loop {
+                let value = self.table[slot];
+                if value == 0 {
+                    self.table[slot] = tag << 32 | (number as u64 + 1);
+                    break;
+                }
+                if value >> 32 == tag
+                    && self
+                        .entry((value & 0xffff_ffff) as usize - 1)
+                        .is_some_and(|other| other.digest == entry.digest)
+                {
+                    break;
+                }
+                slot = (slot + 1) & mask;
+            }
+        }
+    }
+
+    fn get(&self, cid: &Cid) -> Option<Location> {
+        if cid.codec() != DAG_CBOR {
+            return self.others.get(cid).copied();
+        }
+        if self.table.is_empty() {
+            return None;
+        }
+        let mask = self.table.len() - 1;
+        let (hash, tag) = slot_hash(cid.digest());
+        let mut slot = hash & mask;
+        loop {
+            let value = self.table[slot];
+            if value == 0 {
+                return None;
+            }
+            if value >> 32 == tag
+                && let Some(entry) = self.entry((value & 0xffff_ffff) as usize - 1)
+                && entry.digest == *cid.digest()
+            {
+                return Some(entry.location);
+            }
+            slot = (slot + 1) & mask;
+        }
+    }
+
+    fn blocks(&self) -> usize {
+        self.len + self.others.len()
     }
 }
 
-/// Verified blocks by digest, in memory up to a budget and in a temporary file beyond it.
+/// Verified blocks of one CAR, in memory up to a budget and in a temporary file beyond it.
 ///
-/// Blocks are keyed by digest alone: two CIDs with one digest name the same bytes.
-/// Memory is the budget plus the index (about 48 bytes per distinct block), which cannot
-/// spill: a 500 MB repository of 1.8 M blocks needs about 90 MB of index.
+/// Only the CAR loader ([`load_car`], [`load_car_async`]) fills one, with blocks the reader
+/// hashed; it is then read-only. Memory is the budget plus the index
+/// ([`INDEX_BYTES_PER_BLOCK`] a block), which cannot spill: a 500 MB repository of 1.8 M
+/// blocks needs about 110 MB of index.
 pub struct BlockStore {
-    index: DigestMap<Location>,
+    index: Index,
     chunks: Vec<Vec<u8>>,
     in_memory: usize,
     spill: Option<Spill>,
     budget: usize,
     spill_dir: Option<PathBuf>,
+    max_spill: u64,
 }
 
 struct Spill {
@@ -125,26 +235,26 @@ struct Spill {
 }
 
 impl BlockStore {
-    /// An empty store that spills past `budget` bytes into `spill_dir`.
-    pub fn new(budget: usize, spill_dir: Option<PathBuf>) -> BlockStore {
+    fn new(options: &VerifyOptions) -> BlockStore {
         BlockStore {
-            index: DigestMap::default(),
+            index: Index::default(),
             chunks: Vec::new(),
             in_memory: 0,
             spill: None,
-            budget,
-            spill_dir,
+            budget: options.memory_budget,
+            spill_dir: options.spill_dir.clone(),
+            max_spill: options.max_spill_bytes,
         }
     }
 
-    /// Number of distinct blocks.
+    /// Number of blocks stored (duplicates included).
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.index.blocks()
     }
 
     /// Whether the store has no blocks.
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.len() == 0
     }
 
     /// Bytes written to the spill file.
@@ -154,14 +264,12 @@ impl BlockStore {
 
     /// Whether `cid` is stored.
     pub fn contains(&self, cid: &Cid) -> bool {
-        self.index.contains_key(cid.digest())
+        self.index.get(cid).is_some()
     }
 
-    /// Adds a block whose bytes were already checked against `cid`. Duplicates are ignored.
-    pub fn insert(&mut self, cid: Cid, data: &[u8]) -> Result<()> {
-        if self.index.contains_key(cid.digest()) {
-            return Ok(());
-        }
+    /// Adds a block the CAR reader has just hashed against `cid`.
+    fn insert(&mut self, block: Block<'_>) -> Result<()> {
+        let data = block.data;
         if data.len() > MAX_STORED_BLOCK {
             return Err(Error::LimitExceeded {
                 what: "block size",
@@ -169,7 +277,8 @@ impl BlockStore {
                 found: data.len() as u64,
             });
         }
-        let in_memory = self.in_memory + data.len() + (self.index.len() + 1) * INDEX_ENTRY_COST;
+        let in_memory =
+            self.in_memory + data.len() + (self.index.blocks() + 1) * INDEX_BYTES_PER_BLOCK;
         let location = if in_memory <= self.budget {
             let fits = self.chunks.last().is_some_and(|chunk| {
                 chunk.len() + data.len() <= chunk.capacity()
@@ -196,15 +305,25 @@ impl BlockStore {
                 None => self.spill.insert(Spill::create(self.spill_dir.as_deref())?),
             };
             let offset = spill.len;
+            let found = offset + data.len() as u64;
+            if found > self.max_spill {
+                return Err(Error::LimitExceeded {
+                    what: "spill file size",
+                    limit: self.max_spill,
+                    found,
+                });
+            }
             spill.write(data)?;
             Location::disk(offset, data.len())
         };
-        self.index.insert(*cid.digest(), location);
+        self.index.push(&block.cid, location);
         Ok(())
     }
 
-    /// Ends writing: flushes the spill file so reads see every block.
+    /// Ends writing: builds the index table and flushes the spill file so reads see every
+    /// block.
     fn seal(&mut self) -> Result<()> {
+        self.index.seal();
         if let Some(spill) = &mut self.spill
             && let Some(mut writer) = spill.writer.take()
         {
@@ -246,9 +365,11 @@ impl Spill {
     }
 }
 
+impl crate::blocks::sealed::Sealed for BlockStore {}
+
 impl BlockSource for BlockStore {
     fn get_block(&self, cid: &Cid) -> Result<Option<Cow<'_, [u8]>>> {
-        let Some(&location) = self.index.get(cid.digest()) else {
+        let Some(location) = self.index.get(cid) else {
             return Ok(None);
         };
         if !location.on_disk() {
@@ -308,13 +429,13 @@ fn loaded(
 
 fn store_block(store: &mut BlockStore, block: Block<'_>, blocks: &mut u64) -> Result<()> {
     *blocks += 1;
-    store.insert(block.cid, block.data)
+    store.insert(block)
 }
 
 /// Reads every block of a CAR from a blocking reader, checking each block's hash.
 pub fn load_car<R: Read>(reader: R, options: &VerifyOptions) -> Result<LoadedCar> {
     let mut car = CarReader::new(reader, options.limits)?;
-    let mut store = BlockStore::new(options.memory_budget, options.spill_dir.clone());
+    let mut store = BlockStore::new(options);
     let mut blocks = 0;
     while let Some(block) = car.next_block()? {
         store_block(&mut store, block, &mut blocks)?;
@@ -330,7 +451,7 @@ pub async fn load_car_async<R: AsyncRead + Unpin>(
     options: &VerifyOptions,
 ) -> Result<LoadedCar> {
     let mut car = AsyncCarReader::new(reader, options.limits).await?;
-    let mut store = BlockStore::new(options.memory_budget, options.spill_dir.clone());
+    let mut store = BlockStore::new(options);
     let mut blocks = 0;
     while let Some(block) = car.next_block().await? {
         store_block(&mut store, block, &mut blocks)?;
@@ -340,22 +461,14 @@ pub async fn load_car_async<R: AsyncRead + Unpin>(
     loaded(&roots, store, car.offset(), blocks, options)
 }
 
-/// What the caller knows about the repository in advance.
-#[derive(Debug, Clone, Copy, Default)]
+/// What the caller knows about the repository in advance: the key is required, because a
+/// repository whose signature was not checked is not verified.
+#[derive(Debug, Clone, Copy)]
 pub struct Expected<'a> {
-    /// The account the repository must belong to.
+    /// The account the repository must belong to, if known.
     pub did: Option<&'a Did>,
-    /// The account's `#atproto` signing key; without it the signature is not checked.
-    pub key: Option<&'a PublicKey>,
-}
-
-/// Whether the commit signature was checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SignatureCheck {
-    /// Verified against the given key.
-    Valid,
-    /// No key was given.
-    Unchecked,
+    /// The account's `#atproto` signing key.
+    pub key: &'a PublicKey,
 }
 
 impl LoadedCar {
@@ -379,7 +492,7 @@ impl LoadedCar {
         &self.store
     }
 
-    /// Decodes the commit block.
+    /// Decodes the commit block (its signature unchecked).
     pub fn commit(&self) -> Result<Commit> {
         let bytes = self
             .store
@@ -391,36 +504,44 @@ impl LoadedCar {
         Commit::from_cbor(self.root, &bytes)
     }
 
-    /// Checks the commit against what the caller expects; the tree is checked while walking.
+    /// Checks the commit's DID and signature; the tree is checked while walking.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingBlock`] / [`Error::Commit`] for the commit block,
+    /// [`Error::DidMismatch`], [`Error::BadSignature`].
     pub fn verify(self, expected: Expected<'_>) -> Result<VerifiedRepo> {
         let commit = self.commit()?;
         if let Some(did) = expected.did {
             commit.verify_did(did)?;
         }
-        let signature = match expected.key {
-            Some(key) => {
-                commit.verify_signature(key)?;
-                SignatureCheck::Valid
-            }
-            None => SignatureCheck::Unchecked,
-        };
-        Ok(VerifiedRepo {
-            car: self,
-            commit,
-            signature,
-        })
+        commit.verify_signature(expected.key)?;
+        Ok(VerifiedRepo { car: self, commit })
+    }
+
+    /// Walks the tree with every shape rule, but without checking the commit's signature:
+    /// for inspecting a CAR whose account key is unknown. Nothing it yields is proven to be
+    /// the account's; use [`LoadedCar::verify`] for that.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingBlock`] / [`Error::Commit`] for the commit block.
+    pub fn walk_unsigned(&self) -> Result<(Commit, RecordWalker<'_>)> {
+        let commit = self.commit()?;
+        let walker = RecordWalker::new(self, &commit);
+        Ok((commit, walker))
     }
 }
 
-/// A repository whose commit checked out; its records stream from [`VerifiedRepo::records`].
+/// A repository whose commit DID and signature checked out; its records stream from
+/// [`VerifiedRepo::records`], which checks the tree as it goes.
 pub struct VerifiedRepo {
     car: LoadedCar,
     commit: Commit,
-    signature: SignatureCheck,
 }
 
 impl VerifiedRepo {
-    /// The commit.
+    /// The commit (its signature verified).
     pub fn commit(&self) -> &Commit {
         &self.commit
     }
@@ -430,11 +551,6 @@ impl VerifiedRepo {
         self.car.root
     }
 
-    /// Whether the signature was checked.
-    pub fn signature(&self) -> SignatureCheck {
-        self.signature
-    }
-
     /// The loaded CAR.
     pub fn car(&self) -> &LoadedCar {
         &self.car
@@ -442,20 +558,15 @@ impl VerifiedRepo {
 
     /// Walks the MST in key order, checking it and yielding each record.
     pub fn records(&self) -> RecordWalker<'_> {
-        RecordWalker {
-            walker: MstWalker::new(&self.car.store, self.commit.data, WalkOptions::default()),
-            store: &self.car.store,
-            key: Vec::new(),
-            current: None,
-            check_encoding: self.car.check_record_encoding,
-            record_bytes: 0,
-        }
+        RecordWalker::new(&self.car, &self.commit)
     }
 }
 
 /// One record, borrowed from the walk.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordRef<'a> {
+    /// The account.
+    pub did: &'a Did,
     /// The collection NSID.
     pub collection: &'a str,
     /// The record key.
@@ -466,28 +577,21 @@ pub struct RecordRef<'a> {
     pub bytes: &'a [u8],
 }
 
-/// One record, owned: the plain form that outlives the CAR (queues, channels, other threads).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    /// The collection NSID.
-    pub collection: String,
-    /// The record key.
-    pub rkey: String,
-    /// The record block's CID.
-    pub cid: Cid,
-    /// The record's DRISL bytes.
-    pub bytes: Vec<u8>,
-}
-
 impl RecordRef<'_> {
-    /// An owned copy.
-    pub fn to_owned(&self) -> Record {
-        Record {
-            collection: self.collection.to_owned(),
-            rkey: self.rkey.to_owned(),
-            cid: self.cid,
-            bytes: self.bytes.to_vec(),
-        }
+    /// The owned [`Record`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Syntax`] when the record key is longer than a record key may be (MST keys
+    /// allow more); the collection was already checked as an NSID by the walk.
+    pub fn to_record(&self) -> Result<Record> {
+        Ok(Record::from_verified(
+            self.did.clone(),
+            Nsid::from_checked(self.collection),
+            self.rkey.parse::<RecordKey>()?,
+            self.cid,
+            self.bytes.to_vec(),
+        ))
     }
 }
 
@@ -495,6 +599,7 @@ impl RecordRef<'_> {
 pub struct RecordWalker<'a> {
     walker: MstWalker<&'a BlockStore>,
     store: &'a BlockStore,
+    did: Did,
     key: Vec<u8>,
     current: Option<Cow<'a, [u8]>>,
     check_encoding: bool,
@@ -502,6 +607,18 @@ pub struct RecordWalker<'a> {
 }
 
 impl<'a> RecordWalker<'a> {
+    fn new(car: &'a LoadedCar, commit: &Commit) -> RecordWalker<'a> {
+        RecordWalker {
+            walker: MstWalker::new(&car.store, commit.data, MstRules::default()),
+            store: &car.store,
+            did: commit.did.clone(),
+            key: Vec::new(),
+            current: None,
+            check_encoding: car.check_record_encoding,
+            record_bytes: 0,
+        }
+    }
+
     /// The next record, or `None` once the whole tree has been verified.
     pub fn next_record(&mut self) -> Result<Option<RecordRef<'_>>> {
         let Some((key, cid)) = self.walker.next_entry()? else {
@@ -528,6 +645,7 @@ impl<'a> RecordWalker<'a> {
         // The walker checked the path syntax, so it has exactly one slash.
         let (collection, rkey) = path.split_once('/').unwrap_or((path, ""));
         Ok(Some(RecordRef {
+            did: &self.did,
             collection,
             rkey,
             cid,
@@ -550,8 +668,10 @@ impl Iterator for RecordWalker<'_> {
     type Item = Result<Record>;
 
     fn next(&mut self) -> Option<Result<Record>> {
-        self.next_record()
-            .map(|record| record.map(|r| r.to_owned()))
-            .transpose()
+        match self.next_record() {
+            Ok(Some(record)) => Some(record.to_record()),
+            Ok(None) => None,
+            Err(err) => Some(Err(err)),
+        }
     }
 }

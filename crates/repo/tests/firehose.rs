@@ -1,17 +1,18 @@
 //! The firehose wire format and stateless `#commit` verification: round trips, commits made by
 //! `MemoryRepo`, tampering, malformed frames, the interop proof fixtures and real frames.
 
+use atpdb_repo::blocks::VerifiedBlocks;
 use atpdb_repo::car::write_car;
 use atpdb_repo::cbor::{DecodeError, Encoder};
-use atpdb_repo::cid::CidMap;
 use atpdb_repo::commit::UnsignedCommit;
-use atpdb_repo::crypto::{Curve, Keypair};
+use atpdb_repo::crypto::{Curve, Keypair, PublicKey};
 use atpdb_repo::firehose::{
-    AccountEvent, CommitEvent, CommitProof, Frame, FrameError, IdentityEvent, InfoEvent, Inversion,
+    AccountEvent, CommitEvent, CommitProof, Frame, FrameError, IdentityEvent, InfoEvent,
     MAX_COMMIT_BLOCKS_BYTES, MAX_COMMIT_OPS, MAX_FRAME_BYTES, MAX_SYNC_BLOCKS_BYTES, Message,
-    SyncEvent, decode_frame, encode_error, encode_message, verify_commit, verify_sync,
+    SyncEvent, VerifiedCommit, decode_frame, encode_error, encode_message, verify_commit,
+    verify_sync,
 };
-use atpdb_repo::mst::{NoBlocks, Tree};
+use atpdb_repo::mst::{MstRules, NoBlocks, Tree};
 use atpdb_repo::repo::{Action, CommitData, MemoryRepo, RepoOp, Write, invert_ops};
 use atpdb_repo::sample::{SampleRng, sample_did, sample_keypair, sample_record};
 use atpdb_repo::syntax::{Datetime, Did, Tid};
@@ -410,12 +411,13 @@ fn check_commit(account: &Account, data: &CommitData, seq: u64) -> TestResult {
     assert!(bytes.len() <= MAX_FRAME_BYTES);
     let decoded = decode_commit(&bytes)?;
     let verified = verify_commit(&decoded, &account.key.public())?;
-    let expected = if data.prev_data.is_some() {
-        Inversion::Proven
-    } else {
-        Inversion::NoPrevData
-    };
-    assert_eq!(verified.inversion(), expected, "commit {}", data.commit.rev);
+    assert_eq!(
+        verified.is_proven(),
+        data.prev_data.is_some(),
+        "commit {}",
+        data.commit.rev
+    );
+    let verified = verified.proof();
     assert_eq!(verified.cid(), data.cid);
     assert_eq!(verified.commit(), &data.commit);
     assert_eq!(verified.ops(), data.ops.as_slice());
@@ -424,19 +426,29 @@ fn check_commit(account: &Account, data: &CommitData, seq: u64) -> TestResult {
         .iter()
         .filter_map(|op| Some((op.path.as_str(), op.cid?)))
         .collect();
-    let records: Vec<(&str, Cid)> = verified
-        .records()
+    let verified_records = verified.records()?;
+    let records: Vec<(String, Cid)> = verified_records
         .iter()
-        .map(|record| (record.path.as_str(), record.cid))
+        .map(|record| (record.path(), record.cid()))
+        .collect();
+    let written: Vec<(String, Cid)> = written
+        .into_iter()
+        .map(|(path, cid)| (path.to_owned(), cid))
         .collect();
     assert_eq!(records, written);
-    for record in verified.records() {
-        assert_eq!(Cid::dag_cbor(&record.bytes), record.cid, "{}", record.path);
+    for record in &verified_records {
+        assert_eq!(record.did(), &data.commit.did);
+        assert_eq!(
+            Cid::dag_cbor(record.bytes()),
+            record.cid(),
+            "{}",
+            record.path()
+        );
         let (cid, bytes) = account
             .repo
-            .get_record(&record.path)?
+            .get_record(&record.path())?
             .ok_or("verified record is not in the repository")?;
-        assert_eq!((cid, bytes), (record.cid, record.bytes.as_slice()));
+        assert_eq!((cid, bytes), (record.cid(), record.bytes()));
     }
     Ok(())
 }
@@ -507,7 +519,7 @@ fn ops_in_any_order_verify() -> TestResult {
     reversed.ops.reverse();
     let verified = verify_commit(&reversed, &account.key.public())?;
     assert_eq!(
-        verified.ops(),
+        verified.proof().ops(),
         data.ops.as_slice(),
         "ops come back sorted by path"
     );
@@ -570,7 +582,7 @@ fn events_without_prev_data_are_checked_but_not_inverted() -> TestResult {
         }
     }
     let verified = verify_commit(&legacy, &account.key.public())?;
-    assert_eq!(verified.inversion(), Inversion::NoPrevData);
+    assert!(matches!(verified, VerifiedCommit::Unproven(_)));
 
     // The same ops with prevData must carry prev.
     let mut strict = legacy.clone();
@@ -625,7 +637,7 @@ fn retry_after_key_rotation_needs_no_second_check() -> TestResult {
     let proof = CommitProof::check(&event)?;
     assert!(proof.verify_signature(&stale).is_err());
     let verified = proof.verify(&account.key.public())?;
-    assert_eq!(verified.inversion(), Inversion::Proven);
+    assert!(matches!(verified, VerifiedCommit::Proven(_)));
     Ok(())
 }
 
@@ -938,6 +950,8 @@ fn flipped_bytes_never_panic() -> TestResult {
     let (account, map) = commit_body(42)?;
     let bytes = commit_frame(&map);
     let key = account.key.public();
+    let original = verify_commit(&decode_commit(&bytes)?, &key)?.into_proof();
+    let original_records = original.records()?;
     let mut n_decoded = 0;
     for index in 0..bytes.len() {
         for flip in [0x01, 0x80, 0xff] {
@@ -945,9 +959,17 @@ fn flipped_bytes_never_panic() -> TestResult {
             bad[index] ^= flip;
             if let Ok(Frame::Message(Message::Commit(event))) = decode_frame(&bad) {
                 n_decoded += 1;
-                // Whatever decodes must either verify to the same content or fail cleanly.
+                // Whatever still verifies (a flip in `seq` or `time`, say) must carry exactly
+                // the signed content of the original: no flip can forge another commit.
                 if let Ok(verified) = verify_commit(&event, &key) {
-                    assert_eq!(verified.cid(), event.commit);
+                    let verified = verified.into_proof();
+                    assert_eq!(verified.cid(), original.cid(), "flip at byte {index}");
+                    assert_eq!(verified.ops(), original.ops(), "flip at byte {index}");
+                    assert_eq!(
+                        verified.records()?,
+                        original_records,
+                        "flip at byte {index}"
+                    );
                 }
             }
         }
@@ -1302,6 +1324,14 @@ fn strings<'a>(json: &'a Json, field: &str) -> Vec<&'a str> {
 /// the added keys here point at a real record instead. Layers depend on keys alone, so the
 /// tree has the fixture's shape, and the tree before the commit is the fixture's exactly:
 /// `prevData` must be `rootBeforeCommit`.
+/// The conformance fixtures' keys (`A0/374913`) are MST keys but not repo paths with NSIDs.
+const FIXTURE_KEYS: MstRules = MstRules { check_paths: false };
+
+/// [`verify_commit`] under the fixtures' key rules.
+fn verify_fixture(event: &CommitEvent, key: &PublicKey) -> Result<VerifiedCommit, Error> {
+    CommitProof::check_with(event, FIXTURE_KEYS)?.verify(key)
+}
+
 #[test]
 fn commit_proof_fixtures_verify_as_commits() -> TestResult {
     let Some(cases) = read_json("firehose/commit-proof-fixtures.json") else {
@@ -1326,7 +1356,10 @@ fn commit_proof_fixtures_verify_as_commits() -> TestResult {
             case["rootBeforeCommit"].as_str().ok_or("no root")?,
             "{comment}"
         );
-        let mut store: CidMap<Vec<u8>> = before_blocks.into_iter().collect();
+        let mut store = VerifiedBlocks::new();
+        for (cid, bytes) in before_blocks {
+            store.insert(cid, bytes)?;
+        }
 
         let mut ops: Vec<RepoOp> = strings(case, "adds")
             .into_iter()
@@ -1345,7 +1378,7 @@ fn commit_proof_fixtures_verify_as_commits() -> TestResult {
             .collect();
         ops.sort_by(|a, b| a.path.cmp(&b.path));
         let (after, changed) = {
-            let mut tree = Tree::load(&store, before);
+            let mut tree = Tree::load_with(&store, before, FIXTURE_KEYS);
             for op in &ops {
                 match op.cid {
                     Some(cid) => tree.insert(op.path.as_bytes(), cid)?,
@@ -1354,10 +1387,12 @@ fn commit_proof_fixtures_verify_as_commits() -> TestResult {
             }
             tree.changed_blocks()
         };
-        store.extend(changed.iter().cloned());
+        for (cid, bytes) in &changed {
+            store.insert(*cid, bytes.clone())?;
+        }
         // The slice: new nodes, and the unchanged ones that inverting reads.
         let mut slice: Vec<(Cid, Vec<u8>)> = changed;
-        let mut probe = Tree::load(&store, after);
+        let mut probe = Tree::load_with(&store, after, FIXTURE_KEYS);
         invert_ops(&mut probe, &ops)?;
         assert_eq!(
             probe.root_cid(),
@@ -1366,7 +1401,7 @@ fn commit_proof_fixtures_verify_as_commits() -> TestResult {
         );
         for cid in probe.loaded() {
             if !slice.iter().any(|(have, _)| have == cid) {
-                slice.push((*cid, store[cid].clone()));
+                slice.push((*cid, store.get(cid).ok_or("node missing")?.to_vec()));
             }
         }
 
@@ -1399,9 +1434,9 @@ fn commit_proof_fixtures_verify_as_commits() -> TestResult {
             time: time(),
         };
         let decoded = decode_commit(&encode_message(&Message::Commit(event.clone())))?;
-        let verified =
-            verify_commit(&decoded, &key.public()).unwrap_or_else(|err| panic!("{comment}: {err}"));
-        assert_eq!(verified.inversion(), Inversion::Proven, "{comment}");
+        let verified = verify_fixture(&decoded, &key.public())
+            .unwrap_or_else(|err| panic!("{comment}: {err}"));
+        assert!(verified.is_proven(), "{comment}");
 
         // The blocks inversion reads (and the record) are needed: without one, verification
         // names it. Other new nodes travel in the slice but nothing reads them: a split can
@@ -1410,7 +1445,7 @@ fn commit_proof_fixtures_verify_as_commits() -> TestResult {
         for index in 1..blocks.len() {
             let mut fewer = blocks.clone();
             let (missing, _) = fewer.remove(index);
-            let result = verify_commit(&with_blocks(&event, &fewer), &key.public());
+            let result = verify_fixture(&with_blocks(&event, &fewer), &key.public());
             if needed.contains(&missing) || missing == record_cid {
                 assert!(
                     matches!(&result, Err(Error::MissingBlock { cid, .. }) if *cid == missing),
@@ -1469,9 +1504,10 @@ fn real_commit_frames_decode_and_check() -> TestResult {
         assert_eq!(event.ops[0].path, path);
         // The signing keys are not at hand offline: everything but the signature is checked.
         let proof = CommitProof::check(&event)?;
-        assert_eq!(proof.inversion(), Inversion::NoPrevData);
-        assert_eq!(proof.records().len(), 1);
-        assert_eq!(proof.records()[0].path, path);
+        assert_eq!(proof.prev_data(), None);
+        let records = proof.records()?;
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].path(), path);
         assert_eq!(proof.commit().did, event.repo);
         // The unknown `prev: null` field was dropped; the rest re-encodes as it came.
         let mut reencoded: Json = serde_json::from_str(json)?;

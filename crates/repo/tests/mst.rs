@@ -3,9 +3,9 @@
 use std::fs;
 
 use atpdb_repo::Cid;
-use atpdb_repo::cid::CidMap;
+use atpdb_repo::blocks::VerifiedBlocks;
 use atpdb_repo::mst::{
-    MstWalker, NoBlocks, Tree, WalkOptions, common_prefix_len, diff, layer_for_key,
+    MstRules, MstWalker, NoBlocks, Tree, common_prefix_len, diff_with, layer_for_key,
 };
 use serde_json::Value as Json;
 
@@ -16,6 +16,29 @@ fn read_json(relative: &str) -> Option<Json> {
     let text = fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
     Some(serde_json::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display())))
 }
+
+/// The cases of a fixture file: it must be a non-empty array, or the test would pass on zero.
+fn cases<'a>(json: &'a Json, name: &str) -> &'a [Json] {
+    let cases = json
+        .as_array()
+        .unwrap_or_else(|| panic!("{name}: fixture is not an array"));
+    assert!(!cases.is_empty(), "{name}: fixture has no cases");
+    cases
+}
+
+/// Blocks from `(cid, bytes)` pairs, each hash checked.
+fn store(
+    blocks: impl IntoIterator<Item = (Cid, Vec<u8>)>,
+) -> Result<VerifiedBlocks, atpdb_repo::Error> {
+    let mut store = VerifiedBlocks::new();
+    for (cid, bytes) in blocks {
+        store.insert(cid, bytes)?;
+    }
+    Ok(store)
+}
+
+/// The rules for the conformance fixtures, whose keys are not repo paths.
+const FIXTURE_KEYS: MstRules = MstRules { check_paths: false };
 
 fn string<'a>(json: &'a Json, field: &str) -> &'a str {
     json[field]
@@ -40,7 +63,7 @@ fn key_heights() {
     let Some(cases) = read_json("mst/key_heights.json") else {
         return;
     };
-    for case in cases.as_array().into_iter().flatten() {
+    for case in self::cases(&cases, "key_heights") {
         let key = string(case, "key");
         let height = case["height"]
             .as_u64()
@@ -58,7 +81,7 @@ fn common_prefixes() {
     let Some(cases) = read_json("mst/common_prefix.json") else {
         return;
     };
-    for case in cases.as_array().into_iter().flatten() {
+    for case in self::cases(&cases, "common_prefix") {
         let (left, right) = (string(case, "left"), string(case, "right"));
         let len = case["len"]
             .as_u64()
@@ -94,8 +117,8 @@ fn example_keys_any_insert_order_same_root() -> TestResult {
     assert_eq!(root, backward.root_cid());
 
     // The walker reads the tree back from its blocks in sorted order and accepts its shape.
-    let store: CidMap<Vec<u8>> = blocks.into_iter().collect();
-    let mut walker = MstWalker::new(&store, root, WalkOptions { check_paths: false });
+    let store = store(blocks)?;
+    let mut walker = MstWalker::new(&store, root, FIXTURE_KEYS);
     let mut walked = Vec::new();
     while let Some((key, cid)) = walker.next_entry()? {
         assert_eq!(cid, value);
@@ -106,7 +129,7 @@ fn example_keys_any_insert_order_same_root() -> TestResult {
     assert_eq!(walked, sorted);
 
     // Removing every other key and adding it back restores the root.
-    let mut lazy = Tree::load(&store, root);
+    let mut lazy = Tree::load_with(&store, root, FIXTURE_KEYS);
     for key in keys.iter().step_by(2) {
         assert_eq!(lazy.remove(key.as_bytes())?, Some(value), "remove {key}");
     }
@@ -147,7 +170,7 @@ fn commit_proofs() -> TestResult {
     let Some(cases) = read_json("firehose/commit-proof-fixtures.json") else {
         return Ok(());
     };
-    for case in cases.as_array().into_iter().flatten() {
+    for case in self::cases(&cases, "commit-proof-fixtures") {
         let comment = string(case, "comment");
         let leaf: Cid = string(case, "leafValue").parse()?;
         let mut tree = build(&strings(case, "keys"), leaf)?;
@@ -182,29 +205,28 @@ fn commit_proofs() -> TestResult {
         );
 
         // The slice is every new node plus the unchanged nodes that inversion reads.
-        let mut all: CidMap<Vec<u8>> = before_blocks.into_iter().collect();
-        all.extend(changed.iter().cloned());
-        let mut probe = Tree::load(&all, after);
+        let all = store(before_blocks.into_iter().chain(changed.iter().cloned()))?;
+        let mut probe = Tree::load_with(&all, after, FIXTURE_KEYS);
         for key in &adds {
             probe.remove(key.as_bytes())?;
         }
         for key in &dels {
             probe.insert(key.as_bytes(), leaf)?;
         }
-        let mut slice: CidMap<Vec<u8>> = changed.into_iter().collect();
+        let mut slice = store(changed)?;
         for cid in probe.loaded() {
-            slice.insert(*cid, all[cid].clone());
+            slice.insert(*cid, all.get(cid).ok_or("loaded node missing")?.to_vec())?;
         }
         for expected in strings(case, "blocksInProof") {
             let cid: Cid = expected.parse()?;
             assert!(
-                slice.contains_key(&cid),
+                slice.contains(&cid),
                 "{comment}: proof block {expected} missing from the slice"
             );
         }
 
         // Invert using only the diff blocks: the partial tree must lead back to the old root.
-        let mut partial = Tree::load(&slice, after);
+        let mut partial = Tree::load_with(&slice, after, FIXTURE_KEYS);
         for key in &adds {
             assert_eq!(
                 partial.get(key.as_bytes())?,
@@ -232,7 +254,7 @@ fn commit_proofs() -> TestResult {
         assert_eq!(partial.root_cid(), before, "{comment}: inverted root");
 
         // A structural diff of the two trees finds exactly the operations.
-        let changes = diff(&all, Some(before), after)?;
+        let changes = diff_with(&all, Some(before), after, FIXTURE_KEYS)?;
         let mut expected: Vec<&str> = adds.iter().chain(&dels).copied().collect();
         expected.sort();
         let found: Vec<String> = changes
@@ -256,8 +278,8 @@ fn repository_walks_require_nsid_collections() -> TestResult {
     ] {
         let mut tree = build(&["com.example.ok/3kb3fge5lm32x", bad], value)?;
         let (root, blocks) = tree.changed_blocks();
-        let store: CidMap<Vec<u8>> = blocks.into_iter().collect();
-        let mut walker = MstWalker::new(&store, root, WalkOptions::default());
+        let store = store(blocks)?;
+        let mut walker = MstWalker::new(&store, root, MstRules::default());
         let result = (|| {
             while walker.next_entry()?.is_some() {}
             Ok::<_, atpdb_repo::Error>(())
@@ -294,27 +316,24 @@ fn malformed_links_are_refused_and_cheap() -> TestResult {
         e.into_bytes()
     };
     // Each node links one child as both `l` and `t`: 2^40 paths if revisited.
-    let mut store: CidMap<Vec<u8>> = CidMap::default();
+    let mut blocks = VerifiedBlocks::new();
     let mut child = None;
     for depth in 0..40 {
         let bytes = node(&format!("k{depth}"), child.as_ref());
-        let cid = Cid::dag_cbor(&bytes);
-        store.insert(cid, bytes);
-        child = Some(cid);
+        child = Some(blocks.insert_new(atpdb_repo::cid::DAG_CBOR, bytes));
     }
     let root = child.ok_or("no root")?;
-    let changes = diff(&store, None, root)?;
-    assert_eq!(changes.new_nodes.len(), 40);
+    // Refused (a node has one place in a tree), and at once rather than after 2^40 visits.
+    let result = diff_with(&blocks, None, root, FIXTURE_KEYS);
+    assert!(result.is_err(), "{result:?}");
 
     // A raw-codec subtree link.
     let leaf = node("com.example.a/b", None);
     let leaf_raw = Cid::from_parts(atpdb_repo::cid::RAW, *Cid::dag_cbor(&leaf).digest());
     let parent = node("com.example.a/a", Some(&leaf_raw));
     let parent_cid = Cid::dag_cbor(&parent);
-    let store: CidMap<Vec<u8>> = [(parent_cid, parent), (leaf_raw, leaf)]
-        .into_iter()
-        .collect();
-    let mut walker = MstWalker::new(&store, parent_cid, WalkOptions { check_paths: false });
+    let store = store([(parent_cid, parent), (leaf_raw, leaf)])?;
+    let mut walker = MstWalker::new(&store, parent_cid, FIXTURE_KEYS);
     let result = (|| {
         while walker.next_entry()?.is_some() {}
         Ok::<_, atpdb_repo::Error>(())

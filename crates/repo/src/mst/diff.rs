@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::BlockSource;
-use super::node::decode_node;
+use super::check::{CheckedNode, MstRules, NodeChecker, Position};
 use crate::cid::Cid;
 use crate::error::{Error, Result};
 
@@ -29,15 +29,28 @@ pub struct TreeDiff {
     pub removed_nodes: Vec<Cid>,
 }
 
-/// Compares the tree at `old` (or an empty tree) with the tree at `new`.
+/// Compares the repository tree at `old` (or an empty tree) with the one at `new`.
 ///
 /// Subtrees with the same CID are not read, so the work is proportional to what changed plus
-/// one pass over the old tree's nodes.
+/// one pass over the old tree's nodes. Every node read passes the same shape rules as a full
+/// walk.
 pub fn diff<S: BlockSource>(source: &S, old: Option<Cid>, new: Cid) -> Result<TreeDiff> {
+    diff_with(source, old, new, MstRules::default())
+}
+
+/// [`diff`] under `rules` (the conformance fixtures' keys are not repo paths).
+pub fn diff_with<S: BlockSource>(
+    source: &S,
+    old: Option<Cid>,
+    new: Cid,
+    rules: MstRules,
+) -> Result<TreeDiff> {
+    let mut checker = NodeChecker::new(rules);
     let mut old_nodes = HashSet::new();
     if let Some(old) = old {
         walk(
             source,
+            &mut checker,
             old,
             &mut |cid| old_nodes.insert(cid),
             &mut |_, _| {},
@@ -48,6 +61,7 @@ pub fn diff<S: BlockSource>(source: &S, old: Option<Cid>, new: Cid) -> Result<Tr
     let mut new_reached = HashSet::new();
     walk(
         source,
+        &mut checker,
         new,
         &mut |cid| {
             new_reached.insert(cid);
@@ -67,6 +81,7 @@ pub fn diff<S: BlockSource>(source: &S, old: Option<Cid>, new: Cid) -> Result<Tr
     if let Some(old) = old {
         walk(
             source,
+            &mut checker,
             old,
             &mut |cid| {
                 if new_reached.contains(&cid) {
@@ -109,39 +124,63 @@ pub fn diff<S: BlockSource>(source: &S, old: Option<Cid>, new: Cid) -> Result<Tr
     })
 }
 
+/// A node to visit: its CID, the layer its parent implies, and the keys it lies between.
+type Pending = (Cid, Option<u32>, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// Visits nodes depth-first; `enter` says whether to read a node, `entry` receives its keys.
 fn walk<S: BlockSource>(
     source: &S,
+    checker: &mut NodeChecker,
     root: Cid,
     enter: &mut dyn FnMut(Cid) -> bool,
     entry: &mut dyn FnMut(Vec<u8>, Cid),
 ) -> Result<()> {
-    let mut stack = vec![root];
-    // A malformed tree can link one node from many places; visiting it once keeps the walk
-    // linear instead of exponential in the depth.
+    let mut stack: Vec<Pending> = vec![(root, None, None, None)];
+    // In a valid tree every node has one place (its keys fix it); a node linked twice would
+    // otherwise make the walk exponential in the depth.
     let mut visited = HashSet::new();
-    while let Some(cid) = stack.pop() {
-        if !visited.insert(cid) || !enter(cid) {
+    let mut node = CheckedNode::default();
+    while let Some((cid, layer, after, before)) = stack.pop() {
+        if !visited.insert(cid) {
+            return Err(Error::MstStructure {
+                node: cid,
+                reason: "node is linked from more than one place".to_owned(),
+            });
+        }
+        if !enter(cid) {
             continue;
         }
         let bytes = source.get_block(&cid)?.ok_or_else(|| Error::MissingBlock {
             cid,
             context: "MST node".to_owned(),
         })?;
-        let node = decode_node(&bytes).map_err(|source| Error::Block { cid, source })?;
-        stack.extend(node.left);
-        let mut key: Vec<u8> = Vec::new();
-        for item in &node.entries {
-            if item.prefix_len > key.len() {
-                return Err(Error::MstStructure {
-                    node: cid,
-                    reason: "prefix length is longer than the previous key".to_owned(),
-                });
+        let position = match layer {
+            None => Position::ROOT,
+            Some(layer) => Position::child(layer, after.as_deref(), before.as_deref()),
+        };
+        checker.check(cid, &bytes, position, &mut node)?;
+        let child_layer = node.layer().checked_sub(1);
+        let mut low = after;
+        if let Some(left) = node.left() {
+            let high = node
+                .entry(0)
+                .map(|(key, _, _)| key.to_vec())
+                .or(before.clone());
+            stack.push((left, child_layer, low.clone(), high));
+        }
+        for index in 0..node.len() {
+            let Some((key, value, right)) = node.entry(index) else {
+                break;
+            };
+            entry(key.to_vec(), value);
+            low = Some(key.to_vec());
+            if let Some(right) = right {
+                let high = node
+                    .entry(index + 1)
+                    .map(|(key, _, _)| key.to_vec())
+                    .or(before.clone());
+                stack.push((right, child_layer, low.clone(), high));
             }
-            key.truncate(item.prefix_len);
-            key.extend_from_slice(item.suffix);
-            entry(key.clone(), item.value);
-            stack.extend(item.right);
         }
     }
     Ok(())

@@ -3,13 +3,16 @@
 //! # Terminology
 //!
 //! - A *key* is a repo path (`collection/rkey`); the tree itself treats keys as bytes, so the
-//!   conformance fixtures' synthetic keys work too. Repo-path syntax is checked by the walker
-//!   when asked ([`WalkOptions::check_paths`]).
+//!   conformance fixtures' synthetic keys work too. Repo-path syntax is checked when the
+//!   rules ask for it ([`MstRules::check_paths`], the default).
 //! - A key's *layer* is the number of leading zero bits of `sha256(key)`, halved and rounded down.
 //!   Every key sits in a node of its own layer; subtrees of a layer-`n` node are layer `n-1`.
 //! - A *node* is `{l: left subtree, e: [{p: shared prefix, k: key suffix, v: value, t: right subtree}]}`.
 //!
 //! # Pieces
+//!
+//! Every reader loads nodes through one checker (`check.rs`): the canonical encoding and every
+//! shape rule, so the walker, the lazy tree and the diff accept exactly the same trees.
 //!
 //! - [`MstWalker`] streams `(key, value)` in order from a [`BlockSource`], checking every shape
 //!   rule on the way: the verification path for a full repository.
@@ -27,22 +30,21 @@
 //!   without a subtree is only legal as the root of an empty tree, and the root itself is never
 //!   an empty node that only points down (it is trimmed away).
 
+mod check;
 mod diff;
 mod node;
 mod tree;
 mod walk;
 
-use std::borrow::Cow;
-
 use sha2::{Digest, Sha256};
 
-use crate::cid::{Cid, CidMap};
-use crate::error::Result;
+pub use crate::blocks::{BlockSource, NoBlocks};
 
-pub use diff::{DiffEntry, TreeDiff, diff};
+pub use check::MstRules;
+pub use diff::{DiffEntry, TreeDiff, diff, diff_with};
 pub use node::{NodeEntry, NodeView, decode_node, encode_node};
 pub use tree::Tree;
-pub use walk::{MstWalker, WalkOptions, WalkStats};
+pub use walk::{MstWalker, WalkStats};
 
 /// Deepest layer a key can have: sha256 has 256 bits, two per layer.
 pub const MAX_LAYER: u32 = 128;
@@ -65,34 +67,6 @@ pub fn layer_for_key(key: &[u8]) -> u32 {
 /// The length of the common prefix of two byte strings.
 pub fn common_prefix_len(a: &[u8], b: &[u8]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-/// Where MST nodes (and records) come from: a CAR in memory, a spill file, a commit slice.
-pub trait BlockSource {
-    /// The block's bytes, or `None` if this source does not have it.
-    fn get_block(&self, cid: &Cid) -> Result<Option<Cow<'_, [u8]>>>;
-}
-
-impl BlockSource for CidMap<Vec<u8>> {
-    fn get_block(&self, cid: &Cid) -> Result<Option<Cow<'_, [u8]>>> {
-        Ok(self.get(cid).map(|bytes| Cow::Borrowed(bytes.as_slice())))
-    }
-}
-
-impl<S: BlockSource + ?Sized> BlockSource for &S {
-    fn get_block(&self, cid: &Cid) -> Result<Option<Cow<'_, [u8]>>> {
-        (**self).get_block(cid)
-    }
-}
-
-/// A block source that has nothing: for trees built entirely in memory.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoBlocks;
-
-impl BlockSource for NoBlocks {
-    fn get_block(&self, _cid: &Cid) -> Result<Option<Cow<'_, [u8]>>> {
-        Ok(None)
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,11 @@
-//! The MST node codec: a hand-written strict decoder (the hot path) and the canonical encoder.
+//! The MST node codec: a strict decoder that accepts only the canonical encoding, and the
+//! canonical encoder.
+//!
+//! A node has exactly one byte encoding: both fields of the node (`e`, `l`) and all four of each
+//! entry (`k`, `p`, `t`, `v`) must be present, in DRISL key order, with no other field. A
+//! lenient decoder that read a missing `l` or `t` as null would let one tree travel under two
+//! root CIDs. Maximal prefix compression, the other half of canonical form, depends on the keys
+//! and is checked with the rest of the shape rules in [`super::check`].
 
 use crate::cbor::{DecodeError, Decoder, Encoder};
 use crate::cid::Cid;
@@ -25,28 +32,33 @@ pub struct NodeView<'a> {
     pub entries: Vec<NodeEntry<'a>>,
 }
 
-/// Decodes a node, rejecting any field or encoding the schema does not allow.
+/// Decodes a node, rejecting any field, missing field or encoding the schema does not allow.
 ///
-/// `l` and `t` may be absent (read as null) for leniency towards other encoders; the reference
-/// encoders always write them, and [`encode_node`] does too.
+/// This checks the node's encoding only; the shape rules that relate keys, layers and
+/// subtrees are applied wherever a tree is read (walk, lazy tree, diff).
 pub fn decode_node(bytes: &[u8]) -> Result<NodeView<'_>, DecodeError> {
-    let mut node = NodeView::default();
-    decode_node_into(bytes, &mut node)?;
-    Ok(node)
+    // No reserve from the entry count: a count read from input never sizes an allocation.
+    let mut entries = Vec::new();
+    let left = decode_node_with(bytes, |entry| {
+        entries.push(entry);
+        Ok(())
+    })?;
+    Ok(NodeView { left, entries })
 }
 
-/// Decodes into `node`, reusing its entry vector.
-pub(crate) fn decode_node_into<'a>(
+/// Decodes a node strictly, handing each entry to `on_entry` in order; returns the left link.
+///
+/// Streaming the entries lets the shape checks run without an intermediate vector per node.
+pub(crate) fn decode_node_with<'a, E: From<DecodeError>>(
     bytes: &'a [u8],
-    node: &mut NodeView<'a>,
-) -> Result<(), DecodeError> {
-    node.left = None;
-    node.entries.clear();
+    mut on_entry: impl FnMut(NodeEntry<'a>) -> Result<(), E>,
+) -> Result<Option<Cid>, E> {
     let mut decoder = Decoder::new(bytes);
     let start = decoder.position();
     let fields = decoder.map_len()?;
-    let mut seen_entries = false;
     let mut previous: Option<&str> = None;
+    let mut left = None;
+    let mut seen_entries = false;
     for _ in 0..fields {
         let key_offset = decoder.position();
         let key = decoder.ordered_key(previous)?;
@@ -55,27 +67,33 @@ pub(crate) fn decode_node_into<'a>(
             "e" => {
                 seen_entries = true;
                 let count = decoder.array_len()?;
-                node.entries.reserve(count);
                 for _ in 0..count {
-                    node.entries.push(decode_entry(&mut decoder)?);
+                    on_entry(decode_entry(&mut decoder)?)?;
                 }
             }
-            "l" => node.left = decoder.nullable_link()?,
+            "l" => left = Some(decoder.nullable_link()?),
             other => {
                 return Err(DecodeError::UnknownField {
                     field: other.to_owned(),
                     offset: key_offset,
-                });
+                }
+                .into());
             }
         }
     }
+    let missing = |field| DecodeError::MissingField {
+        field,
+        offset: start,
+    };
+    // Key order forces `e` before `l`; both must be there (canonical form writes both).
     if !seen_entries {
-        return Err(DecodeError::MissingField {
-            field: "e",
-            offset: start,
-        });
+        return Err(missing("e").into());
     }
-    decoder.finish()
+    let Some(left) = left else {
+        return Err(missing("l").into());
+    };
+    decoder.finish()?;
+    Ok(left)
 }
 
 fn decode_entry<'a>(decoder: &mut Decoder<'a>) -> Result<NodeEntry<'a>, DecodeError> {
@@ -98,7 +116,7 @@ fn decode_entry<'a>(decoder: &mut Decoder<'a>) -> Result<NodeEntry<'a>, DecodeEr
                 prefix_len =
                     Some(usize::try_from(p).map_err(|_| DecodeError::IntRange { offset })?);
             }
-            "t" => right = decoder.nullable_link()?,
+            "t" => right = Some(decoder.nullable_link()?),
             "v" => value = Some(decoder.link()?),
             other => {
                 return Err(DecodeError::UnknownField {
@@ -116,7 +134,7 @@ fn decode_entry<'a>(decoder: &mut Decoder<'a>) -> Result<NodeEntry<'a>, DecodeEr
         prefix_len: prefix_len.ok_or_else(|| missing("p"))?,
         suffix: suffix.ok_or_else(|| missing("k"))?,
         value: value.ok_or_else(|| missing("v"))?,
-        right,
+        right: right.ok_or_else(|| missing("t"))?,
     })
 }
 
@@ -198,6 +216,56 @@ mod tests {
         assert!(matches!(
             decode_node(encoder.as_bytes()),
             Err(DecodeError::UnknownField { .. })
+        ));
+    }
+
+    /// Issue 11: a node without `l`, or an entry without `t`, is a second encoding of the
+    /// same node and must not decode.
+    #[test]
+    fn issue_11_absent_l_or_t_is_refused() {
+        let mut encoder = Encoder::new();
+        encoder.map(1);
+        encoder.text("e");
+        encoder.array(0);
+        assert!(
+            matches!(
+                decode_node(encoder.as_bytes()),
+                Err(DecodeError::MissingField { field: "l", .. })
+            ),
+            "{:?}",
+            decode_node(encoder.as_bytes())
+        );
+
+        let value = Cid::dag_cbor(b"record");
+        let mut encoder = Encoder::new();
+        encoder.map(2);
+        encoder.text("e");
+        encoder.array(1);
+        encoder.map(3);
+        encoder.text("k");
+        encoder.bytes(b"com.example.a/aaa");
+        encoder.text("p");
+        encoder.u64(0);
+        encoder.text("v");
+        encoder.link(&value);
+        encoder.text("l");
+        encoder.null();
+        assert!(
+            matches!(
+                decode_node(encoder.as_bytes()),
+                Err(DecodeError::MissingField { field: "t", .. })
+            ),
+            "{:?}",
+            decode_node(encoder.as_bytes())
+        );
+
+        let mut encoder = Encoder::new();
+        encoder.map(1);
+        encoder.text("l");
+        encoder.null();
+        assert!(matches!(
+            decode_node(encoder.as_bytes()),
+            Err(DecodeError::MissingField { field: "e", .. })
         ));
     }
 }

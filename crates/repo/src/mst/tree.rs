@@ -1,6 +1,7 @@
 //! A mutable MST whose nodes load lazily: build, update, and invert operations.
 
-use super::node::{decode_node, encode_node};
+use super::check::{CheckedNode, MstRules, NodeChecker, Position};
+use super::node::encode_node;
 use super::{BlockSource, layer_for_key};
 use crate::cid::Cid;
 use crate::error::{Error, Result};
@@ -50,6 +51,23 @@ impl Node {
         }
     }
 
+    /// The child slot left of entry `index`, with the keys its subtree lies between: the
+    /// neighbouring entries, or this node's own bounds at either end.
+    fn bounded_slot<'a>(
+        &'a mut self,
+        index: usize,
+        after: Option<&'a [u8]>,
+        before: Option<&'a [u8]>,
+    ) -> (&'a mut Option<Link>, Option<&'a [u8]>, Option<&'a [u8]>) {
+        let split = index.min(self.entries.len());
+        let (head, tail) = self.entries.split_at_mut(split);
+        let before = tail.first().map(|e| e.key.as_slice()).or(before);
+        match head.last_mut() {
+            None => (&mut self.left, after, before),
+            Some(Entry { key, right, .. }) => (right, Some(key.as_slice()), before),
+        }
+    }
+
     fn search(&self, key: &[u8]) -> std::result::Result<usize, usize> {
         self.entries
             .binary_search_by(|entry| entry.key.as_slice().cmp(key))
@@ -60,12 +78,24 @@ impl Node {
 ///
 /// Nodes are read from the source only when an operation reaches them, and every node read is
 /// remembered ([`Tree::loaded`]): that list is the proof a consumer needs to repeat the same
-/// operations, which is how a PDS decides which nodes a firehose commit must carry.
+/// operations, which is how a PDS decides which nodes a firehose commit must carry. Every node
+/// read passes the same shape rules as a full walk ([`MstWalker`](super::MstWalker)), including
+/// key order against the keys above it, so a partial tree from a firehose commit is held to
+/// the rules a `getRepo` walk would apply.
 #[derive(Debug, Clone)]
 pub struct Tree<S> {
     source: S,
     root: Link,
     loaded: Vec<Cid>,
+    checker: NodeChecker,
+}
+
+/// What loading a node needs: where blocks come from, the rules, and the proof list.
+struct Loader<'t, S> {
+    source: &'t S,
+    loaded: &'t mut Vec<Cid>,
+    checker: &'t mut NodeChecker,
+    scratch: CheckedNode,
 }
 
 impl<S: BlockSource> Tree<S> {
@@ -75,15 +105,23 @@ impl<S: BlockSource> Tree<S> {
             source,
             root: Link::Node(Box::new(Node::empty(0))),
             loaded: Vec::new(),
+            checker: NodeChecker::new(MstRules::default()),
         }
     }
 
-    /// The tree rooted at `root`, loaded lazily from `source`.
+    /// The repository tree rooted at `root`, loaded lazily from `source`; keys must be repo
+    /// paths.
     pub fn load(source: S, root: Cid) -> Tree<S> {
+        Tree::load_with(source, root, MstRules::default())
+    }
+
+    /// The tree rooted at `root` under `rules` (the conformance fixtures' keys are not paths).
+    pub fn load_with(source: S, root: Cid, rules: MstRules) -> Tree<S> {
         Tree {
             source,
             root: Link::Stub(root),
             loaded: Vec::new(),
+            checker: NodeChecker::new(rules),
         }
     }
 
@@ -92,13 +130,28 @@ impl<S: BlockSource> Tree<S> {
         &self.loaded
     }
 
+    /// Splits the tree into its root link and a loader for the nodes below it.
+    fn parts(&mut self) -> (&mut Link, Loader<'_, S>) {
+        (
+            &mut self.root,
+            Loader {
+                source: &self.source,
+                loaded: &mut self.loaded,
+                checker: &mut self.checker,
+                scratch: CheckedNode::default(),
+            },
+        )
+    }
+
     /// The value stored under `key`.
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Cid>> {
         let key_layer = layer_for_key(key);
-        let mut link = &mut self.root;
-        let mut layer = None;
+        let (root, mut loader) = self.parts();
+        let mut node = loader.load(root, Position::ROOT)?;
+        // The bounds of the current node, owned: each step down narrows them.
+        let mut after: Option<Vec<u8>> = None;
+        let mut before: Option<Vec<u8>> = None;
         loop {
-            let node = load(link, layer, &self.source, &mut self.loaded)?;
             if key_layer > node.layer {
                 return Ok(None);
             }
@@ -106,14 +159,23 @@ impl<S: BlockSource> Tree<S> {
                 Ok(index) => return Ok(Some(node.entries[index].value)),
                 Err(_) if key_layer == node.layer => return Ok(None),
                 Err(index) => {
-                    let child_layer = node.layer - 1;
-                    match node.slot(index) {
-                        None => return Ok(None),
-                        Some(child) => {
-                            link = child;
-                            layer = Some(child_layer);
-                        }
-                    }
+                    let child_layer = child_layer(node)?;
+                    let low = match index.checked_sub(1) {
+                        Some(previous) => Some(node.entries[previous].key.clone()),
+                        None => after.take(),
+                    };
+                    let high = match node.entries.get(index) {
+                        Some(entry) => Some(entry.key.clone()),
+                        None => before.take(),
+                    };
+                    let Some(child) = node.slot(index) else {
+                        return Ok(None);
+                    };
+                    after = low;
+                    before = high;
+                    let position =
+                        Position::child(child_layer, after.as_deref(), before.as_deref());
+                    node = loader.load(child, position)?;
                 }
             }
         }
@@ -128,7 +190,8 @@ impl<S: BlockSource> Tree<S> {
             });
         }
         let key_layer = layer_for_key(key);
-        let root = load(&mut self.root, None, &self.source, &mut self.loaded)?;
+        let (root_link, mut loader) = self.parts();
+        let root = loader.load(root_link, Position::ROOT)?;
         if root.is_empty() {
             *root = Node::empty(key_layer);
             root.entries.push(Entry {
@@ -141,8 +204,8 @@ impl<S: BlockSource> Tree<S> {
         if key_layer > root.layer {
             let root_layer = root.layer;
             // After an error the tree is unusable anyway (a block was missing or malformed).
-            let old = std::mem::replace(&mut self.root, Link::Node(Box::new(Node::empty(0))));
-            let (low, high) = split(old, key, root_layer, &self.source, &mut self.loaded)?;
+            let old = std::mem::replace(root_link, Link::Node(Box::new(Node::empty(0))));
+            let (low, high) = split(old, key, root_layer, Bounds::NONE, &mut loader)?;
             let mut node = Node::empty(key_layer);
             node.left = wrap(low, root_layer, key_layer - 1);
             node.entries.push(Entry {
@@ -150,33 +213,29 @@ impl<S: BlockSource> Tree<S> {
                 value,
                 right: wrap(high, root_layer, key_layer - 1),
             });
-            self.root = Link::Node(Box::new(node));
+            *root_link = Link::Node(Box::new(node));
             return Ok(None);
         }
-        insert_into(root, key, key_layer, value, &self.source, &mut self.loaded)
+        insert_into(root, key, key_layer, value, Bounds::NONE, &mut loader)
     }
 
     /// Removes `key`, returning its value if it was present.
     pub fn remove(&mut self, key: &[u8]) -> Result<Option<Cid>> {
         let key_layer = layer_for_key(key);
-        let root = load(&mut self.root, None, &self.source, &mut self.loaded)?;
-        let removed = remove_from(root, key, key_layer, &self.source, &mut self.loaded)?;
+        let (root_link, mut loader) = self.parts();
+        let root = loader.load(root_link, Position::ROOT)?;
+        let removed = remove_from(root, key, key_layer, Bounds::NONE, &mut loader)?;
         // The root may not be an empty node that only points down: trim such layers away.
         loop {
-            let root = load(&mut self.root, None, &self.source, &mut self.loaded)?;
+            let root = loader.load(root_link, Position::ROOT)?;
             if !root.entries.is_empty() {
                 break;
             }
             let child_layer = root.layer.saturating_sub(1);
             match root.left.take() {
                 Some(child) => {
-                    self.root = child;
-                    load(
-                        &mut self.root,
-                        Some(child_layer),
-                        &self.source,
-                        &mut self.loaded,
-                    )?;
+                    *root_link = child;
+                    loader.load(root_link, Position::child(child_layer, None, None))?;
                 }
                 None => {
                     root.layer = 0;
@@ -208,95 +267,68 @@ impl<S: BlockSource> Tree<S> {
     /// Every entry in key order, loading the whole tree.
     pub fn entries(&mut self) -> Result<Vec<(Vec<u8>, Cid)>> {
         let mut out = Vec::new();
-        collect(
-            &mut self.root,
-            None,
-            &self.source,
-            &mut self.loaded,
-            &mut out,
-        )?;
+        let (root, mut loader) = self.parts();
+        collect(root, None, Bounds::NONE, &mut loader, &mut out)?;
         Ok(out)
     }
 }
 
-/// Makes `link` a loaded node and returns it; a stub is fetched, decoded and checked.
-fn load<'t, S: BlockSource>(
-    link: &'t mut Link,
-    layer: Option<u32>,
-    source: &S,
-    loaded: &mut Vec<Cid>,
-) -> Result<&'t mut Node> {
-    if let Link::Stub(cid) = *link {
-        let node = fetch(cid, layer, source)?;
-        loaded.push(cid);
-        *link = Link::Node(Box::new(node));
-    }
-    match link {
-        Link::Node(node) => Ok(node),
-        Link::Stub(cid) => Err(Error::MissingBlock {
-            cid: *cid,
-            context: "MST node".to_owned(),
-        }),
-    }
+/// The keys a subtree's keys must lie strictly between.
+#[derive(Debug, Clone, Copy)]
+struct Bounds<'b> {
+    after: Option<&'b [u8]>,
+    before: Option<&'b [u8]>,
 }
 
-fn fetch<S: BlockSource>(cid: Cid, layer: Option<u32>, source: &S) -> Result<Node> {
-    let bytes = source.get_block(&cid)?.ok_or_else(|| Error::MissingBlock {
-        cid,
-        context: "MST node".to_owned(),
-    })?;
-    let view = decode_node(&bytes).map_err(|source| Error::Block { cid, source })?;
-    let structure = |reason: &str| Error::MstStructure {
-        node: cid,
-        reason: reason.to_owned(),
+impl Bounds<'_> {
+    const NONE: Bounds<'static> = Bounds {
+        after: None,
+        before: None,
     };
-    let mut entries: Vec<Entry> = Vec::with_capacity(view.entries.len());
-    for entry in &view.entries {
-        let previous = entries.last().map(|e| e.key.as_slice()).unwrap_or_default();
-        let prefix = previous
-            .get(..entry.prefix_len)
-            .ok_or_else(|| structure("prefix length is longer than the previous key"))?;
-        let mut key = Vec::with_capacity(entry.prefix_len + entry.suffix.len());
-        key.extend_from_slice(prefix);
-        key.extend_from_slice(entry.suffix);
-        if !entries.is_empty() && key.as_slice() <= previous {
-            return Err(Error::MstOrder {
-                node: cid,
-                key: String::from_utf8_lossy(&key).into_owned(),
-                previous: String::from_utf8_lossy(previous).into_owned(),
-            });
+}
+
+impl<S: BlockSource> Loader<'_, S> {
+    /// Makes `link` a loaded node and returns it; a stub is fetched, decoded and checked.
+    fn load<'l>(&mut self, link: &'l mut Link, position: Position<'_>) -> Result<&'l mut Node> {
+        if let Link::Stub(cid) = *link {
+            let node = self.fetch(cid, position)?;
+            self.loaded.push(cid);
+            *link = Link::Node(Box::new(node));
         }
-        entries.push(Entry {
-            key,
-            value: entry.value,
-            right: entry.right.map(Link::Stub),
-        });
-    }
-    let layer = match (layer, entries.first()) {
-        (Some(layer), _) => layer,
-        (None, Some(first)) => layer_for_key(&first.key),
-        (None, None) => 0,
-    };
-    for entry in &entries {
-        let key_layer = layer_for_key(&entry.key);
-        if key_layer != layer {
-            return Err(Error::MstLayer {
-                node: cid,
-                key: String::from_utf8_lossy(&entry.key).into_owned(),
-                key_layer,
-                node_layer: layer,
-            });
+        match link {
+            Link::Node(node) => Ok(node),
+            Link::Stub(cid) => Err(Error::MissingBlock {
+                cid: *cid,
+                context: "MST node".to_owned(),
+            }),
         }
     }
-    if layer == 0 && (view.left.is_some() || entries.iter().any(|e| e.right.is_some())) {
-        return Err(structure("layer 0 node has a subtree"));
+
+    fn fetch(&mut self, cid: Cid, position: Position<'_>) -> Result<Node> {
+        let bytes = self
+            .source
+            .get_block(&cid)?
+            .ok_or_else(|| Error::MissingBlock {
+                cid,
+                context: "MST node".to_owned(),
+            })?;
+        self.checker
+            .check(cid, &bytes, position, &mut self.scratch)?;
+        let checked = &self.scratch;
+        Ok(Node {
+            layer: checked.layer(),
+            left: checked.left().map(Link::Stub),
+            entries: checked
+                .entries()
+                .map(|(key, value, right)| Entry {
+                    key: key.to_vec(),
+                    value,
+                    right: right.map(Link::Stub),
+                })
+                .collect(),
+            cid: Some(cid),
+        })
     }
-    Ok(Node {
-        layer,
-        left: view.left.map(Link::Stub),
-        entries,
-        cid: Some(cid),
-    })
 }
 
 fn child_layer(node: &Node) -> Result<u32> {
@@ -313,8 +345,8 @@ fn insert_into<S: BlockSource>(
     key: &[u8],
     key_layer: u32,
     value: Cid,
-    source: &S,
-    loaded: &mut Vec<Cid>,
+    bounds: Bounds<'_>,
+    loader: &mut Loader<'_, S>,
 ) -> Result<Option<Cid>> {
     node.cid = None;
     match node.search(key) {
@@ -323,9 +355,14 @@ fn insert_into<S: BlockSource>(
             value,
         ))),
         Err(index) if key_layer == node.layer => {
-            let (low, high) = match node.slot(index).take() {
+            let layer = node.layer;
+            let (slot, after, before) = node.bounded_slot(index, bounds.after, bounds.before);
+            let (low, high) = match slot.take() {
                 None => (None, None),
-                Some(child) => split(child, key, child_layer(node)?, source, loaded)?,
+                Some(child) => {
+                    let layer = layer.checked_sub(1).ok_or_else(layer_zero_subtree)?;
+                    split(child, key, layer, Bounds { after, before }, loader)?
+                }
             };
             *node.slot(index) = low;
             node.entries.insert(
@@ -340,17 +377,32 @@ fn insert_into<S: BlockSource>(
         }
         Err(index) => {
             let layer = child_layer(node)?;
-            match node.slot(index) {
+            let (slot, after, before) = node.bounded_slot(index, bounds.after, bounds.before);
+            match slot {
                 None => {
-                    *node.slot(index) = Some(chain(key, key_layer, value, layer));
+                    *slot = Some(chain(key, key_layer, value, layer));
                     Ok(None)
                 }
                 Some(child) => {
-                    let child = load(child, Some(layer), source, loaded)?;
-                    insert_into(child, key, key_layer, value, source, loaded)
+                    let child = loader.load(child, Position::child(layer, after, before))?;
+                    insert_into(
+                        child,
+                        key,
+                        key_layer,
+                        value,
+                        Bounds { after, before },
+                        loader,
+                    )
                 }
             }
         }
+    }
+}
+
+fn layer_zero_subtree() -> Error {
+    Error::MstStructure {
+        node: Cid::dag_cbor(&[]),
+        reason: "layer 0 node has a subtree".to_owned(),
     }
 }
 
@@ -382,15 +434,19 @@ fn wrap(link: Option<Link>, from: u32, to: u32) -> Option<Link> {
     Some(link)
 }
 
-/// Splits a subtree of layer `layer` into the keys below `key` and those above it.
+/// Splits a subtree of layer `layer` (within `bounds`) into the keys below `key` and those
+/// above it.
 fn split<S: BlockSource>(
     mut link: Link,
     key: &[u8],
     layer: u32,
-    source: &S,
-    loaded: &mut Vec<Cid>,
+    bounds: Bounds<'_>,
+    loader: &mut Loader<'_, S>,
 ) -> Result<(Option<Link>, Option<Link>)> {
-    let node = load(&mut link, Some(layer), source, loaded)?;
+    let node = loader.load(
+        &mut link,
+        Position::child(layer, bounds.after, bounds.before),
+    )?;
     let index = match node.search(key) {
         Ok(_) => {
             return Err(Error::Operation {
@@ -400,11 +456,15 @@ fn split<S: BlockSource>(
         }
         Err(index) => index,
     };
-    let high_entries = node.entries.split_off(index);
-    let (child_low, child_high) = match node.slot(index).take() {
+    let (slot, after, before) = node.bounded_slot(index, bounds.after, bounds.before);
+    let (child_low, child_high) = match slot.take() {
         None => (None, None),
-        Some(child) => split(child, key, child_layer(node)?, source, loaded)?,
+        Some(child) => {
+            let child_layer = layer.checked_sub(1).ok_or_else(layer_zero_subtree)?;
+            split(child, key, child_layer, Bounds { after, before }, loader)?
+        }
     };
+    let high_entries = node.entries.split_off(index);
     *node.slot(index) = child_low;
     node.cid = None;
     let mut high = Node::empty(layer);
@@ -423,8 +483,8 @@ fn remove_from<S: BlockSource>(
     node: &mut Node,
     key: &[u8],
     key_layer: u32,
-    source: &S,
-    loaded: &mut Vec<Cid>,
+    bounds: Bounds<'_>,
+    loader: &mut Loader<'_, S>,
 ) -> Result<Option<Cid>> {
     if key_layer > node.layer {
         return Ok(None);
@@ -434,18 +494,29 @@ fn remove_from<S: BlockSource>(
             node.cid = None;
             let entry = node.entries.remove(index);
             let layer = node.layer;
-            let left = node.slot(index).take();
-            *node.slot(index) = merge(left, entry.right, layer, source, loaded)?;
+            // After the removal, the slot left of `index` is bounded by the neighbours.
+            let (slot, after, before) = node.bounded_slot(index, bounds.after, bounds.before);
+            let left = slot.take();
+            let merged = merge(
+                left,
+                entry.right,
+                layer,
+                Bounds { after, before },
+                &entry.key,
+                loader,
+            )?;
+            *node.slot(index) = merged;
             Ok(Some(entry.value))
         }
         Err(_) if key_layer == node.layer => Ok(None),
         Err(index) => {
             let layer = child_layer(node)?;
-            let Some(child) = node.slot(index) else {
+            let (slot, after, before) = node.bounded_slot(index, bounds.after, bounds.before);
+            let Some(child) = slot else {
                 return Ok(None);
             };
-            let child = load(child, Some(layer), source, loaded)?;
-            let removed = remove_from(child, key, key_layer, source, loaded)?;
+            let child = loader.load(child, Position::child(layer, after, before))?;
+            let removed = remove_from(child, key, key_layer, Bounds { after, before }, loader)?;
             if removed.is_some() {
                 let now_empty = child.is_empty();
                 node.cid = None;
@@ -458,32 +529,38 @@ fn remove_from<S: BlockSource>(
     }
 }
 
-/// Joins two adjacent subtrees of the node at `parent_layer` (all of `left` sorts before `right`).
+/// Joins two adjacent subtrees of the node at `parent_layer`: all of `left` sorts before
+/// `mid` (the removed key between them) and all of `right` after it, within `bounds`.
 fn merge<S: BlockSource>(
     left: Option<Link>,
     right: Option<Link>,
     parent_layer: u32,
-    source: &S,
-    loaded: &mut Vec<Cid>,
+    bounds: Bounds<'_>,
+    mid: &[u8],
+    loader: &mut Loader<'_, S>,
 ) -> Result<Option<Link>> {
     let (mut left, mut right) = match (left, right) {
         (None, other) | (other, None) => return Ok(other),
         (Some(left), Some(right)) => (left, right),
     };
-    let layer = parent_layer
-        .checked_sub(1)
-        .ok_or_else(|| Error::MstStructure {
-            node: Cid::dag_cbor(&[]),
-            reason: "layer 0 node has a subtree".to_owned(),
-        })?;
-    let right_node = load(&mut right, Some(layer), source, loaded)?;
+    let layer = parent_layer.checked_sub(1).ok_or_else(layer_zero_subtree)?;
+    let right_node = loader.load(&mut right, Position::child(layer, Some(mid), bounds.before))?;
     let right_left = right_node.left.take();
     let right_entries = std::mem::take(&mut right_node.entries);
-    let left_node = load(&mut left, Some(layer), source, loaded)?;
+    let left_node = loader.load(&mut left, Position::child(layer, bounds.after, Some(mid)))?;
     left_node.cid = None;
     let seam_index = left_node.entries.len();
     let seam = left_node.slot(seam_index).take();
-    *left_node.slot(seam_index) = merge(seam, right_left, layer, source, loaded)?;
+    // The seam's two halves lie between the last key on the left and the first on the right.
+    let seam_after = left_node.entries.last().map(|e| e.key.clone());
+    let seam_bounds = Bounds {
+        after: seam_after.as_deref().or(bounds.after),
+        before: right_entries
+            .first()
+            .map(|e| e.key.as_slice())
+            .or(bounds.before),
+    };
+    *left_node.slot(seam_index) = merge(seam, right_left, layer, seam_bounds, mid, loader)?;
     left_node.entries.extend(right_entries);
     Ok(Some(left))
 }
@@ -518,19 +595,23 @@ fn link_cid(link: &mut Link, emit: &mut dyn FnMut(Cid, Vec<u8>)) -> Cid {
 fn collect<S: BlockSource>(
     link: &mut Link,
     layer: Option<u32>,
-    source: &S,
-    loaded: &mut Vec<Cid>,
+    bounds: Bounds<'_>,
+    loader: &mut Loader<'_, S>,
     out: &mut Vec<(Vec<u8>, Cid)>,
 ) -> Result<()> {
-    let node = load(link, layer, source, loaded)?;
+    let position = match layer {
+        None => Position::ROOT,
+        Some(layer) => Position::child(layer, bounds.after, bounds.before),
+    };
+    let node = loader.load(link, position)?;
     let child = node.layer.checked_sub(1);
-    if let Some(left) = node.left.as_mut() {
-        collect(left, child, source, loaded, out)?;
-    }
-    for entry in &mut node.entries {
-        out.push((entry.key.clone(), entry.value));
-        if let Some(right) = entry.right.as_mut() {
-            collect(right, child, source, loaded, out)?;
+    for index in 0..=node.entries.len() {
+        let (slot, after, before) = node.bounded_slot(index, bounds.after, bounds.before);
+        if let Some(slot) = slot {
+            collect(slot, child, Bounds { after, before }, loader, out)?;
+        }
+        if let Some(entry) = node.entries.get(index) {
+            out.push((entry.key.clone(), entry.value));
         }
     }
     Ok(())

@@ -41,6 +41,12 @@ impl Nsid {
         Ok(Nsid(input.to_owned()))
     }
 
+    /// For text this crate has already checked with the same rule (an MST key's parts).
+    pub(crate) fn from_checked(text: &str) -> Nsid {
+        debug_assert!(validate(text).is_ok(), "from_checked with invalid text");
+        Nsid(text.to_owned())
+    }
+
     fn parse_string(input: String) -> Result<Self, SyntaxError> {
         validate(&input)?;
         Ok(Nsid(input))
