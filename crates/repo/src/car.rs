@@ -358,6 +358,11 @@ impl<R: Read> CarReader<R> {
         self.parser.offset()
     }
 
+    /// Bytes the read buffer holds: what reading costs in memory beyond the caller's blocks.
+    pub fn buffer_len(&self) -> usize {
+        self.parser.buf.len()
+    }
+
     /// The next block, hashed and checked against its CID; `None` at the end.
     pub fn next_block(&mut self) -> Result<Option<Block<'_>>> {
         loop {
@@ -417,6 +422,11 @@ impl<R: AsyncRead + Unpin> AsyncCarReader<R> {
     /// Bytes consumed so far.
     pub fn offset(&self) -> u64 {
         self.parser.offset()
+    }
+
+    /// Bytes the read buffer holds: what reading costs in memory beyond the caller's blocks.
+    pub fn buffer_len(&self) -> usize {
+        self.parser.buf.len()
     }
 
     /// The next block, hashed and checked against its CID; `None` at the end.

@@ -463,6 +463,11 @@ pub async fn load_car_async<R: AsyncRead + Unpin>(
 
 /// What the caller knows about the repository in advance: the key is required, because a
 /// repository whose signature was not checked is not verified.
+///
+/// ```compile_fail
+/// // Issue 11: there is no way to ask for verification without a key.
+/// let expected = atpdb_repo::verify::Expected { did: None };
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Expected<'a> {
     /// The account the repository must belong to, if known.

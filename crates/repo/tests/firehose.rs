@@ -7,10 +7,10 @@ use atpdb_repo::cbor::{DecodeError, Encoder};
 use atpdb_repo::commit::UnsignedCommit;
 use atpdb_repo::crypto::{Curve, Keypair, PublicKey};
 use atpdb_repo::firehose::{
-    AccountEvent, CommitEvent, CommitProof, Frame, FrameError, IdentityEvent, InfoEvent,
+    AccountEvent, Chain, CommitEvent, CommitProof, Frame, FrameError, IdentityEvent, InfoEvent,
     MAX_COMMIT_BLOCKS_BYTES, MAX_COMMIT_OPS, MAX_FRAME_BYTES, MAX_SYNC_BLOCKS_BYTES, Message,
-    SyncEvent, VerifiedCommit, decode_frame, encode_error, encode_message, verify_commit,
-    verify_sync,
+    RepoHead, SyncAction, SyncEvent, VerifiedCommit, decode_frame, encode_error, encode_message,
+    sync_action, verify_commit, verify_sync,
 };
 use atpdb_repo::mst::{MstRules, NoBlocks, Tree};
 use atpdb_repo::repo::{Action, CommitData, MemoryRepo, RepoOp, Write, invert_ops};
@@ -1532,5 +1532,122 @@ fn incomplete_real_slice_is_a_missing_block() -> TestResult {
     // Any root will do: the inversion fails before the comparison.
     strict.prev_data = Some(proof.commit().data);
     assert_err!(CommitProof::check(&strict), Error::MissingBlock { .. });
+    Ok(())
+}
+
+/// Issue 11: the chain check against stored state lives in the core.
+#[test]
+fn issue_11_chain_against_stored_state() -> TestResult {
+    let (mut account, first) = Account::new(60, Curve::K256, 20)?;
+    let second = account.commit(3, 2, 1)?;
+    let key = account.key.public();
+    let now = START_MICROS + 3_600_000_000;
+    let head_rev = first.commit.rev.clone();
+    let head_data = first.commit.data;
+    let head = RepoHead {
+        rev: &head_rev,
+        data: &head_data,
+    };
+    let verified = verify_commit(&event(&second, 2), &key)?;
+    assert_eq!(verified.chain(head, now), Chain::Next);
+
+    // Already applied: stale, whichever the proof.
+    let applied_rev = second.commit.rev.clone();
+    let applied = RepoHead {
+        rev: &applied_rev,
+        data: &second.commit.data,
+    };
+    assert_eq!(verified.chain(applied, now), Chain::Stale);
+
+    // Another stored root: prevData breaks the chain.
+    let other_data = Cid::dag_cbor(b"other");
+    let forked = RepoHead {
+        rev: &head_rev,
+        data: &other_data,
+    };
+    assert!(
+        matches!(verified.chain(forked, now), Chain::Broken(ref why) if why.contains("prevData")),
+        "{:?}",
+        verified.chain(forked, now)
+    );
+
+    // A stored rev older than `since`: a commit was missed.
+    let older = rev(0);
+    let behind = RepoHead {
+        rev: &older,
+        data: &head_data,
+    };
+    assert!(matches!(verified.chain(behind, now), Chain::Broken(ref why) if why.contains("since")));
+
+    // The local clock far behind the rev: from the future.
+    assert_eq!(
+        verified.chain(head, START_MICROS - 3_600_000_000),
+        Chain::Future
+    );
+
+    // Without prevData the commit is unproven, and chained by `since` alone.
+    let mut legacy = event(&second, 2);
+    legacy.prev_data = None;
+    let unproven = verify_commit(&legacy, &key)?;
+    assert!(matches!(unproven, VerifiedCommit::Unproven(_)));
+    assert_eq!(unproven.chain(forked, now), Chain::Next);
+    assert!(matches!(unproven.chain(behind, now), Chain::Broken(_)));
+    Ok(())
+}
+
+/// Issue 11: `#sync` against stored state.
+#[test]
+fn issue_11_sync_actions() -> TestResult {
+    let (mut account, first) = Account::new(61, Curve::K256, 5)?;
+    let second = account.commit(1, 0, 0)?;
+    let now = START_MICROS + 3_600_000_000;
+    let head = RepoHead {
+        rev: &first.commit.rev,
+        data: &first.commit.data,
+    };
+    assert_eq!(sync_action(&second.commit, head, now), SyncAction::Resync);
+    assert_eq!(sync_action(&first.commit, head, now), SyncAction::Ignore);
+    let same_tree = RepoHead {
+        rev: &first.commit.rev,
+        data: &second.commit.data,
+    };
+    assert_eq!(
+        sync_action(&second.commit, same_tree, now),
+        SyncAction::AdvanceRev
+    );
+    assert_eq!(
+        sync_action(&second.commit, head, START_MICROS - 3_600_000_000),
+        SyncAction::Future
+    );
+    Ok(())
+}
+
+/// Issue 11: one `Record` type: a record seen on the firehose equals the same record walked
+/// out of a `getRepo` CAR, field for field.
+#[test]
+fn issue_11_firehose_and_backfill_give_the_same_records() -> TestResult {
+    let (mut account, _) = Account::new(62, Curve::K256, 10)?;
+    let data = account.commit(4, 2, 1)?;
+    let key = account.key.public();
+    let from_firehose = verify_commit(&event(&data, 1), &key)?
+        .into_proof()
+        .records()?;
+    assert_eq!(from_firehose.len(), 6);
+    let car = account.repo.to_car()?;
+    let repo = atpdb_repo::verify::load_car(car.as_slice(), &Default::default())?.verify(
+        atpdb_repo::verify::Expected {
+            did: Some(account.did()),
+            key: &key,
+        },
+    )?;
+    let from_backfill: Vec<atpdb_repo::Record> = repo.records().collect::<Result<_, _>>()?;
+    for record in &from_firehose {
+        assert!(
+            from_backfill.contains(record),
+            "{} from the firehose is not in the backfill",
+            record.uri()
+        );
+        assert_eq!(atpdb_repo::Record::from_cbor(&record.to_cbor())?, *record);
+    }
     Ok(())
 }

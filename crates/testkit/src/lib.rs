@@ -25,7 +25,7 @@ pub fn shared_dir(test: &str) -> Option<PathBuf> {
         "{test}: did not run: shared fixtures not found at {} (set ATPDB_SHARED)",
         dir.display()
     );
-    if std::env::var_os("ATPDB_REQUIRE_SHARED").is_some_and(|v| v != "0") {
+    if required() {
         panic!("{message}");
     }
     eprintln!("{message}");
@@ -33,13 +33,41 @@ pub fn shared_dir(test: &str) -> Option<PathBuf> {
 }
 
 /// A file under `atproto-interop-tests/`, or `None` when the fixtures are absent.
+///
+/// # Panics
+///
+/// When the file is absent and `ATPDB_REQUIRE_SHARED` is set.
 pub fn interop(test: &str, relative: &str) -> Option<PathBuf> {
-    shared_dir(test).map(|dir| dir.join("atproto-interop-tests").join(relative))
+    shared_file(test, "atproto-interop-tests", relative)
 }
 
 /// A file under `car-samples/`, or `None` when the fixtures are absent.
+///
+/// # Panics
+///
+/// When the file is absent and `ATPDB_REQUIRE_SHARED` is set.
 pub fn car_sample(test: &str, name: &str) -> Option<PathBuf> {
-    shared_dir(test).map(|dir| dir.join("car-samples").join(name))
+    shared_file(test, "car-samples", name)
+}
+
+/// Every shared folder a test uses is required, not only the one `shared_dir` looks for:
+/// a test that finds `atproto-interop-tests/` but not `car-samples/` must not pass as
+/// "skipped" in CI.
+fn shared_file(test: &str, folder: &str, relative: &str) -> Option<PathBuf> {
+    let path = shared_dir(test)?.join(folder).join(relative);
+    if path.is_file() {
+        return Some(path);
+    }
+    let message = format!("{test}: did not run: {} not found", path.display());
+    if required() {
+        panic!("{message}");
+    }
+    eprintln!("{message}");
+    None
+}
+
+fn required() -> bool {
+    std::env::var_os("ATPDB_REQUIRE_SHARED").is_some_and(|v| v != "0")
 }
 
 /// The non-empty, non-comment lines of a line-per-case fixture file.
