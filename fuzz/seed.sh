@@ -4,6 +4,8 @@
 #   drisl:                every distinct block of those CARs (up to 400 per CAR), plus the
 #                         data-model fixtures' CBOR
 #   mst_tree:             a few operation strings (it needs no real data)
+#   firehose_commit:      real #commit and #sync frames and structured inputs, written by
+#                         examples/firehose_seeds.rs (a plain `cargo run`, no sanitizer)
 # Usage: fuzz/seed.sh            (ATPDB_SHARED defaults to ../shared beside the repository)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -12,7 +14,7 @@ samples="$shared/car-samples"
 fixtures="$shared/atproto-interop-tests/data-model/data-model-fixtures.json"
 [ -d "$samples" ] || { echo "no $samples (set ATPDB_SHARED)" >&2; exit 1; }
 
-mkdir -p "$here"/corpus/{car_reader,drisl,mst_walk,mst_tree}
+mkdir -p "$here"/corpus/{car_reader,drisl,mst_walk,mst_tree,firehose_commit}
 for car in "$samples"/*.car; do
     if [ "$(stat -c %s "$car")" -le $((1 << 20)) ]; then
         cp "$car" "$here/corpus/car_reader/"
@@ -64,6 +66,9 @@ PY
 printf '\x00\x01\x00\x02\x04\x05\x04\x06\x0c\x07\x0c\x08\x02\x01\x03\x02' > "$here/corpus/mst_tree/basic"
 printf '\x04\x00\x04\x01\x04\x02\x04\x03\x06\x01\x07\x00\x08\x04abcd\x08\x04abce' > "$here/corpus/mst_tree/tall"
 
-for target in car_reader drisl mst_walk mst_tree; do
+# firehose_commit: frames and structured inputs made from MemoryRepo commits.
+(cd "$here" && cargo run --quiet --release --example firehose_seeds -- "$here/corpus/firehose_commit")
+
+for target in car_reader drisl mst_walk mst_tree firehose_commit; do
     echo "$target: $(ls "$here/corpus/$target" | wc -l) seeds"
 done

@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use atpdb_repo::Cid;
-use atpdb_repo::cid::CidMap;
-use atpdb_repo::mst::{MstWalker, NoBlocks, Tree, WalkOptions, layer_for_key};
+use atpdb_repo::blocks::VerifiedBlocks;
+use atpdb_repo::mst::{MstRules, MstWalker, NoBlocks, Tree, layer_for_key};
 use libfuzzer_sys::fuzz_target;
 
 /// 256 keys of layer 2 or more (a quarter of them 3 or more, ...), found once.
@@ -129,15 +129,22 @@ fuzz_target!(|data: &[u8]| {
     let (fresh_root, fresh_blocks) = fresh.changed_blocks();
     assert_eq!(fresh_root, root);
     let _ = blocks;
-    let store: CidMap<Vec<u8>> = fresh_blocks.into_iter().collect();
-    let mut walker = MstWalker::new(&store, root, WalkOptions { check_paths: false });
+    let mut store = VerifiedBlocks::new();
+    for (cid, bytes) in fresh_blocks {
+        store
+            .insert(cid, bytes)
+            .expect("an emitted block hashes to its CID");
+    }
+    // The keys are not repo paths.
+    let rules = MstRules { check_paths: false };
+    let mut walker = MstWalker::new(&store, root, rules);
     let mut walked = Vec::new();
     while let Some((key, value)) = walker.next_entry().expect("walk of an encoded tree") {
         walked.push((key.to_vec(), value));
     }
     assert!(walked == expected, "walked entries differ from the model");
 
-    let mut loaded = Tree::load(&store, root);
+    let mut loaded = Tree::load_with(&store, root, rules);
     let mut left = model.clone();
     for (i, (key, value)) in expected.iter().enumerate() {
         if i % 2 == 0 {

@@ -2,29 +2,33 @@
 //!
 //! The input is split like a CAR (`atpdb_fuzz::split_car`), every CID recomputed and every
 //! link rewritten (`atpdb_fuzz::fixup`; a link whose digest is 31 zero bytes and then `i`
-//! points at block `i`). Roots: every block that decodes as an MST node (up to 8) and the
-//! `data` of every block that decodes as a commit.
+//! points at block `i`), and the blocks put in a `VerifiedBlocks`. Roots: every block that
+//! decodes as an MST node (up to 8) and the `data` of every block that decodes as a commit.
 //!
-//! Checks: `decode_node` accepts only valid DRISL; a commit re-encodes to its own bytes; the
-//! walk with `check_paths` accepts a subset of what the walk without it accepts, with the same
-//! entries; for a tree the walker accepts, the lazily loaded `Tree` lists the same entries,
-//! keeps the same root CID, re-encodes every node to the same root (unless a node on the way
-//! uses the decoder's documented leniency of leaving out `l` or `t`), a tree built from the
-//! entries in order has that root too, and `diff` against nothing or against the previous
-//! accepted tree matches the difference of the entry lists.
+//! Checks: `decode_node` accepts only valid DRISL, and only the canonical encoding: a node it
+//! accepts whose prefix compression is maximal re-encodes (`encode_node`) to its own bytes; a
+//! commit re-encodes to its own bytes. For every root, under `check_paths` false and true, the
+//! walker, `Tree::load_with(..).entries()` and `diff_with(None, root)` all accept or all reject,
+//! with the same entries; `check_paths` accepts a subset of what the plain rules accept. For a
+//! tree they accept, the lazily loaded `Tree` keeps the root CID, re-encodes every node to the
+//! same root, and a tree built from the entries has that root too. For every pair of roots,
+//! `diff_with(old, new)` succeeds exactly when both trees are accepted, and then matches the
+//! difference of the entry lists.
 #![no_main]
 
 use std::collections::BTreeMap;
 
 use atpdb_fuzz::{fixup, split_car};
-use atpdb_repo::Cid;
+use atpdb_repo::blocks::VerifiedBlocks;
 use atpdb_repo::cbor;
-use atpdb_repo::cid::{CidMap, DAG_CBOR};
+use atpdb_repo::cid::DAG_CBOR;
 use atpdb_repo::commit::Commit;
 use atpdb_repo::mst::{
-    self, MstWalker, NoBlocks, NodeView, Tree, WalkOptions, decode_node, encode_node,
+    self, MstRules, MstWalker, NoBlocks, NodeView, Tree, common_prefix_len, decode_node,
+    encode_node,
 };
 use atpdb_repo::value::Value;
+use atpdb_repo::{Cid, Error};
 use libfuzzer_sys::fuzz_target;
 
 type Entries = Vec<(Vec<u8>, Cid)>;
@@ -53,10 +57,25 @@ fn reencode(bytes: &[u8]) -> Option<Vec<u8>> {
     ))
 }
 
-fn walk(store: &CidMap<Vec<u8>>, root: Cid, check_paths: bool) -> Result<Entries, String> {
-    let mut walker = MstWalker::new(store, root, WalkOptions { check_paths });
+/// Whether every entry's prefix length is the longest the previous key allows (the first 0).
+fn maximal_prefixes(view: &NodeView<'_>) -> bool {
+    let Some(keys) = full_keys(view) else {
+        return false;
+    };
+    let mut previous: &[u8] = &[];
+    for (key, entry) in keys.iter().zip(&view.entries) {
+        if entry.prefix_len != common_prefix_len(previous, key) {
+            return false;
+        }
+        previous = key;
+    }
+    true
+}
+
+fn walk(store: &VerifiedBlocks, root: Cid, rules: MstRules) -> Result<Entries, Error> {
+    let mut walker = MstWalker::new(store, root, rules);
     let mut out = Vec::new();
-    while let Some((key, value)) = walker.next_entry().map_err(|e| e.to_string())? {
+    while let Some((key, value)) = walker.next_entry()? {
         out.push((key.to_vec(), value));
     }
     let stats = walker.stats();
@@ -64,8 +83,36 @@ fn walk(store: &CidMap<Vec<u8>>, root: Cid, check_paths: bool) -> Result<Entries
     Ok(out)
 }
 
-fn check_accepted(store: &CidMap<Vec<u8>>, root: Cid, entries: &Entries) {
-    let mut tree = Tree::load(store, root);
+/// The walker, the lazy tree and the diff must agree on `root` under `rules`.
+fn one_validator(store: &VerifiedBlocks, root: Cid, rules: MstRules) -> Result<Entries, String> {
+    let walked = walk(store, root, rules);
+    let listed = Tree::load_with(store, root, rules).entries();
+    let diffed = mst::diff_with(store, None, root, rules);
+    match (&walked, &listed, &diffed) {
+        (Ok(walked), Ok(listed), Ok(diffed)) => {
+            assert!(walked == listed, "Tree lists different entries than the walker");
+            assert_eq!(diffed.entries.len(), walked.len(), "diff from nothing lists other keys");
+            for (entry, (key, value)) in diffed.entries.iter().zip(walked) {
+                assert!(
+                    entry.key == *key && entry.new == Some(*value) && entry.old.is_none(),
+                    "diff from nothing differs from the walk"
+                );
+            }
+        }
+        (Err(_), Err(_), Err(_)) => {}
+        _ => panic!(
+            "walker, Tree and diff disagree ({:?}): walk {:?}, Tree {:?}, diff {:?}",
+            rules,
+            walked.as_ref().err(),
+            listed.as_ref().err(),
+            diffed.as_ref().err()
+        ),
+    }
+    walked.map_err(|err| err.to_string())
+}
+
+fn check_accepted(store: &VerifiedBlocks, root: Cid, rules: MstRules, entries: &Entries) {
+    let mut tree = Tree::load_with(store, root, rules);
     let listed = tree
         .entries()
         .expect("Tree loads a tree the walker accepted");
@@ -74,19 +121,19 @@ fn check_accepted(store: &CidMap<Vec<u8>>, root: Cid, entries: &Entries) {
         "Tree lists different entries than the walker"
     );
     assert_eq!(tree.root_cid(), root, "an unchanged Tree changed its root");
-    // Trees the walker accepts but that do not re-encode to the same bytes: a node without
-    // `l` or `t` (documented leniency), or a subtree linked with a codec other than dag-cbor
-    // (accepted; reported). The root's own codec is compared away below.
-    let lenient = tree.loaded().iter().any(|cid| {
-        let bytes = &store[cid];
-        let links_elsewhere = decode_node(bytes).is_ok_and(|view| {
-            view.left
-                .iter()
-                .chain(view.entries.iter().filter_map(|e| e.right.as_ref()))
-                .any(|link| link.codec() != DAG_CBOR)
-        });
-        links_elsewhere || reencode(bytes).as_deref() != Some(bytes.as_slice())
-    });
+    for cid in tree.loaded() {
+        let bytes = store.get(cid).expect("a loaded node is in the store");
+        assert_eq!(
+            reencode(bytes).as_deref(),
+            Some(bytes),
+            "an accepted node is not in canonical form"
+        );
+        assert!(
+            *cid == root || cid.codec() == DAG_CBOR,
+            "an accepted tree links a subtree with codec {:#x}",
+            cid.codec()
+        );
+    }
 
     // Touch every node on the way to every key: all are encoded again.
     for (key, value) in entries {
@@ -99,30 +146,45 @@ fn check_accepted(store: &CidMap<Vec<u8>>, root: Cid, entries: &Entries) {
     for (key, value) in entries {
         assert_eq!(built.insert(key, *value).expect("insert"), None);
     }
-    if !lenient {
-        assert_eq!(
-            tree.root_cid().digest(),
-            root.digest(),
-            "re-encoding an accepted tree changed its root"
-        );
-        assert_eq!(
-            built.root_cid().digest(),
-            root.digest(),
-            "the tree built from the entries has another root"
-        );
-    }
-
-    let all = mst::diff(store, None, root).expect("diff of an accepted tree");
-    assert_eq!(all.entries.len(), entries.len());
-    for (entry, (key, value)) in all.entries.iter().zip(entries) {
-        assert!(entry.key == *key && entry.new == Some(*value) && entry.old.is_none());
-    }
+    // The root itself may be any codec the caller names (the walk takes the CID it is
+    // given); its bytes must still be the canonical node.
+    let canonical_root = Cid::from_parts(DAG_CBOR, *root.digest());
+    assert_eq!(
+        tree.root_cid(),
+        canonical_root,
+        "re-encoding an accepted tree changed its root"
+    );
+    assert_eq!(
+        built.root_cid(),
+        canonical_root,
+        "the tree built from the entries has another root"
+    );
 }
 
-fn check_diff(store: &CidMap<Vec<u8>>, old: (Cid, &Entries), new: (Cid, &Entries)) {
-    let changes = mst::diff(store, Some(old.0), new.0).expect("diff of accepted trees");
-    let before: BTreeMap<&[u8], Cid> = old.1.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
-    let after: BTreeMap<&[u8], Cid> = new.1.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
+fn check_diff(
+    store: &VerifiedBlocks,
+    rules: MstRules,
+    old: (Cid, Option<&Entries>),
+    new: (Cid, Option<&Entries>),
+) {
+    let changes = mst::diff_with(store, Some(old.0), new.0, rules);
+    let (Some(old_entries), Some(new_entries)) = (old.1, new.1) else {
+        if let Ok(changes) = changes {
+            panic!(
+                "diff accepts a tree the walker rejects (old accepted: {}, new accepted: {}): {} changes",
+                old.1.is_some(),
+                new.1.is_some(),
+                changes.entries.len()
+            );
+        }
+        return;
+    };
+    let changes = match changes {
+        Ok(changes) => changes,
+        Err(err) => panic!("diff of two accepted trees fails: {err}"),
+    };
+    let before: BTreeMap<&[u8], Cid> = old_entries.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
+    let after: BTreeMap<&[u8], Cid> = new_entries.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
     let mut expected = Vec::new();
     let keys: std::collections::BTreeSet<&[u8]> =
         before.keys().chain(after.keys()).copied().collect();
@@ -157,12 +219,18 @@ fuzz_target!(|data: &[u8]| {
             let again = decode_node(&bytes).expect("encode_node output decodes");
             assert_eq!(again.left, view.left);
             assert_eq!(full_keys(&again), full_keys(&view));
+            if maximal_prefixes(&view) {
+                assert!(
+                    bytes == data,
+                    "decode_node accepts a non-canonical encoding: {data:02x?}"
+                );
+            }
         }
     }
 
     let mut car = split_car(data, 256);
     fixup(&mut car);
-    let mut store: CidMap<Vec<u8>> = CidMap::default();
+    let mut store = VerifiedBlocks::new();
     let mut roots = Vec::new();
     for block in &car.blocks {
         if roots.len() < 8 && decode_node(&block.data).is_ok() {
@@ -173,29 +241,43 @@ fuzz_target!(|data: &[u8]| {
                 commit.to_cbor() == block.data,
                 "commit does not re-encode to its bytes"
             );
-            // The codec is kept as linked (any codec is accepted), so compare digests.
+            // A commit's CID is its dag-cbor CID; the block may have been linked as another.
             assert_eq!(commit.cid().digest(), block.cid.digest());
+            assert_eq!(commit.data.codec(), DAG_CBOR, "a commit's data is not dag-cbor");
             roots.push(commit.data);
         }
-        store.insert(block.cid, block.data.clone());
+        store
+            .insert(block.cid, block.data.clone())
+            .expect("fixup left a block that does not hash to its CID");
     }
     roots.dedup();
+    roots.truncate(10);
 
-    let mut previous: Option<(Cid, Entries)> = None;
-    for root in roots {
-        let lax = walk(&store, root, false);
-        let strict = walk(&store, root, true);
-        match (&lax, &strict) {
-            (Ok(a), Ok(b)) => assert!(a == b, "check_paths changed the entries"),
-            (Err(_), Ok(_)) => panic!("check_paths accepted what the plain walk rejects"),
-            _ => {}
+    for check_paths in [false, true] {
+        let rules = MstRules { check_paths };
+        let mut accepted: Vec<(Cid, Option<Entries>)> = Vec::new();
+        for &root in &roots {
+            let result = one_validator(&store, root, rules);
+            if let Ok(entries) = &result {
+                check_accepted(&store, root, rules, entries);
+            }
+            accepted.push((root, result.ok()));
         }
-        let Ok(entries) = lax else { continue };
-        check_accepted(&store, root, &entries);
-        if let Some((old_root, old_entries)) = &previous {
-            check_diff(&store, (*old_root, old_entries), (root, &entries));
-            check_diff(&store, (root, &entries), (*old_root, old_entries));
+        if check_paths {
+            // Whatever the repo rules accept, the plain rules accept, with the same entries.
+            for (root, entries) in &accepted {
+                if let Some(entries) = entries {
+                    let plain = walk(&store, *root, MstRules { check_paths: false })
+                        .expect("check_paths accepted what the plain walk rejects");
+                    assert!(&plain == entries, "check_paths changed the entries");
+                }
+            }
         }
-        previous = Some((root, entries));
+        for (i, (old, old_entries)) in accepted.iter().enumerate() {
+            for (new, new_entries) in accepted.iter().skip(i + 1).take(3) {
+                check_diff(&store, rules, (*old, old_entries.as_ref()), (*new, new_entries.as_ref()));
+                check_diff(&store, rules, (*new, new_entries.as_ref()), (*old, old_entries.as_ref()));
+            }
+        }
     }
 });

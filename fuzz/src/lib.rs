@@ -11,6 +11,8 @@ use std::io::Read;
 
 use atpdb_repo::Cid;
 
+pub mod firehose;
+
 /// dag-cbor and raw, the codecs whose links [`fixup`] rewrites.
 const LINK_CODECS: [u8; 2] = [0x71, 0x55];
 
@@ -96,7 +98,7 @@ pub fn placeholder(index: u8) -> [u8; 32] {
 }
 
 /// Rewrites every binary CID (`01 <codec> 12 20 <digest>`) in `data` whose digest `map` knows.
-fn rewrite_links(data: &mut [u8], map: &HashMap<[u8; 32], [u8; 32]>) -> bool {
+pub fn rewrite_links(data: &mut [u8], map: &HashMap<[u8; 32], [u8; 32]>) -> bool {
     let mut changed = false;
     let mut pos = 0;
     while pos + 36 <= data.len() {
@@ -125,6 +127,12 @@ fn rewrite_links(data: &mut [u8], map: &HashMap<[u8; 32], [u8; 32]>) -> bool {
 /// in the header, until nothing changes (a bounded number of passes). Links to a
 /// [`placeholder`] digest are pointed at that block. Returns whether anything changed.
 pub fn fixup(car: &mut RawCar) -> bool {
+    fixup_with_map(car).0
+}
+
+/// [`fixup`], also returning every digest it replaced and what it replaced it with (follow a
+/// digest through it with [`resolve`]).
+pub fn fixup_with_map(car: &mut RawCar) -> (bool, HashMap<[u8; 32], [u8; 32]>) {
     let mut map: HashMap<[u8; 32], [u8; 32]> = HashMap::new();
     let mut any = false;
     // Pass 0 hashes every block; later passes rehash only blocks whose links were rewritten.
@@ -159,7 +167,20 @@ pub fn fixup(car: &mut RawCar) -> bool {
         }
     }
     any |= rewrite_links(&mut car.header, &map);
-    any
+    (any, map)
+}
+
+/// Where `cid` ended up after [`fixup_with_map`]: its digest followed through `map` (a block
+/// can be rehashed more than once), its codec kept.
+pub fn resolve(map: &HashMap<[u8; 32], [u8; 32]>, cid: Cid) -> Cid {
+    let mut digest = *cid.digest();
+    for _ in 0..32 {
+        match map.get(&digest) {
+            Some(next) if *next != digest => digest = *next,
+            _ => break,
+        }
+    }
+    Cid::from_parts(cid.codec(), digest)
 }
 
 /// Serialises `car` as CAR bytes (the header as it is, each block as `CID ‖ data`). An empty

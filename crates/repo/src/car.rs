@@ -94,9 +94,11 @@ struct CarParser {
 }
 
 impl CarParser {
-    fn new(limits: CarLimits) -> CarParser {
+    /// A parser reading into `buf` (emptied; its capacity is reused).
+    fn new(limits: CarLimits, mut buf: Vec<u8>) -> CarParser {
+        buf.clear();
         CarParser {
-            buf: Vec::new(),
+            buf,
             pos: 0,
             filled: 0,
             base: 0,
@@ -317,9 +319,14 @@ pub struct CarReader<R> {
 impl<R: Read> CarReader<R> {
     /// Reads and checks the header.
     pub fn new(reader: R, limits: CarLimits) -> Result<CarReader<R>> {
+        CarReader::with_buffer(reader, limits, Vec::new())
+    }
+
+    /// Like [`CarReader::new`], reading into `buffer`'s memory (from [`CarReader::into_buffer`]).
+    pub fn with_buffer(reader: R, limits: CarLimits, buffer: Vec<u8>) -> Result<CarReader<R>> {
         let mut car = CarReader {
             reader,
-            parser: CarParser::new(limits),
+            parser: CarParser::new(limits, buffer),
             header: CarHeader { roots: Vec::new() },
         };
         loop {
@@ -363,6 +370,11 @@ impl<R: Read> CarReader<R> {
         self.parser.buf.len()
     }
 
+    /// The read buffer, for the next reader to reuse.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.parser.buf
+    }
+
     /// The next block, hashed and checked against its CID; `None` at the end.
     pub fn next_block(&mut self) -> Result<Option<Block<'_>>> {
         loop {
@@ -389,9 +401,18 @@ pub struct AsyncCarReader<R> {
 impl<R: AsyncRead + Unpin> AsyncCarReader<R> {
     /// Reads and checks the header.
     pub async fn new(reader: R, limits: CarLimits) -> Result<AsyncCarReader<R>> {
+        AsyncCarReader::with_buffer(reader, limits, Vec::new()).await
+    }
+
+    /// Like [`AsyncCarReader::new`], reading into `buffer`'s memory.
+    pub async fn with_buffer(
+        reader: R,
+        limits: CarLimits,
+        buffer: Vec<u8>,
+    ) -> Result<AsyncCarReader<R>> {
         let mut car = AsyncCarReader {
             reader,
-            parser: CarParser::new(limits),
+            parser: CarParser::new(limits, buffer),
             header: CarHeader { roots: Vec::new() },
         };
         loop {
@@ -427,6 +448,11 @@ impl<R: AsyncRead + Unpin> AsyncCarReader<R> {
     /// Bytes the read buffer holds: what reading costs in memory beyond the caller's blocks.
     pub fn buffer_len(&self) -> usize {
         self.parser.buf.len()
+    }
+
+    /// The read buffer, for the next reader to reuse.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.parser.buf
     }
 
     /// The next block, hashed and checked against its CID; `None` at the end.

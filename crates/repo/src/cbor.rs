@@ -224,6 +224,17 @@ impl<'a> Decoder<'a> {
             .ok_or(DecodeError::Truncated { offset: self.pos })
     }
 
+    /// Consumes `expected` if the input continues with exactly those bytes.
+    pub(crate) fn eat(&mut self, expected: &[u8]) -> bool {
+        let end = self.pos + expected.len();
+        if self.buf.get(self.pos..end) == Some(expected) {
+            self.pos = end;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Whether the next item is `null`.
     pub(crate) fn peek_null(&self) -> bool {
         self.buf.get(self.pos) == Some(&0xf6)
@@ -482,6 +493,35 @@ impl<'a> Decoder<'a> {
         Ok(key)
     }
 
+    /// [`Decoder::ordered_key`] for validation: the same checks, without making a `&str`.
+    fn ordered_key_bytes(&mut self, previous: Option<&[u8]>) -> Result<&'a [u8], DecodeError> {
+        let head = self.head()?;
+        if head.major != MAJOR_TEXT {
+            return Err(DecodeError::KeyType {
+                offset: head.offset,
+            });
+        }
+        if head.arg > MAX_KEY_LEN {
+            return Err(DecodeError::Limit {
+                what: "map key length",
+                limit: MAX_KEY_LEN,
+                offset: head.offset,
+            });
+        }
+        let len = self.len_within_input(head)?;
+        let key = self.take(len)?;
+        check_utf8(key, head.offset)?;
+        if let Some(previous) = previous
+            && (previous.len(), previous) >= (key.len(), key)
+        {
+            return Err(DecodeError::KeyOrder {
+                key: String::from_utf8_lossy(key).into_owned(),
+                offset: head.offset,
+            });
+        }
+        Ok(key)
+    }
+
     /// Skips one complete item of any type, with the same strictness as decoding it.
     pub(crate) fn skip(&mut self, depth: usize) -> Result<(), DecodeError> {
         let head = self.head()?;
@@ -494,7 +534,11 @@ impl<'a> Decoder<'a> {
                 let len = self.len_within_input(head)?;
                 self.take(len).map(|_| ())
             }
-            MAJOR_TEXT => self.text_body(head).map(|_| ()),
+            MAJOR_TEXT => {
+                let len = self.len_within_input(head)?;
+                let bytes = self.take(len)?;
+                check_utf8(bytes, head.offset)
+            }
             MAJOR_ARRAY | MAJOR_MAP => {
                 if depth >= MAX_DEPTH {
                     return Err(DecodeError::Limit {
@@ -508,9 +552,9 @@ impl<'a> Decoder<'a> {
                         self.skip(depth + 1)?;
                     }
                 } else {
-                    let mut previous = None;
+                    let mut previous: Option<&[u8]> = None;
                     for _ in 0..self.container_len(head, 2)? {
-                        previous = Some(self.ordered_key(previous)?);
+                        previous = Some(self.ordered_key_bytes(previous)?);
                         self.skip(depth + 1)?;
                     }
                 }
@@ -525,6 +569,15 @@ impl<'a> Decoder<'a> {
                 }),
             },
         }
+    }
+}
+
+/// UTF-8 validity, with the common all-ASCII case checked a word at a time.
+fn check_utf8(bytes: &[u8], offset: usize) -> Result<(), DecodeError> {
+    if bytes.is_ascii() || std::str::from_utf8(bytes).is_ok() {
+        Ok(())
+    } else {
+        Err(DecodeError::Utf8 { offset })
     }
 }
 

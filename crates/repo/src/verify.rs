@@ -126,7 +126,17 @@ fn slot_hash(digest: &[u8; 32]) -> (usize, u64) {
 }
 
 impl Index {
-    fn push(&mut self, cid: &Cid, location: Location) {
+    /// An empty index that reuses `scratch`'s table.
+    fn reusing(scratch: &mut Scratch) -> Index {
+        Index {
+            chunks: Vec::new(),
+            len: 0,
+            table: std::mem::take(&mut scratch.table),
+            others: CidMap::default(),
+        }
+    }
+
+    fn push(&mut self, cid: &Cid, location: Location, spare: &mut Vec<Vec<IndexEntry>>) {
         if cid.codec() != DAG_CBOR {
             self.others.entry(*cid).or_insert(location);
             return;
@@ -136,7 +146,10 @@ impl Index {
             .last()
             .is_none_or(|chunk| chunk.len() == ENTRY_CHUNK)
         {
-            self.chunks.push(Vec::with_capacity(ENTRY_CHUNK));
+            let chunk = spare
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(ENTRY_CHUNK));
+            self.chunks.push(chunk);
         }
         if let Some(chunk) = self.chunks.last_mut() {
             chunk.push(IndexEntry {
@@ -156,7 +169,8 @@ impl Index {
     /// Builds the table; the first of duplicate digests wins.
     fn seal(&mut self) {
         let capacity = (self.len * 4 / 3 + 1).next_power_of_two().max(16);
-        self.table = vec![0; capacity];
+        self.table.clear();
+        self.table.resize(capacity, 0);
         let mask = capacity - 1;
         for number in 0..self.len {
             let Some(entry) = self.entry(number) else {
@@ -221,11 +235,16 @@ impl Index {
 pub struct BlockStore {
     index: Index,
     chunks: Vec<Vec<u8>>,
+    /// Chunks from an earlier load, smallest last, handed out before allocating.
+    spare_chunks: Vec<Vec<u8>>,
+    spare_entries: Vec<Vec<IndexEntry>>,
     in_memory: usize,
     spill: Option<Spill>,
     budget: usize,
     spill_dir: Option<PathBuf>,
     max_spill: u64,
+    /// The CAR reader's buffer, kept for [`Scratch`].
+    read_buffer: Vec<u8>,
 }
 
 struct Spill {
@@ -235,15 +254,27 @@ struct Spill {
 }
 
 impl BlockStore {
-    fn new(options: &VerifyOptions) -> BlockStore {
+    fn new(options: &VerifyOptions, mut scratch: Scratch) -> BlockStore {
+        let mut spare_chunks = std::mem::take(&mut scratch.chunks);
+        for chunk in &mut spare_chunks {
+            chunk.clear();
+        }
+        spare_chunks.reverse();
+        let mut spare_entries = std::mem::take(&mut scratch.entries);
+        for chunk in &mut spare_entries {
+            chunk.clear();
+        }
         BlockStore {
-            index: Index::default(),
+            index: Index::reusing(&mut scratch),
             chunks: Vec::new(),
+            spare_chunks,
+            spare_entries,
             in_memory: 0,
             spill: None,
             budget: options.memory_budget,
             spill_dir: options.spill_dir.clone(),
             max_spill: options.max_spill_bytes,
+            read_buffer: Vec::new(),
         }
     }
 
@@ -285,13 +316,16 @@ impl BlockStore {
                     && chunk.len() + data.len() <= CHUNK_SIZE.max(data.len())
             });
             if !fits {
-                // The first chunk is small so that tiny repositories stay cheap.
-                let size = if self.chunks.is_empty() {
-                    64 << 10
-                } else {
-                    CHUNK_SIZE
+                // Chunks start small and double: a small repository then never touches a
+                // fresh megabyte (a huge-page fault and 2 MiB of kernel zeroing per CAR).
+                let size = (64 << 10 << self.chunks.len().min(4))
+                    .min(CHUNK_SIZE)
+                    .max(data.len());
+                let chunk = match self.spare_chunks.pop() {
+                    Some(chunk) if chunk.capacity() >= size => chunk,
+                    _ => Vec::with_capacity(size),
                 };
-                self.chunks.push(Vec::with_capacity(size.max(data.len())));
+                self.chunks.push(chunk);
             }
             let chunk_index = self.chunks.len() - 1;
             let chunk = &mut self.chunks[chunk_index];
@@ -316,7 +350,8 @@ impl BlockStore {
             spill.write(data)?;
             Location::disk(offset, data.len())
         };
-        self.index.push(&block.cid, location);
+        self.index
+            .push(&block.cid, location, &mut self.spare_entries);
         Ok(())
     }
 
@@ -434,15 +469,27 @@ fn store_block(store: &mut BlockStore, block: Block<'_>, blocks: &mut u64) -> Re
 
 /// Reads every block of a CAR from a blocking reader, checking each block's hash.
 pub fn load_car<R: Read>(reader: R, options: &VerifyOptions) -> Result<LoadedCar> {
-    let mut car = CarReader::new(reader, options.limits)?;
-    let mut store = BlockStore::new(options);
+    load_car_reusing(reader, options, Scratch::default())
+}
+
+/// [`load_car`] in the memory an earlier load left behind ([`LoadedCar::into_scratch`]).
+pub fn load_car_reusing<R: Read>(
+    reader: R,
+    options: &VerifyOptions,
+    mut scratch: Scratch,
+) -> Result<LoadedCar> {
+    let buffer = std::mem::take(&mut scratch.read_buffer);
+    let mut car = CarReader::with_buffer(reader, options.limits, buffer)?;
+    let mut store = BlockStore::new(options, scratch);
     let mut blocks = 0;
     while let Some(block) = car.next_block()? {
         store_block(&mut store, block, &mut blocks)?;
     }
     store.seal()?;
     let roots = car.header().roots.clone();
-    loaded(&roots, store, car.offset(), blocks, options)
+    let offset = car.offset();
+    store.read_buffer = car.into_buffer();
+    loaded(&roots, store, offset, blocks, options)
 }
 
 /// Reads every block of a CAR from an async reader (an HTTP body), checking each block's hash.
@@ -450,15 +497,57 @@ pub async fn load_car_async<R: AsyncRead + Unpin>(
     reader: R,
     options: &VerifyOptions,
 ) -> Result<LoadedCar> {
-    let mut car = AsyncCarReader::new(reader, options.limits).await?;
-    let mut store = BlockStore::new(options);
+    load_car_async_reusing(reader, options, Scratch::default()).await
+}
+
+/// [`load_car_async`] in the memory an earlier load left behind.
+pub async fn load_car_async_reusing<R: AsyncRead + Unpin>(
+    reader: R,
+    options: &VerifyOptions,
+    mut scratch: Scratch,
+) -> Result<LoadedCar> {
+    let buffer = std::mem::take(&mut scratch.read_buffer);
+    let mut car = AsyncCarReader::with_buffer(reader, options.limits, buffer).await?;
+    let mut store = BlockStore::new(options, scratch);
     let mut blocks = 0;
     while let Some(block) = car.next_block().await? {
         store_block(&mut store, block, &mut blocks)?;
     }
     store.seal()?;
     let roots = car.header().roots.clone();
-    loaded(&roots, store, car.offset(), blocks, options)
+    let offset = car.offset();
+    store.read_buffer = car.into_buffer();
+    loaded(&roots, store, offset, blocks, options)
+}
+
+/// Memory one load leaves for the next: its block chunks, index and read buffer.
+///
+/// Verifying repositories one after another (a resync worker, `atpdb car verify` over a
+/// corpus) in fresh memory costs a page fault and the kernel's zeroing for every page, as
+/// much as hashing the blocks on small repositories; reusing it costs neither. What it keeps
+/// is at most what the last load used, so it stays within that load's bounds.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    chunks: Vec<Vec<u8>>,
+    entries: Vec<Vec<IndexEntry>>,
+    table: Vec<u64>,
+    read_buffer: Vec<u8>,
+}
+
+impl BlockStore {
+    fn into_scratch(self) -> Scratch {
+        let mut chunks = self.chunks;
+        // The unused spares are the larger ones: keep them after the used ones, in order.
+        chunks.extend(self.spare_chunks.into_iter().rev());
+        let mut entries = self.index.chunks;
+        entries.extend(self.spare_entries);
+        Scratch {
+            chunks,
+            entries,
+            table: self.index.table,
+            read_buffer: self.read_buffer,
+        }
+    }
 }
 
 /// What the caller knows about the repository in advance: the key is required, because a
@@ -507,6 +596,11 @@ impl LoadedCar {
                 context: "commit".to_owned(),
             })?;
         Commit::from_cbor(self.root, &bytes)
+    }
+
+    /// The memory this load used, for the next load ([`load_car_reusing`]).
+    pub fn into_scratch(self) -> Scratch {
+        self.store.into_scratch()
     }
 
     /// Checks the commit's DID and signature; the tree is checked while walking.
@@ -559,6 +653,11 @@ impl VerifiedRepo {
     /// The loaded CAR.
     pub fn car(&self) -> &LoadedCar {
         &self.car
+    }
+
+    /// The memory this load used, for the next load ([`load_car_reusing`]).
+    pub fn into_scratch(self) -> Scratch {
+        self.car.into_scratch()
     }
 
     /// Walks the MST in key order, checking it and yielding each record.

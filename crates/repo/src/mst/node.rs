@@ -96,7 +96,40 @@ pub(crate) fn decode_node_with<'a, E: From<DecodeError>>(
     Ok(left)
 }
 
+/// An entry in its one canonical layout, read by matching the fixed key bytes: the fast path.
+/// `None` sends the caller to the general decoder, which names what is wrong.
+fn canonical_entry<'a>(decoder: &mut Decoder<'a>) -> Option<NodeEntry<'a>> {
+    // {k: bytes, p: uint, t: link|null, v: link}: a 4-entry map with 1-byte text keys.
+    if !decoder.eat(&[0xa4, 0x61, b'k']) {
+        return None;
+    }
+    let suffix = decoder.bytes().ok()?;
+    if !decoder.eat(&[0x61, b'p']) {
+        return None;
+    }
+    let prefix_len = usize::try_from(decoder.u64().ok()?).ok()?;
+    if !decoder.eat(&[0x61, b't']) {
+        return None;
+    }
+    let right = decoder.nullable_link().ok()?;
+    if !decoder.eat(&[0x61, b'v']) {
+        return None;
+    }
+    let value = decoder.link().ok()?;
+    Some(NodeEntry {
+        prefix_len,
+        suffix,
+        value,
+        right,
+    })
+}
+
 fn decode_entry<'a>(decoder: &mut Decoder<'a>) -> Result<NodeEntry<'a>, DecodeError> {
+    let mut fast = decoder.clone();
+    if let Some(entry) = canonical_entry(&mut fast) {
+        *decoder = fast;
+        return Ok(entry);
+    }
     let start = decoder.position();
     let fields = decoder.map_len()?;
     let mut prefix_len = None;
