@@ -919,31 +919,12 @@ fn plain_value(json: &serde_json::Value) -> Result<Value, PlcError> {
 /// genesis operation.
 fn did_from_signed_cbor(signed_cbor: &[u8]) -> Result<Did, PlcError> {
     let digest = Sha256::digest(signed_cbor);
-    let mut identifier = base32_lower(&digest);
+    let mut identifier = atpdb_repo::multiformats::base32_encode(&digest);
     identifier.truncate(24);
     Did::try_from(format!("did:plc:{identifier}")).map_err(|err| PlcError::InvalidDid {
         input: identifier,
         reason: err.to_string(),
     })
-}
-
-/// RFC 4648 base32, lowercase, unpadded.
-fn base32_lower(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
-    let (mut buffer, mut bits) = (0u32, 0u32);
-    for &byte in bytes {
-        buffer = (buffer << 8) | u32::from(byte);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(char::from(ALPHABET[((buffer >> bits) & 31) as usize]));
-        }
-    }
-    if bits > 0 {
-        out.push(char::from(ALPHABET[((buffer << (5 - bits)) & 31) as usize]));
-    }
-    out
 }
 
 /// Parses the `did:plc` DID of a request path.
@@ -1351,7 +1332,11 @@ mod tests {
             ("fooba", "mzxw6ytb"),
             ("foobar", "mzxw6ytboi"),
         ] {
-            assert_eq!(base32_lower(input.as_bytes()), expected, "input {input:?}");
+            assert_eq!(
+                atpdb_repo::multiformats::base32_encode(input.as_bytes()),
+                expected,
+                "input {input:?}"
+            );
         }
     }
 

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::cbor::{Decoder, Encoder};
 use crate::cid::{Cid, MAX_CID_BYTES};
 use crate::error::{Error, Result};
+use crate::multiformats::{read_uvarint, write_uvarint};
 
 /// Limits applied while reading a CAR; every one has a finite default.
 #[derive(Debug, Clone, Copy)]
@@ -153,20 +154,8 @@ impl CarParser {
 
     /// Reads a varint at `pos`; `Ok(None)` when more bytes are needed.
     fn varint(&self) -> Result<Option<(u64, usize)>> {
-        let mut value: u64 = 0;
-        for (i, &byte) in self.buf[self.pos..self.filled].iter().enumerate().take(10) {
-            value |= u64::from(byte & 0x7f) << (7 * i);
-            if byte & 0x80 == 0 {
-                if i > 0 && byte == 0 {
-                    return Err(self.car_error("non-minimal length varint"));
-                }
-                return Ok(Some((value, i + 1)));
-            }
-            if i == 9 {
-                return Err(self.car_error("length varint longer than ten bytes"));
-            }
-        }
-        Ok(None)
+        read_uvarint(&self.buf[self.pos..self.filled])
+            .map_err(|err| self.car_error(format!("length {err}")))
     }
 
     fn car_error(&self, reason: impl Into<String>) -> Error {
@@ -482,7 +471,7 @@ impl<W: Write> CarWriter<W> {
     pub fn new(mut writer: W, roots: &[Cid]) -> std::io::Result<CarWriter<W>> {
         let header = encode_header(roots);
         let mut scratch = Vec::with_capacity(16);
-        write_varint(header.len() as u64, &mut scratch);
+        write_uvarint(header.len() as u64, &mut scratch);
         writer.write_all(&scratch)?;
         writer.write_all(&header)?;
         Ok(CarWriter { writer, scratch })
@@ -491,7 +480,7 @@ impl<W: Write> CarWriter<W> {
     /// Writes one block. The caller is trusted to pass bytes that hash to `cid`.
     pub fn write_block(&mut self, cid: &Cid, data: &[u8]) -> std::io::Result<()> {
         self.scratch.clear();
-        write_varint((cid.encoded_len() + data.len()) as u64, &mut self.scratch);
+        write_uvarint((cid.encoded_len() + data.len()) as u64, &mut self.scratch);
         cid.write_bytes(&mut self.scratch);
         self.writer.write_all(&self.scratch)?;
         self.writer.write_all(data)
@@ -525,22 +514,14 @@ pub fn write_car<'a>(
 ) -> Vec<u8> {
     let mut out = Vec::new();
     let header = encode_header(roots);
-    write_varint(header.len() as u64, &mut out);
+    write_uvarint(header.len() as u64, &mut out);
     out.extend_from_slice(&header);
     for (cid, data) in blocks {
-        write_varint((cid.encoded_len() + data.len()) as u64, &mut out);
+        write_uvarint((cid.encoded_len() + data.len()) as u64, &mut out);
         cid.write_bytes(&mut out);
         out.extend_from_slice(data);
     }
     out
-}
-
-pub(crate) fn write_varint(mut value: u64, out: &mut Vec<u8>) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
 }
 
 #[cfg(test)]

@@ -242,18 +242,6 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// Decode an unsigned LEB128 varint of at most 9 bytes: the multicodec code and its length.
-fn decode_varint(bytes: &[u8]) -> Option<(u64, usize)> {
-    let mut value: u64 = 0;
-    for (index, byte) in bytes.iter().take(9).enumerate() {
-        value |= u64::from(byte & 0x7f) << (7 * index);
-        if byte & 0x80 == 0 {
-            return Some((value, index + 1));
-        }
-    }
-    None
-}
-
 /// Decode `z<base58btc>` into `buffer`, returning the bytes written.
 fn decode_base58btc<'b>(
     input: &str,
@@ -299,7 +287,7 @@ impl PublicKey {
                 return Self::parse_point(curve, point, false, input);
             }
         }
-        match decode_varint(decoded) {
+        match crate::multiformats::read_uvarint(decoded).ok().flatten() {
             Some((code, _)) => Err(KeyError::UnsupportedMulticodec {
                 key: shorten(multikey),
                 code,
@@ -680,15 +668,6 @@ mod tests {
         normalized.normalize_s();
         assert_ne!(high, normalized, "n/2 + 1 must be high");
         Ok(())
-    }
-
-    #[test]
-    fn varint() {
-        assert_eq!(decode_varint(&[0xe7, 0x01]), Some((0xe7, 2)));
-        assert_eq!(decode_varint(&[0x80, 0x24]), Some((0x1200, 2)));
-        assert_eq!(decode_varint(&[0xed, 0x01, 0xff]), Some((0xed, 2)));
-        assert_eq!(decode_varint(&[0x80, 0x80]), None);
-        assert_eq!(decode_varint(&[]), None);
     }
 
     #[test]

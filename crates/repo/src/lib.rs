@@ -24,6 +24,7 @@ pub mod crypto;
 mod error;
 pub mod firehose;
 pub mod mst;
+pub mod multiformats;
 pub mod record;
 pub mod repo;
 pub mod sample;
