@@ -163,8 +163,10 @@ async fn duplicate_reordered_and_jumping_seqs() -> TestResult {
     let a = seq_of(&firehose.frame().await?);
     let b = seq_of(&firehose.frame().await?);
     assert_eq!((a, b), (Some(2), Some(1)), "pairs arrive swapped");
-    // Live, one commit at a time: the first waits for the second to overtake it.
-    let mut live = Firehose::connect(pds.url(), None).await?;
+    // Live, one commit at a time: the first waits for the second to overtake it. The cursor
+    // is the head, not "live only", so a write that lands before the subscription is
+    // registered (a slow machine) is replayed instead of lost.
+    let mut live = Firehose::connect(pds.url(), Some(pds.head_seq())).await?;
     let did = devnet.accounts()[0].did.clone();
     write_one(&pds, &did, 3)?;
     write_one(&pds, &did, 4)?;
