@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use atpdb_repo::car::CarLimits;
 use atpdb_repo::crypto::{Curve, PublicKey};
-use atpdb_repo::sample::write_sample_car;
+use atpdb_repo::sample::{SampleShape, write_sample_car_shaped};
 use atpdb_repo::syntax::Did;
 use atpdb_repo::verify::{Expected, Scratch, VerifiedRepo, VerifyOptions, load_car_reusing};
 use clap::{Args, Subcommand, ValueEnum};
@@ -35,13 +36,26 @@ pub(crate) struct SpillArgs {
     /// Directory for spill files (default: the system temporary directory).
     #[arg(long, env = "ATPDB_SPILL_DIR")]
     spill_dir: Option<PathBuf>,
+    /// Most blocks in one CAR; the block index costs about 62 bytes a block.
+    #[arg(long, default_value_t = CarLimits::DEFAULT_MAX_BLOCKS)]
+    max_blocks: u64,
+    /// Largest CAR, in MiB.
+    #[arg(long, default_value_t = CarLimits::DEFAULT_MAX_CAR_SIZE >> 20)]
+    max_car_mb: u64,
 }
 
 impl SpillArgs {
     fn options(&self) -> VerifyOptions {
+        let max_car_size = self.max_car_mb.saturating_mul(1 << 20);
         VerifyOptions {
             memory_budget: self.memory_budget_mb << 20,
             spill_dir: self.spill_dir.clone(),
+            max_spill_bytes: max_car_size,
+            limits: CarLimits {
+                max_blocks: self.max_blocks,
+                max_car_size,
+                ..CarLimits::default()
+            },
             ..VerifyOptions::default()
         }
     }
@@ -98,6 +112,9 @@ pub(crate) struct SampleArgs {
     /// Signing key curve.
     #[arg(long, value_enum, default_value_t = CurveArg::K256)]
     curve: CurveArg,
+    /// Tiny records ({"$type": "com.example.tiny", "i": n}): the most blocks per byte.
+    #[arg(long)]
+    tiny: bool,
     /// Output file.
     #[arg(long, short)]
     out: PathBuf,
@@ -370,7 +387,12 @@ fn sample(args: SampleArgs) -> Result<ExitCode> {
     let file =
         File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let writer = BufWriter::with_capacity(1 << 20, file);
-    let (writer, summary) = write_sample_car(args.seed, args.records, curve, writer)?;
+    let shape = if args.tiny {
+        SampleShape::Tiny
+    } else {
+        SampleShape::Realistic
+    };
+    let (writer, summary) = write_sample_car_shaped(args.seed, args.records, curve, shape, writer)?;
     writer
         .into_inner()
         .map_err(|err| err.into_error())?

@@ -368,7 +368,7 @@ impl<'a> Decoder<'a> {
     fn text_body(&mut self, head: Head) -> Result<&'a str, DecodeError> {
         let len = self.len_within_input(head)?;
         let bytes = self.take(len)?;
-        std::str::from_utf8(bytes).map_err(|_| DecodeError::Utf8 {
+        simdutf8::basic::from_utf8(bytes).map_err(|_| DecodeError::Utf8 {
             offset: head.offset,
         })
     }
@@ -572,9 +572,10 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// UTF-8 validity, with the common all-ASCII case checked a word at a time.
+/// UTF-8 validity: ASCII checked a word at a time, the rest with SIMD (post text in every
+/// script is most of a repository's bytes).
 fn check_utf8(bytes: &[u8], offset: usize) -> Result<(), DecodeError> {
-    if bytes.is_ascii() || std::str::from_utf8(bytes).is_ok() {
+    if bytes.is_ascii() || simdutf8::basic::from_utf8(bytes).is_ok() {
         Ok(())
     } else {
         Err(DecodeError::Utf8 { offset })

@@ -295,6 +295,25 @@ pub struct SampleSummary {
 /// The start of sample time: 2025-01-01T00:00:00Z.
 const SAMPLE_EPOCH_MICROS: u64 = 1_735_689_600_000_000;
 
+/// What the records of a sample repository look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SampleShape {
+    /// Posts, likes, follows, reposts and the rest, as [`sample_record`] makes them.
+    #[default]
+    Realistic,
+    /// `{"$type": "com.example.tiny", "i": n}`: the most blocks per byte, for testing what
+    /// a repository of very many small blocks costs.
+    Tiny,
+}
+
+/// The tiny record `index`: its path and DRISL bytes.
+fn tiny_record(index: u64, micros: u64) -> Result<(String, Vec<u8>)> {
+    let json = serde_json::json!({"$type": "com.example.tiny", "i": index});
+    let bytes = crate::value::Value::from_json(&json)?.to_cbor();
+    let rkey = Tid::from_parts(micros, 0);
+    Ok((format!("com.example.tiny/{rkey}"), bytes))
+}
+
 /// Writes a whole signed repository of `records` records (plus a profile) as a CAR.
 ///
 /// Memory holds the MST (paths and CIDs), not the records: they are regenerated while writing.
@@ -306,6 +325,17 @@ pub fn write_sample_car<W: IoWrite>(
     curve: Curve,
     writer: W,
 ) -> Result<(W, SampleSummary)> {
+    write_sample_car_shaped(seed, records, curve, SampleShape::Realistic, writer)
+}
+
+/// [`write_sample_car`] with records of the given shape.
+pub fn write_sample_car_shaped<W: IoWrite>(
+    seed: u64,
+    records: u64,
+    curve: Curve,
+    shape: SampleShape,
+    writer: W,
+) -> Result<(W, SampleSummary)> {
     let did = sample_did(seed);
     let key = sample_keypair(seed, curve);
     let others: Vec<Did> = (1..=16).map(|i| sample_did(seed.wrapping_add(i))).collect();
@@ -314,10 +344,18 @@ pub fn write_sample_car<W: IoWrite>(
     let profile = sample_profile(seed);
     let profile_bytes = profile.to_cbor()?;
     tree.insert(profile.path().as_bytes(), Cid::dag_cbor(&profile_bytes))?;
+    let record = |i: u64| -> Result<(String, Vec<u8>)> {
+        match shape {
+            SampleShape::Realistic => {
+                let record = sample_record(seed, i, micros(i), &others);
+                Ok((record.path(), record.to_cbor()?))
+            }
+            SampleShape::Tiny => tiny_record(i, micros(i)),
+        }
+    };
     for i in 0..records {
-        let record = sample_record(seed, i, micros(i), &others);
-        let bytes = record.to_cbor()?;
-        tree.insert(record.path().as_bytes(), Cid::dag_cbor(&bytes))?;
+        let (path, bytes) = record(i)?;
+        tree.insert(path.as_bytes(), Cid::dag_cbor(&bytes))?;
     }
     let (data, nodes) = tree.changed_blocks();
     drop(tree);
@@ -335,7 +373,7 @@ pub fn write_sample_car<W: IoWrite>(
     let mut car = CarWriter::new(writer, &[commit_cid])?;
     car.write_block(&Cid::dag_cbor(&profile_bytes), &profile_bytes)?;
     for i in 0..records {
-        let bytes = sample_record(seed, i, micros(i), &others).to_cbor()?;
+        let (_, bytes) = record(i)?;
         car.write_block(&Cid::dag_cbor(&bytes), &bytes)?;
     }
     for (cid, bytes) in &nodes {

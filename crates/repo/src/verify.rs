@@ -730,7 +730,7 @@ impl<'a> RecordWalker<'a> {
         };
         self.key.clear();
         self.key.extend_from_slice(key);
-        let path = std::str::from_utf8(&self.key).map_err(|_| Error::MstStructure {
+        let path = simdutf8::basic::from_utf8(&self.key).map_err(|_| Error::MstStructure {
             node: cid,
             reason: "key is not UTF-8".to_owned(),
         })?;
