@@ -80,6 +80,9 @@ pub(crate) struct VerifyArgs {
     /// Files verified at once (default: one per core). Output stays in file order.
     #[arg(long, short)]
     jobs: Option<usize>,
+    /// At the end, print {"files","failed","seconds","peak_rss_bytes"} to stderr.
+    #[arg(long)]
+    stats: bool,
     #[command(flatten)]
     spill: SpillArgs,
     /// CAR files.
@@ -190,6 +193,7 @@ fn open(
 }
 
 fn verify(args: VerifyArgs) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
     let did: Option<Did> = args
         .did
         .as_deref()
@@ -254,11 +258,28 @@ fn verify(args: VerifyArgs) -> Result<ExitCode> {
         })?;
     }
     out.flush()?;
+    if args.stats {
+        let stats = json!({
+            "files": args.files.len(),
+            "failed": failed,
+            "seconds": started.elapsed().as_secs_f64(),
+            "peak_rss_bytes": peak_rss_bytes(),
+        });
+        eprintln!("{stats}");
+    }
     Ok(if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The process's peak resident memory (`VmHWM`), where the system reports it (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// What verifying one file needs, shared by every worker.

@@ -312,3 +312,76 @@ fn devnet_bench_reports_commit_rate() -> TestResult {
     assert_eq!(report["bench"]["relay_caught_up"], true);
     Ok(())
 }
+
+/// Issue 11: verifying a CAR of many tiny blocks stays within the documented bound: the
+/// memory budget, about 62 bytes of index a block, and the read buffer. Measured as the
+/// growth of peak memory over verifying a small CAR in the same way.
+#[test]
+fn issue_11_many_tiny_blocks_stay_within_the_bound() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let sample =
+        |records: &str, name: &str| -> Result<(String, Json), Box<dyn std::error::Error>> {
+            let car = dir.path().join(name).display().to_string();
+            let output = atpdb(&[
+                "car",
+                "sample",
+                "--tiny",
+                "--records",
+                records,
+                "--out",
+                &car,
+            ])?;
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            Ok((car, json_lines(&output).pop().ok_or("no summary")?))
+        };
+    let peak = |car: &str, key: &str| -> Result<u64, Box<dyn std::error::Error>> {
+        let output = atpdb(&[
+            "car",
+            "verify",
+            "-j1",
+            "--stats",
+            "--memory-budget-mb",
+            "1",
+            "--key",
+            key,
+            car,
+        ])?;
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let stats: Json = serde_json::from_str(
+            String::from_utf8_lossy(&output.stderr)
+                .lines()
+                .last()
+                .ok_or("no stats")?,
+        )?;
+        Ok(stats["peak_rss_bytes"]
+            .as_u64()
+            .ok_or("no peak_rss_bytes")?)
+    };
+    let (small, small_summary) = sample("100", "small.car")?;
+    let (big, big_summary) = sample("200000", "big.car")?;
+    let big_bytes = std::fs::metadata(&big)?.len();
+    let baseline = peak(&small, small_summary["key"].as_str().ok_or("key")?)?;
+    let measured = peak(&big, big_summary["key"].as_str().ok_or("key")?)?;
+    // About 1.27 blocks a record; the buffer grows to 256 KiB; 8 MiB of allocator slack.
+    let blocks = 200_001 * 13 / 10;
+    let bound = (1 << 20) + 62 * blocks + (256 << 10) + (8 << 20);
+    let growth = measured.saturating_sub(baseline);
+    assert!(
+        growth <= bound,
+        "peak grew by {growth} bytes verifying a {big_bytes}-byte CAR; the bound is {bound}"
+    );
+    // Without the spill file the blocks alone would exceed it.
+    assert!(
+        big_bytes > bound,
+        "the CAR ({big_bytes} bytes) should not fit the bound"
+    );
+    Ok(())
+}
