@@ -11,7 +11,9 @@ use atpdb_repo::car::CarLimits;
 use atpdb_repo::crypto::{Curve, PublicKey};
 use atpdb_repo::sample::{SampleShape, write_sample_car_shaped};
 use atpdb_repo::syntax::Did;
-use atpdb_repo::verify::{Expected, Scratch, VerifiedRepo, VerifyOptions, load_car_reusing};
+use atpdb_repo::verify::{
+    Expected, Scratch, VerifiedRepo, VerifyOptions, load_car_reusing, load_car_whole,
+};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
@@ -189,7 +191,14 @@ fn open(
     scratch: Scratch,
 ) -> Result<atpdb_repo::verify::LoadedCar, atpdb_repo::Error> {
     let file = File::open(path)?;
-    load_car_reusing(file, options, scratch)
+    // A file that fits the memory budget is read whole and its blocks indexed in place; a
+    // larger one streams, spilling past the budget.
+    let size = file.metadata().map_or(u64::MAX, |metadata| metadata.len());
+    if size <= options.memory_budget as u64 {
+        load_car_whole(file, size, options, scratch)
+    } else {
+        load_car_reusing(file, options, scratch)
+    }
 }
 
 fn verify(args: VerifyArgs) -> Result<ExitCode> {

@@ -13,6 +13,8 @@
 //! `ATPDB_BENCH_SECONDS` (default 2) seconds. The table shows the median.
 //! `ATPDB_BENCH_QUICK=1` shrinks the generated corpora and the time for a smoke run; arguments
 //! after `--` keep only the corpora whose names contain one of them (`-- midsize large`).
+//! `ATPDB_CORPUS=DIR` adds the corpus `crates/devnet/interop/corpus.mjs` wrote with the
+//! reference TypeScript implementation (every signature checked against keys.jsonl).
 
 use std::hint::black_box;
 use std::process::ExitCode;
@@ -189,6 +191,18 @@ fn corpora(settings: &Settings, wanted: impl Fn(&str) -> bool) -> Result<Vec<Cor
             }),
             None => println!("note: {file} skipped (shared car-samples not found)"),
         }
+    }
+
+    // The reference corpus (crates/devnet/interop/corpus.mjs), when ATPDB_CORPUS names it.
+    if let Some(dir) = std::env::var_os("ATPDB_CORPUS") {
+        let dir = std::path::PathBuf::from(dir);
+        let cars = atpdb_bench::read_corpus(&dir)?;
+        let name = format!("reference TS ({} repos)", cars.len());
+        if wanted(&name) {
+            corpora.push(Corpus { name, cars });
+        }
+    } else {
+        println!("note: ATPDB_CORPUS not set: the reference TypeScript corpus is not measured");
     }
 
     let (n_small, n_large, large_records) = if settings.quick {

@@ -241,6 +241,41 @@ pub fn repo_stream_entries(runtime: &Runtime, bytes: &[u8]) -> Result<Vec<(Strin
     })
 }
 
+/// The corpus `crates/devnet/interop/corpus.mjs` writes with the reference TypeScript
+/// implementation: every `manifest.json` entry's CAR, with its DID and the key `keys.jsonl`
+/// gives that DID, so atpdb checks every signature.
+///
+/// # Errors
+///
+/// Reading the files, or a manifest entry or key that does not parse.
+pub fn read_corpus(
+    dir: &std::path::Path,
+) -> std::result::Result<Vec<Car>, Box<dyn std::error::Error>> {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json"))?)?;
+    let mut keys = std::collections::HashMap::new();
+    for line in std::fs::read_to_string(dir.join("keys.jsonl"))?.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line)?;
+        let (Some(did), Some(key)) = (entry["did"].as_str(), entry["key"].as_str()) else {
+            return Err(format!("keys.jsonl: bad line {line}").into());
+        };
+        keys.insert(did.to_owned(), PublicKey::from_did_key(key)?);
+    }
+    let mut cars = Vec::new();
+    for entry in manifest.as_array().ok_or("manifest.json is not an array")? {
+        let (Some(file), Some(did)) = (entry["file"].as_str(), entry["did"].as_str()) else {
+            return Err(format!("manifest.json: bad entry {entry}").into());
+        };
+        let key = keys.get(did).ok_or_else(|| format!("no key for {did}"))?;
+        cars.push(Car {
+            bytes: std::fs::read(dir.join(file))?,
+            did: Some(did.parse()?),
+            key: Some(key.clone()),
+        });
+    }
+    Ok(cars)
+}
+
 /// The whole-repository CARs among the shared samples (the `slice-*` CARs are partial).
 pub const SAMPLE_CARS: &[&str] = &["empty.car", "tiny.car", "little.car", "midsize.car"];
 

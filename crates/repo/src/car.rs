@@ -254,6 +254,47 @@ impl CarParser {
     }
 }
 
+/// Reads a CAR held whole in `bytes` without copying a block: each block is hashed and handed
+/// to `block` as its CID and the range of its data in `bytes`. Returns the header, the
+/// bytes, and the number of blocks.
+pub(crate) fn blocks_in_place(
+    bytes: Vec<u8>,
+    limits: CarLimits,
+    mut block: impl FnMut(Cid, usize, usize) -> Result<()>,
+) -> Result<(CarHeader, Vec<u8>, u64)> {
+    let len = bytes.len();
+    if len as u64 > limits.max_car_size {
+        return Err(Error::LimitExceeded {
+            what: "CAR size",
+            limit: limits.max_car_size,
+            found: len as u64,
+        });
+    }
+    let mut parser = CarParser::new(limits, Vec::new());
+    parser.buf = bytes;
+    parser.filled = len;
+    parser.eof = true;
+    let header = match parser.parse_header()? {
+        Ok(header) => header,
+        Err(_) => return Err(parser.truncated("CAR header")),
+    };
+    loop {
+        match parser.parse_block()? {
+            None => break,
+            Some(Parsed::Need(_)) => return Err(parser.truncated("CAR block")),
+            Some(Parsed::Block {
+                cid,
+                data_start,
+                end,
+            }) => {
+                parser.pos = end;
+                block(cid, data_start, end - data_start)?;
+            }
+        }
+    }
+    Ok((header, parser.buf, parser.blocks))
+}
+
 fn decode_header(bytes: &[u8]) -> std::result::Result<CarHeader, String> {
     let mut decoder = Decoder::new(bytes);
     let fields = decoder.map_len().map_err(|err| format!("header: {err}"))?;

@@ -245,6 +245,8 @@ pub struct BlockStore {
     max_spill: u64,
     /// The CAR reader's buffer, kept for [`Scratch`].
     read_buffer: Vec<u8>,
+    /// A CAR read whole ([`load_car_whole`]): every location is a range of it.
+    whole: Option<Vec<u8>>,
 }
 
 struct Spill {
@@ -275,6 +277,7 @@ impl BlockStore {
             spill_dir: options.spill_dir.clone(),
             max_spill: options.max_spill_bytes,
             read_buffer: Vec::new(),
+            whole: None,
         }
     }
 
@@ -407,6 +410,10 @@ impl BlockSource for BlockStore {
         let Some(location) = self.index.get(cid) else {
             return Ok(None);
         };
+        if let Some(whole) = &self.whole {
+            let start = location.offset() as usize;
+            return Ok(whole.get(start..start + location.len()).map(Cow::Borrowed));
+        }
         if !location.on_disk() {
             let offset = location.offset();
             let (chunk, start) = ((offset >> 20) as usize, (offset & ((1 << 20) - 1)) as usize);
@@ -492,6 +499,51 @@ pub fn load_car_reusing<R: Read>(
     loaded(&roots, store, offset, blocks, options)
 }
 
+/// Reads a whole CAR (of about `size_hint` bytes) into memory (the scratch's buffer) and
+/// indexes its blocks where they lie, hashing each: no block is copied and no arena allocated. Memory is the CAR's size, so use
+/// it when that is known to be small (the CLI: a file no larger than the memory budget);
+/// otherwise [`load_car_reusing`] streams within the budget.
+///
+/// # Errors
+///
+/// As [`load_car`]; [`Error::LimitExceeded`] for a CAR over [`CarLimits::max_car_size`].
+pub fn load_car_whole<R: Read>(
+    reader: R,
+    size_hint: u64,
+    options: &VerifyOptions,
+    mut scratch: Scratch,
+) -> Result<LoadedCar> {
+    let mut bytes = std::mem::take(&mut scratch.read_buffer);
+    bytes.clear();
+    // Sized once: growing by doubling would copy the CAR into fresh memory again and again.
+    let hint = size_hint.min(options.limits.max_car_size);
+    bytes.reserve(usize::try_from(hint).unwrap_or(0).saturating_add(1));
+    reader
+        .take(options.limits.max_car_size.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    let mut store = BlockStore::new(options, scratch);
+    let (header, bytes, blocks) =
+        crate::car::blocks_in_place(bytes, options.limits, |cid, start, len| {
+            if len > MAX_STORED_BLOCK {
+                return Err(Error::LimitExceeded {
+                    what: "block size",
+                    limit: MAX_STORED_BLOCK as u64,
+                    found: len as u64,
+                });
+            }
+            store.index.push(
+                &cid,
+                Location::disk(start as u64, len),
+                &mut store.spare_entries,
+            );
+            Ok(())
+        })?;
+    let len = bytes.len() as u64;
+    store.whole = Some(bytes);
+    store.seal()?;
+    loaded(&header.roots, store, len, blocks, options)
+}
+
 /// Reads every block of a CAR from an async reader (an HTTP body), checking each block's hash.
 pub async fn load_car_async<R: AsyncRead + Unpin>(
     reader: R,
@@ -545,7 +597,8 @@ impl BlockStore {
             chunks,
             entries,
             table: self.index.table,
-            read_buffer: self.read_buffer,
+            // A whole CAR's buffer is the larger one: the next load reads into it.
+            read_buffer: self.whole.unwrap_or(self.read_buffer),
         }
     }
 }

@@ -299,3 +299,59 @@ fn commit_cid_must_be_dag_cbor() -> TestResult {
     assert!(matches!(result, Err(Error::Commit { .. })), "{result:?}");
     Ok(())
 }
+
+/// A CAR read whole (`load_car_whole`) is held to exactly the checks of a streamed one: the
+/// same records when intact, the same error when tampered or cut.
+#[test]
+fn whole_and_streamed_loads_agree() -> TestResult {
+    use atpdb_repo::verify::{Scratch, load_car_whole};
+    let sample = sample(Curve::K256)?;
+    let records =
+        |loaded: atpdb_repo::verify::LoadedCar| -> Result<Vec<atpdb_repo::Record>, Error> {
+            loaded
+                .verify(Expected {
+                    did: Some(&sample.did),
+                    key: &sample.key,
+                })?
+                .records()
+                .collect()
+        };
+    let streamed = records(load_car(sample.car.as_slice(), &VerifyOptions::default())?)?;
+    let whole = records(load_car_whole(
+        sample.car.as_slice(),
+        sample.car.len() as u64,
+        &VerifyOptions::default(),
+        Scratch::default(),
+    )?)?;
+    assert_eq!(streamed, whole);
+    let len = sample.car.len();
+    let mut variants = Vec::new();
+    for &(_, offset, block_len) in sample.blocks.iter().step_by(7) {
+        let mut flipped = sample.car.clone();
+        flipped[offset + block_len / 2] ^= 0x01;
+        variants.push(flipped);
+    }
+    for cut in [1, 5, len / 3, len / 2, len - 1] {
+        variants.push(sample.car[..cut].to_vec());
+    }
+    for car in &variants {
+        let streamed = load_car(car.as_slice(), &VerifyOptions::default()).and_then(records);
+        // No size hint: the reader's length is all there is.
+        let whole = load_car_whole(
+            car.as_slice(),
+            0,
+            &VerifyOptions::default(),
+            Scratch::default(),
+        )
+        .and_then(records);
+        match (&streamed, &whole) {
+            (Err(a), Err(b)) => assert_eq!(
+                std::mem::discriminant(a),
+                std::mem::discriminant(b),
+                "streamed: {a}; whole: {b}"
+            ),
+            _ => panic!("expected both to fail: streamed {streamed:?}, whole {whole:?}"),
+        }
+    }
+    Ok(())
+}
