@@ -97,6 +97,18 @@ impl Cid {
 
     /// Parses one binary CID from the front of `bytes`, returning it and the bytes it used.
     pub fn read_prefix(bytes: &[u8]) -> Result<(Cid, usize), CidError> {
+        // Nearly every CID is v1 sha2-256 with a one-byte codec: read it without the varints.
+        if let [CID_V1, codec @ (0x71 | 0x55), SHA2_256, 0x20, rest @ ..] = bytes
+            && let Some(digest) = rest.first_chunk::<32>()
+        {
+            return Ok((
+                Cid {
+                    codec: u64::from(*codec),
+                    digest: *digest,
+                },
+                36,
+            ));
+        }
         let mut pos = 0;
         let version = read_varint(bytes, &mut pos)?;
         if version == 0x12 {

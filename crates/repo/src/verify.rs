@@ -513,11 +513,16 @@ pub fn load_car_whole<R: Read>(
     options: &VerifyOptions,
     mut scratch: Scratch,
 ) -> Result<LoadedCar> {
+    // Sized once: growing by doubling would copy the CAR into fresh memory again and again,
+    // and growing a used buffer copies its stale contents: a buffer too small is replaced.
+    let hint = usize::try_from(size_hint.min(options.limits.max_car_size))
+        .unwrap_or(0)
+        .saturating_add(1);
     let mut bytes = std::mem::take(&mut scratch.read_buffer);
     bytes.clear();
-    // Sized once: growing by doubling would copy the CAR into fresh memory again and again.
-    let hint = size_hint.min(options.limits.max_car_size);
-    bytes.reserve(usize::try_from(hint).unwrap_or(0).saturating_add(1));
+    if bytes.capacity() < hint {
+        bytes = Vec::with_capacity(hint);
+    }
     reader
         .take(options.limits.max_car_size.saturating_add(1))
         .read_to_end(&mut bytes)?;
