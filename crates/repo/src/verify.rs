@@ -805,7 +805,8 @@ impl<'a> RecordWalker<'a> {
         self.record_bytes += bytes.len() as u64;
         let bytes: &[u8] = self.current.insert(bytes);
         // The walker checked the path syntax, so it has exactly one slash.
-        let (collection, rkey) = path.split_once('/').unwrap_or((path, ""));
+        let slash = path.bytes().position(|b| b == b'/').unwrap_or(path.len());
+        let (collection, rkey) = (&path[..slash], path.get(slash + 1..).unwrap_or(""));
         Ok(Some(RecordRef {
             did: &self.did,
             collection,
