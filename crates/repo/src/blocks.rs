@@ -16,7 +16,21 @@ use crate::error::{Error, Result};
 
 /// Where MST nodes and records come from: a CAR in memory, a spill file, a commit slice.
 ///
-/// Sealed: see the module documentation for the implementations and why.
+/// Sealed: see the module documentation for the implementations and why. A store outside
+/// this crate cannot hand blocks to a tree unhashed (issue 11):
+///
+/// ```compile_fail
+/// use std::borrow::Cow;
+/// use atpdb_repo::{Cid, Result};
+/// struct Unhashed;
+/// impl atpdb_repo::blocks::BlockSource for Unhashed {
+///     fn get_block(&self, _: &Cid) -> Result<Option<Cow<'_, [u8]>>> {
+///         Ok(None)
+///     }
+/// }
+/// ```
+///
+/// It wraps itself in [`HashChecked`] instead, which hashes every block it returns.
 pub trait BlockSource: sealed::Sealed {
     /// The block's bytes (known to hash to `cid`), or `None` if this source does not have it.
     fn get_block(&self, cid: &Cid) -> Result<Option<Cow<'_, [u8]>>>;

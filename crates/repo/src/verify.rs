@@ -229,7 +229,13 @@ impl Index {
 /// Verified blocks of one CAR, in memory up to a budget and in a temporary file beyond it.
 ///
 /// Only the CAR loader ([`load_car`], [`load_car_async`]) fills one, with blocks the reader
-/// hashed; it is then read-only. Memory is the budget plus the index
+/// hashed; it is then read-only. Nothing outside the crate can add a block (issue 11):
+///
+/// ```compile_fail
+/// # fn add(store: &mut atpdb_repo::verify::BlockStore, block: atpdb_repo::car::Block<'_>) {
+/// store.insert(block);
+/// # }
+/// ``` Memory is the budget plus the index
 /// ([`INDEX_BYTES_PER_BLOCK`] a block), which cannot spill: a 500 MB repository of 1.8 M
 /// blocks needs about 110 MB of index.
 pub struct BlockStore {
@@ -613,7 +619,7 @@ impl BlockStore {
 ///
 /// ```compile_fail
 /// // Issue 11: there is no way to ask for verification without a key.
-/// let expected = atpdb_repo::verify::Expected { did: None };
+/// let expected = atpdb_repo::verify::Expected { did: None, key: None };
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Expected<'a> {
