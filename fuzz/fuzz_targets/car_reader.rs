@@ -73,8 +73,13 @@ fn records(car: &[u8], options: &VerifyOptions, borrowed: bool) -> Outcome {
     let commit = loaded.commit();
     let walked = match loaded.walk_unsigned() {
         Ok((walk_commit, mut walker)) => {
-            let commit = commit.as_ref().expect("walk_unsigned decoded a commit commit() refused");
-            assert!(walk_commit == *commit, "walk_unsigned decoded another commit");
+            let commit = commit
+                .as_ref()
+                .expect("walk_unsigned decoded a commit commit() refused");
+            assert!(
+                walk_commit == *commit,
+                "walk_unsigned decoded another commit"
+            );
             let mut out = Vec::new();
             let mut error = None;
             if borrowed {

@@ -71,7 +71,11 @@ fn check_event(event: &CommitEvent, base: &Base) {
     let verified = verify_commit(event, &key);
     let proof = match (checked, &verified) {
         (Err(a), Err(b)) => {
-            assert_eq!(a.to_string(), b.to_string(), "verify_commit fails differently");
+            assert_eq!(
+                a.to_string(),
+                b.to_string(),
+                "verify_commit fails differently"
+            );
             return;
         }
         (Err(a), Ok(_)) => panic!("verify_commit accepts what check rejects: {a}"),
@@ -100,7 +104,11 @@ fn check_verified(event: &CommitEvent, base: &Base, verified: &VerifiedCommit) {
     assert_eq!(proof.cid(), event.commit, "proof names another commit");
     assert_eq!(commit.did, event.repo, "proof is for another account");
     assert_eq!(commit.rev, event.rev, "proof has another rev");
-    assert_eq!(commit.cid(), proof.cid(), "commit CID is not its bytes' CID");
+    assert_eq!(
+        commit.cid(),
+        proof.cid(),
+        "commit CID is not its bytes' CID"
+    );
     assert!(proof.blocks().get(&proof.cid()).is_some());
     assert_eq!(verified.is_proven(), event.prev_data.is_some());
     assert_eq!(proof.prev_data(), event.prev_data);
@@ -109,7 +117,10 @@ fn check_verified(event: &CommitEvent, base: &Base, verified: &VerifiedCommit) {
     // The ops are the event's, sorted by path, each path once.
     let mut expected = event.ops.clone();
     expected.sort_by(|a, b| a.path.cmp(&b.path));
-    assert!(proof.ops() == expected.as_slice(), "proof ops are not the event's, sorted");
+    assert!(
+        proof.ops() == expected.as_slice(),
+        "proof ops are not the event's, sorted"
+    );
     assert!(
         proof.ops().windows(2).all(|w| w[0].path < w[1].path),
         "two ops on one path"
@@ -121,7 +132,11 @@ fn check_verified(event: &CommitEvent, base: &Base, verified: &VerifiedCommit) {
         let found = tree
             .get(op.path.as_bytes())
             .expect("lookup of a verified op's path");
-        assert_eq!(found, op.cid, "tree disagrees with a verified op at {}", op.path);
+        assert_eq!(
+            found, op.cid,
+            "tree disagrees with a verified op at {}",
+            op.path
+        );
         match op.action {
             Action::Create => assert!(op.cid.is_some()),
             Action::Update => assert!(op.cid.is_some()),
@@ -134,7 +149,11 @@ fn check_verified(event: &CommitEvent, base: &Base, verified: &VerifiedCommit) {
         let prev_data = proof.prev_data().expect("proven without prevData");
         let mut tree = Tree::load(proof.blocks(), commit.data);
         invert_ops(&mut tree, proof.ops()).expect("inverting the ops of a proven commit");
-        assert_eq!(tree.root_cid(), prev_data, "inversion does not give prevData");
+        assert_eq!(
+            tree.root_cid(),
+            prev_data,
+            "inversion does not give prevData"
+        );
         for op in proof.ops() {
             assert!(op.action == Action::Create || op.prev.is_some());
         }
@@ -149,7 +168,10 @@ fn check_verified(event: &CommitEvent, base: &Base, verified: &VerifiedCommit) {
                     None => tree.remove(op.path.as_bytes()),
                 }
                 .expect("applying a proven op to the previous repository");
-                assert_eq!(old, op.prev, "a proven op's prev is not the previous record");
+                assert_eq!(
+                    old, op.prev,
+                    "a proven op's prev is not the previous record"
+                );
             }
             assert_eq!(
                 tree.root_cid(),
@@ -165,12 +187,19 @@ fn check_verified(event: &CommitEvent, base: &Base, verified: &VerifiedCommit) {
             let with_cid: Vec<_> = proof.ops().iter().filter(|op| op.cid.is_some()).collect();
             assert_eq!(records.len(), with_cid.len(), "a record is missing");
             for (record, op) in records.iter().zip(with_cid) {
-                assert!(record.cid().matches(record.bytes()), "record bytes do not hash to its CID");
+                assert!(
+                    record.cid().matches(record.bytes()),
+                    "record bytes do not hash to its CID"
+                );
                 assert_eq!(Some(record.cid()), op.cid);
                 assert_eq!(record.path(), op.path);
                 assert_eq!(record.did(), &commit.did);
-                let back = Record::from_cbor(&record.to_cbor()).expect("a record's DRISL form reads back");
-                assert!(back == *record, "a record's DRISL form reads back as another record");
+                let back =
+                    Record::from_cbor(&record.to_cbor()).expect("a record's DRISL form reads back");
+                assert!(
+                    back == *record,
+                    "a record's DRISL form reads back as another record"
+                );
                 assert!(
                     Record::new(
                         record.did().clone(),
@@ -257,7 +286,10 @@ fn edit(event: &mut CommitEvent, edits: &[u8], cids: &[Cid], flags: u8) {
         }
         let index = index % event.ops.len();
         match kind {
-            0 => event.ops[index].action = [Action::Create, Action::Update, Action::Delete][usize::from(arg) % 3],
+            0 => {
+                event.ops[index].action =
+                    [Action::Create, Action::Update, Action::Delete][usize::from(arg) % 3]
+            }
             1 => event.ops[index].cid = None,
             2 => event.ops[index].prev = None,
             3 => event.ops[index].cid = cid_at(arg),
@@ -296,10 +328,17 @@ fn edit(event: &mut CommitEvent, edits: &[u8], cids: &[Cid], flags: u8) {
 }
 
 fn frame(data: &[u8]) {
-    let Ok(frame) = decode_frame(data) else { return };
-    let Frame::Message(message) = frame else { return };
+    let Ok(frame) = decode_frame(data) else {
+        return;
+    };
+    let Frame::Message(message) = frame else {
+        return;
+    };
     let again = decode_frame(&encode_message(&message)).expect("an encoded message decodes");
-    assert!(again == Frame::Message(message.clone()), "message changed in a round trip");
+    assert!(
+        again == Frame::Message(message.clone()),
+        "message changed in a round trip"
+    );
     let bases = bases();
     let base_for = |did: &atpdb_repo::syntax::Did| {
         bases
@@ -328,12 +367,18 @@ fn frame(data: &[u8]) {
 }
 
 fn structured(data: &[u8]) {
-    let [selector, flags, n, rest @ ..] = data else { return };
+    let [selector, flags, n, rest @ ..] = data else {
+        return;
+    };
     let bases = bases();
     let base = &bases[usize::from(*selector) % bases.len()];
     let edits_len = (usize::from(*n) % 16 * 3).min(rest.len());
     let (edits, car) = rest.split_at(edits_len);
-    let car = if car.is_empty() { &base.event.blocks[..] } else { car };
+    let car = if car.is_empty() {
+        &base.event.blocks[..]
+    } else {
+        car
+    };
     let mut event = base.event.clone();
     let cids = install(&mut event, car, &base.key, *flags);
     edit(&mut event, edits, &cids, *flags);

@@ -90,8 +90,15 @@ fn one_validator(store: &VerifiedBlocks, root: Cid, rules: MstRules) -> Result<E
     let diffed = mst::diff_with(store, None, root, rules);
     match (&walked, &listed, &diffed) {
         (Ok(walked), Ok(listed), Ok(diffed)) => {
-            assert!(walked == listed, "Tree lists different entries than the walker");
-            assert_eq!(diffed.entries.len(), walked.len(), "diff from nothing lists other keys");
+            assert!(
+                walked == listed,
+                "Tree lists different entries than the walker"
+            );
+            assert_eq!(
+                diffed.entries.len(),
+                walked.len(),
+                "diff from nothing lists other keys"
+            );
             for (entry, (key, value)) in diffed.entries.iter().zip(walked) {
                 assert!(
                     entry.key == *key && entry.new == Some(*value) && entry.old.is_none(),
@@ -183,8 +190,14 @@ fn check_diff(
         Ok(changes) => changes,
         Err(err) => panic!("diff of two accepted trees fails: {err}"),
     };
-    let before: BTreeMap<&[u8], Cid> = old_entries.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
-    let after: BTreeMap<&[u8], Cid> = new_entries.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
+    let before: BTreeMap<&[u8], Cid> = old_entries
+        .iter()
+        .map(|(k, v)| (k.as_slice(), *v))
+        .collect();
+    let after: BTreeMap<&[u8], Cid> = new_entries
+        .iter()
+        .map(|(k, v)| (k.as_slice(), *v))
+        .collect();
     let mut expected = Vec::new();
     let keys: std::collections::BTreeSet<&[u8]> =
         before.keys().chain(after.keys()).copied().collect();
@@ -243,7 +256,11 @@ fuzz_target!(|data: &[u8]| {
             );
             // A commit's CID is its dag-cbor CID; the block may have been linked as another.
             assert_eq!(commit.cid().digest(), block.cid.digest());
-            assert_eq!(commit.data.codec(), DAG_CBOR, "a commit's data is not dag-cbor");
+            assert_eq!(
+                commit.data.codec(),
+                DAG_CBOR,
+                "a commit's data is not dag-cbor"
+            );
             roots.push(commit.data);
         }
         store
@@ -275,8 +292,18 @@ fuzz_target!(|data: &[u8]| {
         }
         for (i, (old, old_entries)) in accepted.iter().enumerate() {
             for (new, new_entries) in accepted.iter().skip(i + 1).take(3) {
-                check_diff(&store, rules, (*old, old_entries.as_ref()), (*new, new_entries.as_ref()));
-                check_diff(&store, rules, (*new, new_entries.as_ref()), (*old, old_entries.as_ref()));
+                check_diff(
+                    &store,
+                    rules,
+                    (*old, old_entries.as_ref()),
+                    (*new, new_entries.as_ref()),
+                );
+                check_diff(
+                    &store,
+                    rules,
+                    (*new, new_entries.as_ref()),
+                    (*old, old_entries.as_ref()),
+                );
             }
         }
     }

@@ -344,3 +344,54 @@ fn malformed_links_are_refused_and_cheap() -> TestResult {
     );
     Ok(())
 }
+
+/// Fuzzing finding (issue 11): a diff skipped the subtrees the new tree shares with the old
+/// one without checking that they fit where the new tree links them, so it accepted a new
+/// tree the walk refuses.
+#[test]
+fn diff_checks_shared_subtrees_at_their_new_place() -> TestResult {
+    use atpdb_repo::cbor::Encoder;
+    assert_eq!(
+        (layer_for_key(b"z0"), layer_for_key(b"a2")),
+        (0, 1),
+        "the keys this case needs"
+    );
+    let record = Cid::dag_cbor(b"r");
+    let node = |key: &str, left: Option<&Cid>| {
+        let mut e = Encoder::new();
+        e.map(2);
+        e.text("e");
+        e.array(1);
+        e.map(4);
+        e.text("k");
+        e.bytes(key.as_bytes());
+        e.text("p");
+        e.u64(0);
+        e.text("t");
+        e.null();
+        e.text("v");
+        e.link(&record);
+        e.text("l");
+        e.nullable_link(left);
+        e.into_bytes()
+    };
+    let mut blocks = VerifiedBlocks::new();
+    let old = blocks.insert_new(atpdb_repo::cid::DAG_CBOR, node("z0", None));
+    // The old root becomes the left subtree of "a2", though its key sorts after "a2".
+    let new = blocks.insert_new(atpdb_repo::cid::DAG_CBOR, node("a2", Some(&old)));
+    let mut walker = MstWalker::new(&blocks, new, FIXTURE_KEYS);
+    let walked = (|| {
+        while walker.next_entry()?.is_some() {}
+        Ok::<_, atpdb_repo::Error>(())
+    })();
+    assert!(
+        matches!(walked, Err(atpdb_repo::Error::MstOrder { .. })),
+        "{walked:?}"
+    );
+    let diffed = diff_with(&blocks, Some(old), new, FIXTURE_KEYS);
+    assert!(
+        matches!(diffed, Err(atpdb_repo::Error::MstOrder { .. })),
+        "{diffed:?}"
+    );
+    Ok(())
+}

@@ -1,6 +1,6 @@
 //! Differences between two trees, skipping the subtrees they share.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::BlockSource;
 use super::check::{CheckedNode, MstRules, NodeChecker, Position};
@@ -46,16 +46,20 @@ pub fn diff_with<S: BlockSource>(
     rules: MstRules,
 ) -> Result<TreeDiff> {
     let mut checker = NodeChecker::new(rules);
-    let mut old_nodes = HashSet::new();
+    let mut old_nodes: HashMap<Cid, NodeInfo> = HashMap::new();
     if let Some(old) = old {
         walk(
             source,
             &mut checker,
             old,
-            &mut |cid| old_nodes.insert(cid),
+            &mut |_, _| Ok(true),
+            &mut |cid, node| {
+                old_nodes.insert(cid, NodeInfo::of(node));
+            },
             &mut |_, _| {},
         )?;
     }
+    let mut ranges = HashMap::new();
     let mut new_only = Vec::new();
     let mut new_entries = BTreeMap::new();
     let mut new_reached = HashSet::new();
@@ -63,15 +67,22 @@ pub fn diff_with<S: BlockSource>(
         source,
         &mut checker,
         new,
-        &mut |cid| {
+        &mut |cid, position| {
             new_reached.insert(cid);
-            if old_nodes.contains(&cid) {
-                false
-            } else {
+            if !old_nodes.contains_key(&cid) {
                 new_only.push(cid);
-                true
+                return Ok(true);
             }
+            // A subtree shared with the old tree is not read again, but it must still fit
+            // where the new tree links it: its layer, and its keys between the new bounds.
+            // The root is read (one node), since it has no bounds to check against.
+            if position.layer.is_none() {
+                return Ok(true);
+            }
+            check_shared(cid, position, &old_nodes, &mut ranges)?;
+            Ok(false)
         },
+        &mut |_, _| {},
         &mut |key, value| {
             new_entries.insert(key, value);
         },
@@ -83,14 +94,15 @@ pub fn diff_with<S: BlockSource>(
             source,
             &mut checker,
             old,
-            &mut |cid| {
+            &mut |cid, _| {
                 if new_reached.contains(&cid) {
-                    false
+                    Ok(false)
                 } else {
                     removed.push(cid);
-                    true
+                    Ok(true)
                 }
             },
+            &mut |_, _| {},
             &mut |key, value| {
                 old_entries.insert(key, value);
             },
@@ -124,6 +136,99 @@ pub fn diff_with<S: BlockSource>(
     })
 }
 
+/// What the old walk learned of a node, to place it again in the new tree unread.
+struct NodeInfo {
+    layer: u32,
+    first: Option<Vec<u8>>,
+    last: Option<Vec<u8>>,
+    left: Option<Cid>,
+    last_right: Option<Cid>,
+}
+
+impl NodeInfo {
+    fn of(node: &CheckedNode) -> NodeInfo {
+        let last = node
+            .len()
+            .checked_sub(1)
+            .and_then(|index| node.entry(index));
+        NodeInfo {
+            layer: node.layer(),
+            first: node.entry(0).map(|(key, _, _)| key.to_vec()),
+            last: last.map(|(key, _, _)| key.to_vec()),
+            left: node.left(),
+            last_right: last.and_then(|(_, _, right)| right),
+        }
+    }
+}
+
+/// The smallest and largest key under `cid`, from the old walk's node records.
+fn subtree_range(
+    cid: Cid,
+    nodes: &HashMap<Cid, NodeInfo>,
+    ranges: &mut HashMap<Cid, Option<(Vec<u8>, Vec<u8>)>>,
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    if let Some(range) = ranges.get(&cid) {
+        return range.clone();
+    }
+    let info = nodes.get(&cid)?;
+    let low = match info.left {
+        Some(left) => subtree_range(left, nodes, ranges).map(|(low, _)| low),
+        None => info.first.clone(),
+    };
+    let high = match (info.last_right, &info.last) {
+        (Some(right), _) => subtree_range(right, nodes, ranges).map(|(_, high)| high),
+        (None, Some(last)) => Some(last.clone()),
+        (None, None) => info
+            .left
+            .and_then(|left| subtree_range(left, nodes, ranges))
+            .map(|(_, high)| high),
+    };
+    let range = low.zip(high);
+    ranges.insert(cid, range.clone());
+    range
+}
+
+/// Requires a subtree of the old tree to fit the position the new tree links it at.
+fn check_shared(
+    cid: Cid,
+    position: Position<'_>,
+    nodes: &HashMap<Cid, NodeInfo>,
+    ranges: &mut HashMap<Cid, Option<(Vec<u8>, Vec<u8>)>>,
+) -> Result<()> {
+    let Some(info) = nodes.get(&cid) else {
+        return Ok(());
+    };
+    if let Some(layer) = position.layer
+        && layer != info.layer
+    {
+        return Err(Error::MstLayer {
+            node: cid,
+            key: String::from_utf8_lossy(info.first.as_deref().unwrap_or_default()).into_owned(),
+            key_layer: info.layer,
+            node_layer: layer,
+        });
+    }
+    let Some((low, high)) = subtree_range(cid, nodes, ranges) else {
+        return Ok(());
+    };
+    let order = |key: &[u8], previous: &[u8]| Error::MstOrder {
+        node: cid,
+        key: String::from_utf8_lossy(key).into_owned(),
+        previous: String::from_utf8_lossy(previous).into_owned(),
+    };
+    if let Some(after) = position.after
+        && low.as_slice() <= after
+    {
+        return Err(order(&low, after));
+    }
+    if let Some(before) = position.before
+        && high.as_slice() >= before
+    {
+        return Err(order(before, &high));
+    }
+    Ok(())
+}
+
 /// A node to visit: its CID, the layer its parent implies, and the keys it lies between.
 type Pending = (Cid, Option<u32>, Option<Vec<u8>>, Option<Vec<u8>>);
 
@@ -132,7 +237,8 @@ fn walk<S: BlockSource>(
     source: &S,
     checker: &mut NodeChecker,
     root: Cid,
-    enter: &mut dyn FnMut(Cid) -> bool,
+    enter: &mut dyn FnMut(Cid, Position<'_>) -> Result<bool>,
+    on_node: &mut dyn FnMut(Cid, &CheckedNode),
     entry: &mut dyn FnMut(Vec<u8>, Cid),
 ) -> Result<()> {
     let mut stack: Vec<Pending> = vec![(root, None, None, None)];
@@ -147,18 +253,19 @@ fn walk<S: BlockSource>(
                 reason: "node is linked from more than one place".to_owned(),
             });
         }
-        if !enter(cid) {
+        let position = match layer {
+            None => Position::ROOT,
+            Some(layer) => Position::child(layer, after.as_deref(), before.as_deref()),
+        };
+        if !enter(cid, position)? {
             continue;
         }
         let bytes = source.get_block(&cid)?.ok_or_else(|| Error::MissingBlock {
             cid,
             context: "MST node".to_owned(),
         })?;
-        let position = match layer {
-            None => Position::ROOT,
-            Some(layer) => Position::child(layer, after.as_deref(), before.as_deref()),
-        };
         checker.check(cid, &bytes, position, &mut node)?;
+        on_node(cid, &node);
         let child_layer = node.layer().checked_sub(1);
         let mut low = after;
         if let Some(left) = node.left() {
