@@ -161,11 +161,14 @@ impl NodeInfo {
     }
 }
 
+/// The smallest and largest key under each subtree computed so far (`None`: no keys).
+type Ranges = HashMap<Cid, Option<(Vec<u8>, Vec<u8>)>>;
+
 /// The smallest and largest key under `cid`, from the old walk's node records.
 fn subtree_range(
     cid: Cid,
     nodes: &HashMap<Cid, NodeInfo>,
-    ranges: &mut HashMap<Cid, Option<(Vec<u8>, Vec<u8>)>>,
+    ranges: &mut Ranges,
 ) -> Option<(Vec<u8>, Vec<u8>)> {
     if let Some(range) = ranges.get(&cid) {
         return range.clone();
@@ -193,7 +196,7 @@ fn check_shared(
     cid: Cid,
     position: Position<'_>,
     nodes: &HashMap<Cid, NodeInfo>,
-    ranges: &mut HashMap<Cid, Option<(Vec<u8>, Vec<u8>)>>,
+    ranges: &mut Ranges,
 ) -> Result<()> {
     let Some(info) = nodes.get(&cid) else {
         return Ok(());
