@@ -41,6 +41,18 @@ pub(crate) mod sealed {
     pub trait Sealed {}
 }
 
+/// The block `cid` from `source`, or [`Error::MissingBlock`] naming what linked to it.
+pub(crate) fn require_block<'s, S: BlockSource + ?Sized>(
+    source: &'s S,
+    cid: &Cid,
+    context: &str,
+) -> Result<Cow<'s, [u8]>> {
+    source.get_block(cid)?.ok_or_else(|| Error::MissingBlock {
+        cid: *cid,
+        context: context.to_owned(),
+    })
+}
+
 impl<S: BlockSource + ?Sized> sealed::Sealed for &S {}
 
 impl<S: BlockSource + ?Sized> BlockSource for &S {

@@ -375,6 +375,12 @@ impl<'a> Decoder<'a> {
 
     /// A map key: a text string, at most [`MAX_KEY_LEN`] bytes.
     pub(crate) fn key(&mut self) -> Result<&'a str, DecodeError> {
+        let head = self.key_head()?;
+        self.text_body(head)
+    }
+
+    /// The head of a map key: text, at most [`MAX_KEY_LEN`] bytes.
+    fn key_head(&mut self) -> Result<Head, DecodeError> {
         let head = self.head()?;
         if head.major != MAJOR_TEXT {
             return Err(DecodeError::KeyType {
@@ -388,7 +394,7 @@ impl<'a> Decoder<'a> {
                 offset: head.offset,
             });
         }
-        self.text_body(head)
+        Ok(head)
     }
 
     /// An array header; the count is bounded by the container limit and by the input left
@@ -495,19 +501,7 @@ impl<'a> Decoder<'a> {
 
     /// [`Decoder::ordered_key`] for validation: the same checks, without making a `&str`.
     fn ordered_key_bytes(&mut self, previous: Option<&[u8]>) -> Result<&'a [u8], DecodeError> {
-        let head = self.head()?;
-        if head.major != MAJOR_TEXT {
-            return Err(DecodeError::KeyType {
-                offset: head.offset,
-            });
-        }
-        if head.arg > MAX_KEY_LEN {
-            return Err(DecodeError::Limit {
-                what: "map key length",
-                limit: MAX_KEY_LEN,
-                offset: head.offset,
-            });
-        }
+        let head = self.key_head()?;
         let len = self.len_within_input(head)?;
         let key = self.take(len)?;
         check_utf8(key, head.offset)?;

@@ -37,6 +37,26 @@ fn store(
     Ok(store)
 }
 
+/// A node of one entry, written field by field so a test can link what no encoder would.
+fn one_entry_node(key: &str, left: Option<&Cid>, right: Option<&Cid>, value: &Cid) -> Vec<u8> {
+    let mut e = atpdb_repo::cbor::Encoder::new();
+    e.map(2);
+    e.text("e");
+    e.array(1);
+    e.map(4);
+    e.text("k");
+    e.bytes(key.as_bytes());
+    e.text("p");
+    e.u64(0);
+    e.text("t");
+    e.nullable_link(right);
+    e.text("v");
+    e.link(value);
+    e.text("l");
+    e.nullable_link(left);
+    e.into_bytes()
+}
+
 /// The rules for the conformance fixtures, whose keys are not repo paths.
 const FIXTURE_KEYS: MstRules = MstRules { check_paths: false };
 
@@ -295,26 +315,8 @@ fn repository_walks_require_nsid_collections() -> TestResult {
 /// Fuzzing findings: subtree links in another codec, and nodes shared between parents.
 #[test]
 fn malformed_links_are_refused_and_cheap() -> TestResult {
-    use atpdb_repo::cbor::Encoder;
     let record = Cid::dag_cbor(b"r");
-    let node = |key: &str, child: Option<&Cid>| {
-        let mut e = Encoder::new();
-        e.map(2);
-        e.text("e");
-        e.array(1);
-        e.map(4);
-        e.text("k");
-        e.bytes(key.as_bytes());
-        e.text("p");
-        e.u64(0);
-        e.text("t");
-        e.nullable_link(child);
-        e.text("v");
-        e.link(&record);
-        e.text("l");
-        e.nullable_link(child);
-        e.into_bytes()
-    };
+    let node = |key: &str, child: Option<&Cid>| one_entry_node(key, child, child, &record);
     // Each node links one child as both `l` and `t`: 2^40 paths if revisited.
     let mut blocks = VerifiedBlocks::new();
     let mut child = None;
@@ -350,31 +352,13 @@ fn malformed_links_are_refused_and_cheap() -> TestResult {
 /// tree the walk refuses.
 #[test]
 fn diff_checks_shared_subtrees_at_their_new_place() -> TestResult {
-    use atpdb_repo::cbor::Encoder;
     assert_eq!(
         (layer_for_key(b"z0"), layer_for_key(b"a2")),
         (0, 1),
         "the keys this case needs"
     );
     let record = Cid::dag_cbor(b"r");
-    let node = |key: &str, left: Option<&Cid>| {
-        let mut e = Encoder::new();
-        e.map(2);
-        e.text("e");
-        e.array(1);
-        e.map(4);
-        e.text("k");
-        e.bytes(key.as_bytes());
-        e.text("p");
-        e.u64(0);
-        e.text("t");
-        e.null();
-        e.text("v");
-        e.link(&record);
-        e.text("l");
-        e.nullable_link(left);
-        e.into_bytes()
-    };
+    let node = |key: &str, left: Option<&Cid>| one_entry_node(key, left, None, &record);
     let mut blocks = VerifiedBlocks::new();
     let old = blocks.insert_new(atpdb_repo::cid::DAG_CBOR, node("z0", None));
     // The old root becomes the left subtree of "a2", though its key sorts after "a2".

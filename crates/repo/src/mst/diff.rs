@@ -263,10 +263,7 @@ fn walk<S: BlockSource>(
         if !enter(cid, position)? {
             continue;
         }
-        let bytes = source.get_block(&cid)?.ok_or_else(|| Error::MissingBlock {
-            cid,
-            context: "MST node".to_owned(),
-        })?;
+        let bytes = crate::blocks::require_block(source, &cid, "MST node")?;
         checker.check(cid, &bytes, position, &mut node)?;
         on_node(cid, &node);
         let child_layer = node.layer().checked_sub(1);

@@ -305,13 +305,7 @@ impl<S: BlockSource> Loader<'_, S> {
     }
 
     fn fetch(&mut self, cid: Cid, position: Position<'_>) -> Result<Node> {
-        let bytes = self
-            .source
-            .get_block(&cid)?
-            .ok_or_else(|| Error::MissingBlock {
-                cid,
-                context: "MST node".to_owned(),
-            })?;
+        let bytes = crate::blocks::require_block(self.source, &cid, "MST node")?;
         self.checker
             .check(cid, &bytes, position, &mut self.scratch)?;
         let checked = &self.scratch;

@@ -124,13 +124,7 @@ impl<S: BlockSource> MstWalker<S> {
 
     /// Loads and checks one node; returns its left subtree and layer if it has one.
     fn push_node(&mut self, cid: Cid, layer: Option<u32>) -> Result<Option<(Cid, u32)>> {
-        let bytes = self
-            .source
-            .get_block(&cid)?
-            .ok_or_else(|| Error::MissingBlock {
-                cid,
-                context: "MST node".to_owned(),
-            })?;
+        let bytes = crate::blocks::require_block(&self.source, &cid, "MST node")?;
         if self.depth == self.frames.len() {
             self.frames.push(Frame::default());
         }
