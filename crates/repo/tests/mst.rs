@@ -5,7 +5,7 @@ use std::fs;
 use atpdb_repo::Cid;
 use atpdb_repo::blocks::VerifiedBlocks;
 use atpdb_repo::mst::{
-    MstRules, MstWalker, NoBlocks, Tree, common_prefix_len, diff_with, layer_for_key,
+    MstRules, MstWalker, NoBlocks, Tree, common_prefix_len, diff, diff_with, layer_for_key,
 };
 use serde_json::Value as Json;
 
@@ -377,5 +377,44 @@ fn diff_checks_shared_subtrees_at_their_new_place() -> TestResult {
         matches!(diffed, Err(atpdb_repo::Error::MstOrder { .. })),
         "{diffed:?}"
     );
+    Ok(())
+}
+
+/// Fuzzing finding (issue 11): a diff between a tree and itself, or to one of its own
+/// subtrees, reads no shared node again and reports exactly what changed.
+#[test]
+fn diff_to_itself_and_to_a_subtree() -> TestResult {
+    let value = Cid::dag_cbor(b"leaf");
+    let keys: Vec<String> = (0..200)
+        .map(|i| format!("com.example.record/{i:05}"))
+        .collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let (root, blocks) = build(&keys, value)?.changed_blocks();
+    let store = store(blocks)?;
+    assert!(diff(&store, Some(root), root)?.entries.is_empty());
+
+    let root_node = atpdb_repo::mst::decode_node(store.get(&root).ok_or("no root")?)?;
+    let subtree = root_node
+        .left
+        .or_else(|| root_node.entries.iter().find_map(|entry| entry.right))
+        .ok_or("the root has no subtree")?;
+    let mut walker = MstWalker::new(&store, subtree, MstRules::default());
+    let mut kept = std::collections::BTreeSet::new();
+    while let Some((key, _)) = walker.next_entry()? {
+        kept.insert(key.to_vec());
+    }
+    let changes = diff(&store, Some(root), subtree)?;
+    let deleted: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|key| key.as_bytes().to_vec())
+        .filter(|key| !kept.contains(key))
+        .collect();
+    assert!(changes.entries.iter().all(|entry| entry.new.is_none()));
+    let found: Vec<Vec<u8>> = changes
+        .entries
+        .iter()
+        .map(|entry| entry.key.clone())
+        .collect();
+    assert_eq!(found, deleted);
     Ok(())
 }

@@ -75,10 +75,6 @@ pub fn diff_with<S: BlockSource>(
             }
             // A subtree shared with the old tree is not read again, but it must still fit
             // where the new tree links it: its layer, and its keys between the new bounds.
-            // The root is read (one node), since it has no bounds to check against.
-            if position.layer.is_none() {
-                return Ok(true);
-            }
             check_shared(cid, position, &old_nodes, &mut ranges)?;
             Ok(false)
         },
@@ -201,6 +197,14 @@ fn check_shared(
     let Some(info) = nodes.get(&cid) else {
         return Ok(());
     };
+    // As the new root, an old intermediate node (no entries, only a subtree) is refused, as
+    // the walk refuses it; its layer is its own, so there is nothing else to check.
+    if position.layer.is_none() && info.first.is_none() && info.left.is_some() {
+        return Err(Error::MstStructure {
+            node: cid,
+            reason: "root is an empty node that only points to a subtree".to_owned(),
+        });
+    }
     if let Some(layer) = position.layer
         && layer != info.layer
     {
