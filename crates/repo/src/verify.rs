@@ -62,8 +62,9 @@ pub const INDEX_BYTES_PER_BLOCK: usize = 40 + 22;
 const CHUNK_SIZE: usize = 1 << 20;
 /// Largest block the packed location can describe.
 const MAX_STORED_BLOCK: usize = (1 << 23) - 1;
-/// Index entries per chunk: the entry list grows by chunks, so it never doubles and copies.
-const ENTRY_CHUNK: usize = 1 << 16;
+/// Index entries per chunk (160 KiB): the list grows by chunks, so it never doubles and copies,
+/// and a small repository does not touch megabytes of fresh memory for its index.
+const ENTRY_CHUNK: usize = 1 << 12;
 
 /// Where a block's bytes are, packed into 64 bits to keep the index small: bit 63 says on
 /// disk; bits 40..63 hold the length; bits 0..40 hold the spill offset, or for memory the
