@@ -506,7 +506,7 @@ impl<'a> Decoder<'a> {
         let key = self.take(len)?;
         check_utf8(key, head.offset)?;
         if let Some(previous) = previous
-            && (previous.len(), previous) >= (key.len(), key)
+            && !key_bytes_less(previous, key)
         {
             return Err(DecodeError::KeyOrder {
                 key: String::from_utf8_lossy(key).into_owned(),
@@ -578,7 +578,17 @@ fn check_utf8(bytes: &[u8], offset: usize) -> Result<(), DecodeError> {
 
 /// DRISL map key order: shorter keys first, then bytewise.
 pub fn key_less(a: &str, b: &str) -> bool {
-    (a.len(), a.as_bytes()) < (b.len(), b.as_bytes())
+    key_bytes_less(a.as_bytes(), b.as_bytes())
+}
+
+/// [`key_less`] on bytes. Keys of different lengths (most pairs) are decided by the lengths
+/// alone, without comparing bytes.
+fn key_bytes_less(a: &[u8], b: &[u8]) -> bool {
+    match a.len().cmp(&b.len()) {
+        std::cmp::Ordering::Less => true,
+        std::cmp::Ordering::Greater => false,
+        std::cmp::Ordering::Equal => a < b,
+    }
 }
 
 /// Checks that `bytes` is exactly one well-formed DRISL item within every limit.
