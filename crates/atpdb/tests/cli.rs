@@ -23,12 +23,21 @@ fn json_lines(output: &Output) -> Vec<Json> {
 }
 
 fn make_sample(dir: &Path, records: &str) -> Result<(String, Json), Box<dyn std::error::Error>> {
+    make_sample_with(dir, records, &[])
+}
+
+/// `atpdb car sample` with `extra` arguments; the CAR and the summary line.
+fn make_sample_with(
+    dir: &Path,
+    records: &str,
+    extra: &[&str],
+) -> Result<(String, Json), Box<dyn std::error::Error>> {
     // The seed follows the size, so two samples of different sizes are two accounts.
     let car = dir
         .join(format!("sample-{records}.car"))
         .display()
         .to_string();
-    let output = atpdb(&[
+    let mut args = vec![
         "car",
         "sample",
         "--records",
@@ -37,7 +46,9 @@ fn make_sample(dir: &Path, records: &str) -> Result<(String, Json), Box<dyn std:
         records,
         "--out",
         &car,
-    ])?;
+    ];
+    args.extend_from_slice(extra);
+    let output = atpdb(&args)?;
     assert!(
         output.status.success(),
         "{}",
@@ -319,25 +330,6 @@ fn devnet_bench_reports_commit_rate() -> TestResult {
 #[test]
 fn issue_11_many_tiny_blocks_stay_within_the_bound() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let sample =
-        |records: &str, name: &str| -> Result<(String, Json), Box<dyn std::error::Error>> {
-            let car = dir.path().join(name).display().to_string();
-            let output = atpdb(&[
-                "car",
-                "sample",
-                "--tiny",
-                "--records",
-                records,
-                "--out",
-                &car,
-            ])?;
-            assert!(
-                output.status.success(),
-                "{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            Ok((car, json_lines(&output).pop().ok_or("no summary")?))
-        };
     let peak = |car: &str, key: &str| -> Result<u64, Box<dyn std::error::Error>> {
         let output = atpdb(&[
             "car",
@@ -365,8 +357,8 @@ fn issue_11_many_tiny_blocks_stay_within_the_bound() -> TestResult {
             .as_u64()
             .ok_or("no peak_rss_bytes")?)
     };
-    let (small, small_summary) = sample("100", "small.car")?;
-    let (big, big_summary) = sample("200000", "big.car")?;
+    let (small, small_summary) = make_sample_with(dir.path(), "100", &["--tiny"])?;
+    let (big, big_summary) = make_sample_with(dir.path(), "200000", &["--tiny"])?;
     let big_bytes = std::fs::metadata(&big)?.len();
     let baseline = peak(&small, small_summary["key"].as_str().ok_or("key")?)?;
     let measured = peak(&big, big_summary["key"].as_str().ok_or("key")?)?;

@@ -128,7 +128,7 @@ impl Record {
     ///
     /// # Errors
     ///
-    /// [`Error::Car`]-free: [`Error::Block`] for malformed DRISL or a missing field (named),
+    /// [`Error::Block`] for malformed DRISL or a missing field (named),
     /// [`Error::Syntax`] for a bad identifier, [`Error::HashMismatch`] for bytes that do not
     /// hash to the CID.
     pub fn from_cbor(bytes: &[u8]) -> Result<Record> {

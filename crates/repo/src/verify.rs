@@ -94,6 +94,18 @@ impl Location {
     }
 }
 
+/// Refuses a block longer than a [`Location`] can describe.
+fn check_stored_len(len: usize) -> Result<()> {
+    if len > MAX_STORED_BLOCK {
+        return Err(Error::LimitExceeded {
+            what: "block size",
+            limit: MAX_STORED_BLOCK as u64,
+            found: len as u64,
+        });
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy)]
 struct IndexEntry {
     digest: [u8; 32],
@@ -311,13 +323,7 @@ impl BlockStore {
     /// Adds a block the CAR reader has just hashed against `cid`.
     fn insert(&mut self, block: Block<'_>) -> Result<()> {
         let data = block.data;
-        if data.len() > MAX_STORED_BLOCK {
-            return Err(Error::LimitExceeded {
-                what: "block size",
-                limit: MAX_STORED_BLOCK as u64,
-                found: data.len() as u64,
-            });
-        }
+        check_stored_len(data.len())?;
         let in_memory =
             self.in_memory + data.len() + (self.index.blocks() + 1) * INDEX_BYTES_PER_BLOCK;
         let location = if in_memory <= self.budget {
@@ -536,13 +542,8 @@ pub fn load_car_whole<R: Read>(
     let mut store = BlockStore::new(options, scratch);
     let (header, bytes, blocks) =
         crate::car::blocks_in_place(bytes, options.limits, |cid, start, len| {
-            if len > MAX_STORED_BLOCK {
-                return Err(Error::LimitExceeded {
-                    what: "block size",
-                    limit: MAX_STORED_BLOCK as u64,
-                    found: len as u64,
-                });
-            }
+            check_stored_len(len)?;
+            // In a whole CAR, a location is a range of the CAR: the disk form holds it.
             store.index.push(
                 &cid,
                 Location::disk(start as u64, len),
