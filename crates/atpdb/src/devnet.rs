@@ -90,13 +90,16 @@ async fn serve(args: DevnetArgs) -> anyhow::Result<ExitCode> {
     if let Some(seconds) = args.bench_seconds {
         return bench(devnet, ready, seconds).await;
     }
+    // Listening before the ready line: a Ctrl-C right after it must reach this handler, not
+    // the default one that kills the process without shutting the servers down.
+    let mut interrupt = Interrupt::listen()?;
     println!("{ready}");
     let mut last = (Instant::now(), 0u64);
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     tick.tick().await;
     loop {
         tokio::select! {
-            signal = tokio::signal::ctrl_c() => {
+            signal = interrupt.recv() => {
                 signal.context("waiting for Ctrl-C")?;
                 break;
             }
@@ -142,4 +145,32 @@ async fn bench(
     println!("{ready}");
     devnet.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C, registered when made (tokio's `ctrl_c()` registers only when first polled).
+struct Interrupt {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Interrupt {
+    fn listen() -> anyhow::Result<Interrupt> {
+        Ok(Interrupt {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .context("listening for Ctrl-C")?,
+        })
+    }
+
+    async fn recv(&mut self) -> std::io::Result<()> {
+        #[cfg(unix)]
+        {
+            self.signal.recv().await;
+            Ok(())
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c().await
+        }
+    }
 }
