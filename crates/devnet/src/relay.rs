@@ -3,9 +3,10 @@
 //!
 //! # What it checks
 //!
-//! Each DID's document comes from the PLC directory over HTTP, the way atpdb itself resolves
-//! it, so PLC faults reach the relay too. Its `#atproto` key and `#atproto_pds` endpoint are
-//! cached until an `#identity` event purges them. Then, per event:
+//! Each DID's document comes from the PLC directory over HTTP, through atpdb's own
+//! [`atpdb_identity::Resolver`], so PLC faults reach the relay too. Its `#atproto` key and
+//! `#atproto_pds` endpoint are cached until an `#identity` event refreshes them. Then, per
+//! event:
 //!
 //! - `#commit`, `#sync` and `#account` from a host that is not the DID's current PDS are
 //!   ignored, so that after a migration the old host is no longer heard;
@@ -33,14 +34,14 @@
 //! Takedowns and throttling at the relay, rate limits per host, and `requestCrawl`: the hosts
 //! are fixed when the relay starts.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use atpdb_identity::{Identity, IdentityConfig, IdentityError, Resolver};
 use atpdb_repo::Cid;
 use atpdb_repo::car::{CarLimits, CarReader};
-use atpdb_repo::crypto::PublicKey;
 use atpdb_repo::firehose::{
     self, AccountEvent, CommitEvent, CommitProof, Frame, IdentityEvent, Message, SyncEvent,
 };
@@ -151,20 +152,21 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream seqs remembered per host to drop duplicates while still taking reordered events.
 const SEEN_WINDOW: u64 = 4096;
-/// Attempts at a PLC lookup before the relay falls back to a stale entry or gives up.
+/// Attempts at a PLC lookup that cannot reach the directory before the relay gives up.
 const RESOLVE_ATTEMPTS: u32 = 4;
+/// How long one PLC lookup may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Inner {
     url: String,
-    plc_url: String,
     hosts: Vec<Host>,
     sequencer: Arc<Sequencer>,
     subscribe: SubscribeOptions,
     faults: Faults,
     shutdown: CancellationToken,
     admin_password: String,
-    http: reqwest::Client,
-    identities: Mutex<IdentityCache>,
+    /// The identity resolver, or why it could not be built (then every lookup fails).
+    identities: Result<Resolver, String>,
     state: Mutex<Accounts>,
     counters: Counters,
 }
@@ -236,38 +238,6 @@ struct Accounts {
     collections: BTreeMap<String, BTreeSet<Did>>,
 }
 
-/// A DID document's parts the relay needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Identity {
-    key: PublicKey,
-    pds: String,
-}
-
-/// What a lookup found.
-#[derive(Debug, Clone)]
-enum Lookup {
-    Found(Arc<Identity>),
-    /// The directory answered: no such DID, tombstoned, or no key or PDS in the document.
-    Gone(String),
-    /// The directory could not be asked.
-    Failed(String),
-}
-
-#[derive(Debug, Default)]
-struct IdentityCache {
-    entries: HashMap<Did, CacheEntry>,
-}
-
-#[derive(Debug)]
-struct CacheEntry {
-    /// `None` while a purge has left nothing to fall back on.
-    identity: Option<Arc<Identity>>,
-    /// Purged: re-resolve before use, but keep the old value in case the directory is down.
-    stale: bool,
-    /// Bumped by every purge, so a lookup that started before one does not store its result.
-    generation: u64,
-}
-
 /// Upstream seqs taken in from one host.
 #[derive(Debug, Default)]
 struct SeenSeqs {
@@ -336,16 +306,13 @@ impl Relay {
                 }
             })
             .collect();
-        // Building a client only fails without a TLS backend or with a broken system
-        // configuration; the default client then still resolves over plain HTTP.
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_or_default();
+        let identities = relay_resolver(trim_url(&plc_url));
+        if let Err(err) = &identities {
+            tracing::error!(%err, "relay: no identity resolver; every event will be dropped");
+        }
         let relay = Relay {
             inner: Arc::new(Inner {
                 url: trim_url(&url).to_owned(),
-                plc_url: trim_url(&plc_url).to_owned(),
                 hosts,
                 sequencer: Arc::new(Sequencer::new(config.first_seq, config.replay_window)),
                 subscribe: SubscribeOptions {
@@ -355,8 +322,7 @@ impl Relay {
                 faults,
                 shutdown,
                 admin_password: config.admin_password.clone(),
-                http,
-                identities: Mutex::default(),
+                identities,
                 state: Mutex::default(),
                 counters: Counters::default(),
             }),
@@ -629,21 +595,21 @@ impl Relay {
     async fn current_identity(&self, did: &Did, index: usize) -> Option<Arc<Identity>> {
         let host_url = self.inner.hosts.get(index)?.url.as_str();
         match self.identity(did, false).await {
-            Lookup::Found(identity) if identity.pds == host_url => Some(identity),
-            Lookup::Found(identity) => {
+            Ok(identity) if identity.pds == host_url => Some(identity),
+            Ok(identity) => {
                 bump(&self.inner.counters.foreign_host);
                 tracing::debug!(%did, host = host_url, pds = %identity.pds,
                     "relay: ignoring an event from a host that is not the DID's PDS");
                 None
             }
-            Lookup::Gone(reason) => {
-                bump(&self.inner.counters.no_identity);
-                tracing::debug!(%did, reason, "relay: ignoring an event of a DID without identity");
+            Err(err) if err.is_transient() => {
+                bump(&self.inner.counters.unresolved);
+                tracing::warn!(%did, %err, "relay: dropping an event: identity unresolved");
                 None
             }
-            Lookup::Failed(reason) => {
-                bump(&self.inner.counters.unresolved);
-                tracing::warn!(%did, reason, "relay: dropping an event: identity unresolved");
+            Err(err) => {
+                bump(&self.inner.counters.no_identity);
+                tracing::debug!(%did, %err, "relay: ignoring an event of a DID without identity");
                 None
             }
         }
@@ -696,7 +662,7 @@ impl Relay {
         if let Err(first) = proof.verify_signature(&identity.key) {
             // The key may have rotated since it was cached: look again, once.
             let retried = match self.identity(&did, true).await {
-                Lookup::Found(fresh) if fresh.key != identity.key => {
+                Ok(fresh) if fresh.key != identity.key => {
                     identity = fresh;
                     proof.verify_signature(&identity.key)
                 }
@@ -779,9 +745,7 @@ impl Relay {
         let verified = match firehose::verify_sync(&event, &identity.key) {
             Ok(verified) => Ok(verified),
             Err(first) => match self.identity(&did, true).await {
-                Lookup::Found(fresh) if fresh.key != identity.key => {
-                    firehose::verify_sync(&event, &fresh.key)
-                }
+                Ok(fresh) if fresh.key != identity.key => firehose::verify_sync(&event, &fresh.key),
                 _ => Err(first),
             },
         };
@@ -821,10 +785,10 @@ impl Relay {
             .get(index)
             .map_or("", |host| host.url.as_str());
         let accepted = match self.identity(&did, true).await {
-            Lookup::Found(identity) => identity.pds == host_url,
+            Ok(identity) => identity.pds == host_url,
             // A tombstoned or unreachable identity still gets its event through from the
             // host the account lives on, so consumers refresh their caches.
-            Lookup::Gone(_) | Lookup::Failed(_) => self.is_stored_host(&did, index),
+            Err(_) => self.is_stored_host(&did, index),
         };
         if !accepted {
             bump(&self.inner.counters.foreign_host);
@@ -852,9 +816,9 @@ impl Relay {
             .get(index)
             .map_or("", |host| host.url.as_str());
         let accepted = match self.identity(&did, false).await {
-            Lookup::Found(identity) => identity.pds == host_url,
+            Ok(identity) => identity.pds == host_url,
             // A deleted account's DID is tombstoned right after its `#account`.
-            Lookup::Gone(_) | Lookup::Failed(_) => self.is_stored_host(&did, index),
+            Err(_) => self.is_stored_host(&did, index),
         };
         if !accepted {
             bump(&self.inner.counters.foreign_host);
@@ -921,155 +885,61 @@ fn subscribe_url(host_url: &str, cursor: Option<u64>) -> String {
 // ---------------------------------------------------------------------------------------------
 // Identity.
 
-impl Relay {
-    /// The DID's identity, from the cache unless `fresh` or purged.
-    ///
-    /// `fresh` purges the entry first (an `#identity` event, a signature failure). When the
-    /// directory cannot be reached, a purged entry's old value is used rather than nothing:
-    /// a flaky directory should not make the relay drop every event.
-    async fn identity(&self, did: &Did, fresh: bool) -> Lookup {
-        let generation = {
-            let mut cache = lock(&self.inner.identities);
-            match cache.entries.get_mut(did) {
-                Some(entry) => {
-                    if fresh {
-                        entry.stale = true;
-                        entry.generation += 1;
-                    } else if !entry.stale
-                        && let Some(identity) = &entry.identity
-                    {
-                        return Lookup::Found(identity.clone());
-                    }
-                    entry.generation
-                }
-                None => 0,
-            }
-        };
-        let lookup = self.resolve(did).await;
-        let mut cache = lock(&self.inner.identities);
-        let current = cache.entries.get(did).map_or(0, |entry| entry.generation);
-        match &lookup {
-            Lookup::Found(identity) if current == generation => {
-                cache.entries.insert(
-                    did.clone(),
-                    CacheEntry {
-                        identity: Some(identity.clone()),
-                        stale: false,
-                        generation,
-                    },
-                );
-            }
-            Lookup::Gone(_) if current == generation => {
-                cache.entries.remove(did);
-            }
-            Lookup::Failed(reason) => {
-                if let Some(identity) = cache
-                    .entries
-                    .get(did)
-                    .and_then(|entry| entry.identity.clone())
-                {
-                    tracing::warn!(%did, reason, "relay: PLC unreachable; using the cached identity");
-                    return Lookup::Found(identity);
-                }
-            }
-            _ => {}
-        }
-        lookup
-    }
-
-    /// Asks the PLC directory, retrying briefly when it cannot answer.
-    async fn resolve(&self, did: &Did) -> Lookup {
-        let mut delay = Duration::from_millis(50);
-        let mut last = Lookup::Failed("not attempted".to_owned());
-        for attempt in 0..RESOLVE_ATTEMPTS {
-            if attempt > 0 {
-                tokio::select! {
-                    () = self.inner.shutdown.cancelled() => return last,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                delay *= 2;
-            }
-            last = self.resolve_once(did).await;
-            if !matches!(last, Lookup::Failed(_)) {
-                return last;
-            }
-        }
-        last
-    }
-
-    async fn resolve_once(&self, did: &Did) -> Lookup {
-        let url = format!("{}/{}", self.inner.plc_url, did);
-        let response = match self.inner.http.get(&url).send().await {
-            Ok(response) => response,
-            Err(err) => return Lookup::Failed(format!("GET {url}: {err}")),
-        };
-        let status = response.status();
-        if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
-            return Lookup::Gone(format!("GET {url}: {status}"));
-        }
-        if !status.is_success() {
-            return Lookup::Failed(format!("GET {url}: {status}"));
-        }
-        let document: JsonValue = match response.json().await {
-            Ok(document) => document,
-            Err(err) => return Lookup::Failed(format!("GET {url}: body: {err}")),
-        };
-        match parse_document(did, &document) {
-            Ok(identity) => Lookup::Found(Arc::new(identity)),
-            Err(reason) => Lookup::Gone(format!("DID document of {did}: {reason}")),
-        }
-    }
+/// The relay's resolver: the devnet's directory is on loopback, so private networks are
+/// allowed. Misses are not cached (each event asks again, so an identity that appears or
+/// recovers is seen at once); identities are, until refreshed.
+fn relay_resolver(plc_url: &str) -> Result<Resolver, String> {
+    let http = atpdb_net::Http::new(&atpdb_net::HttpConfig {
+        allow_private_network: true,
+        ..atpdb_net::HttpConfig::default()
+    })
+    .map_err(|err| err.to_string())?;
+    let config = IdentityConfig {
+        plc_url: plc_url.to_owned(),
+        miss_ttl: Duration::ZERO,
+        timeout: RESOLVE_TIMEOUT,
+        ..IdentityConfig::default()
+    };
+    Resolver::new(config, http).map_err(|err| err.to_string())
 }
 
-/// The `#atproto` key and `#atproto_pds` endpoint of a DID document, by the rules of the DID
-/// spec (protocol.md §4): relative or absolute ids, `Multikey` only, the first match wins.
-fn parse_document(did: &Did, document: &JsonValue) -> Result<Identity, String> {
-    let id = document.get("id").and_then(JsonValue::as_str);
-    if id != Some(did.as_str()) {
-        return Err(format!("id is {id:?}"));
+impl Relay {
+    /// The DID's identity, from the cache unless `fresh`.
+    ///
+    /// `fresh` refreshes the entry (an `#identity` event, a signature failure). When the
+    /// directory cannot be reached, the resolver returns the identity it had rather than
+    /// nothing: a flaky directory should not make the relay drop every event. Without one,
+    /// the lookup is retried briefly. A `NotFound` (unknown, tombstoned) or an unusable
+    /// document is final: the DID is gone.
+    async fn identity(&self, did: &Did, fresh: bool) -> Result<Arc<Identity>, IdentityError> {
+        let resolver = match &self.inner.identities {
+            Ok(resolver) => resolver,
+            Err(reason) => {
+                return Err(IdentityError::Unreachable {
+                    did: did.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        };
+        let mut answer = if fresh {
+            resolver.refresh(did).await
+        } else {
+            resolver.resolve(did).await
+        };
+        let mut delay = Duration::from_millis(50);
+        for _ in 1..RESOLVE_ATTEMPTS {
+            if !answer.as_ref().is_err_and(IdentityError::is_transient) {
+                break;
+            }
+            tokio::select! {
+                () = self.inner.shutdown.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay *= 2;
+            answer = resolver.refresh(did).await;
+        }
+        answer
     }
-    let matches_fragment = |value: &JsonValue, fragment: &str| {
-        value
-            .get("id")
-            .and_then(JsonValue::as_str)
-            .is_some_and(|id| {
-                id.strip_suffix(fragment)
-                    .is_some_and(|base| base.is_empty() || base == did.as_str())
-            })
-    };
-    let method = document
-        .get("verificationMethod")
-        .and_then(JsonValue::as_array)
-        .into_iter()
-        .flatten()
-        .find(|method| matches_fragment(method, "#atproto"))
-        .ok_or("no #atproto verification method")?;
-    if method.get("type").and_then(JsonValue::as_str) != Some("Multikey") {
-        return Err("#atproto verification method is not a Multikey".to_owned());
-    }
-    let multibase = method
-        .get("publicKeyMultibase")
-        .and_then(JsonValue::as_str)
-        .ok_or("#atproto verification method has no publicKeyMultibase")?;
-    let key = PublicKey::from_multikey(multibase).map_err(|err| format!("#atproto key: {err}"))?;
-    let service = document
-        .get("service")
-        .and_then(JsonValue::as_array)
-        .into_iter()
-        .flatten()
-        .find(|service| matches_fragment(service, "#atproto_pds"))
-        .ok_or("no #atproto_pds service")?;
-    if service.get("type").and_then(JsonValue::as_str) != Some("AtprotoPersonalDataServer") {
-        return Err("#atproto_pds service is not an AtprotoPersonalDataServer".to_owned());
-    }
-    let pds = service
-        .get("serviceEndpoint")
-        .and_then(JsonValue::as_str)
-        .ok_or("#atproto_pds service has no serviceEndpoint")?;
-    Ok(Identity {
-        key,
-        pds: trim_url(pds).to_owned(),
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1435,14 +1305,14 @@ mod tests {
                 "serviceEndpoint": "http://127.0.0.1:9/",
             }],
         });
-        let identity = parse_document(&did, &document)?;
+        let identity = Identity::from_document(&did, document.clone())?;
         assert_eq!(identity.pds, "http://127.0.0.1:9");
         let mut no_pds = document.clone();
         no_pds["service"] = json!([]);
-        assert!(parse_document(&did, &no_pds).is_err());
+        assert!(Identity::from_document(&did, no_pds).is_err());
         let mut other = document;
         other["id"] = json!("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa");
-        assert!(parse_document(&did, &other).is_err());
+        assert!(Identity::from_document(&did, other).is_err());
         Ok(())
     }
 }
