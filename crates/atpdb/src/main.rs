@@ -2,6 +2,8 @@
 
 mod car;
 mod devnet;
+mod logging;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -25,6 +27,8 @@ enum Command {
     Car(car::CarCommand),
     /// Run a PLC directory, PDS hosts and a relay on 127.0.0.1, with traffic and faults.
     Devnet(devnet::DevnetArgs),
+    /// Keep a verified mirror of the repos in scope and serve it over HTTP.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +36,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Car(command) => car::run(command),
         Command::Devnet(args) => devnet::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(code) => code,

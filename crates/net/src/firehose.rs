@@ -179,8 +179,8 @@ impl std::fmt::Debug for Firehose {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 type Socket = WebSocketStream<Box<dyn Io>>;
 
 impl Firehose {

@@ -1097,7 +1097,25 @@ impl CommitProof {
     ///
     /// [`Error::BadSignature`].
     pub fn verify(self, key: &PublicKey) -> Result<VerifiedCommit> {
-        self.verify_signature(key)?;
+        self.try_verify(key).map_err(|(_, err)| err)
+    }
+
+    /// [`CommitProof::verify`] that hands the proof back when the signature fails, so a
+    /// caller can re-resolve the key (it may have rotated) and try again without checking the
+    /// blocks and ops a second time.
+    ///
+    /// # Errors
+    ///
+    /// The proof and [`Error::BadSignature`].
+    // The proof is large, but this is the cold path, and boxing it would cost every caller.
+    #[allow(clippy::result_large_err)]
+    pub fn try_verify(
+        self,
+        key: &PublicKey,
+    ) -> std::result::Result<VerifiedCommit, (CommitProof, Error)> {
+        if let Err(err) = self.verify_signature(key) {
+            return Err((self, err));
+        }
         Ok(match self.prev_data {
             Some(_) => VerifiedCommit::Proven(self),
             None => VerifiedCommit::Unproven(self),

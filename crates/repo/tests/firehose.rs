@@ -642,6 +642,24 @@ fn retry_after_key_rotation_needs_no_second_check() -> TestResult {
 }
 
 #[test]
+fn try_verify_hands_the_proof_back_on_a_bad_signature() -> TestResult {
+    let (account, _, event) = mixed_commit(24)?;
+    let stale = sample_keypair(25, Curve::K256).public();
+    let proof = CommitProof::check(&event)?;
+    let commit_cid = proof.cid();
+    let Err((proof, err)) = proof.try_verify(&stale) else {
+        return Err("a stale key must not verify".into());
+    };
+    assert!(matches!(err, Error::BadSignature { .. }));
+    assert_eq!(proof.cid(), commit_cid, "the same proof comes back");
+    let verified = proof
+        .try_verify(&account.key.public())
+        .map_err(|(_, err)| err)?;
+    assert!(verified.is_proven());
+    Ok(())
+}
+
+#[test]
 fn flipped_record_byte_is_a_hash_mismatch() -> TestResult {
     let (account, data, event) = mixed_commit(24)?;
     let record = data.ops.iter().find_map(|op| op.cid).ok_or("no record")?;

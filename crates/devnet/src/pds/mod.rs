@@ -647,6 +647,14 @@ impl Pds {
             .collect())
     }
 
+    /// Every record of an account as `(path, CID)`, in key order: the truth a mirror is
+    /// compared with.
+    pub fn account_records(&self, did: &Did) -> Result<Vec<(String, Cid)>, PdsError> {
+        let account = self.account(did)?;
+        let account = lock(&account);
+        Ok(account.repo.list()?)
+    }
+
     /// A snapshot of what the relay and tests need to know about an account.
     pub fn account_info(&self, did: &Did) -> Result<AccountInfo, PdsError> {
         let account = self.account(did)?;

@@ -1,0 +1,19 @@
+//! Logs: `tracing` events, human-readable by default or JSON lines, on stderr so stdout
+//! stays for the one machine-readable ready line. `RUST_LOG` filters (default `info`).
+
+use anyhow::Context;
+use tracing_subscriber::EnvFilter;
+
+pub(crate) fn init(format: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "human" => builder.try_init(),
+        "json" => builder.json().try_init(),
+        other => anyhow::bail!("--log-format must be human or json, not {other:?}"),
+    }
+    .map_err(|err| anyhow::anyhow!("{err}"))
+    .context("installing the logger")
+}

@@ -1,0 +1,255 @@
+//! `atpdb serve`: the sync engine and its HTTP API in one process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use atpdb_identity::{IdentityConfig, Resolver};
+use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
+use atpdb_store::Store;
+use atpdb_sync::{Engine, EngineConfig, Filters, Mode, Pattern};
+use clap::Args;
+
+/// Options of `atpdb serve`. Each has an `ATPDB_*` environment name; where Tap has a
+/// setting of the same meaning, its `TAP_*` name works too.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// The data directory (one process at a time).
+    #[arg(long, env = "ATPDB_DATA_DIR", default_value = "./atpdb.data")]
+    data_dir: PathBuf,
+    /// Address of the HTTP API [TAP_BIND].
+    #[arg(long, env = "ATPDB_BIND")]
+    bind: Option<String>,
+    /// The relay (or a single PDS) to follow and crawl [TAP_RELAY_URL].
+    #[arg(long, env = "ATPDB_RELAY_URL")]
+    relay_url: Option<String>,
+    /// The PLC directory [TAP_PLC_URL].
+    #[arg(long, env = "ATPDB_PLC_URL")]
+    plc_url: Option<String>,
+    /// Track every active repo on the network [TAP_FULL_NETWORK].
+    #[arg(long, env = "ATPDB_FULL_NETWORK")]
+    full_network: Option<bool>,
+    /// Track repos that write these collections (comma-separated; `fm.teal.*` allowed)
+    /// [TAP_SIGNAL_COLLECTION].
+    #[arg(long, env = "ATPDB_SIGNAL_COLLECTION")]
+    signal_collection: Option<String>,
+    /// Keep only these collections (comma-separated; wildcards at segment boundaries)
+    /// [TAP_COLLECTION_FILTERS].
+    #[arg(long, env = "ATPDB_COLLECTION_FILTERS")]
+    collection_filters: Option<String>,
+    /// Repos fetched at once [TAP_RESYNC_PARALLELISM].
+    #[arg(long, env = "ATPDB_RESYNC_PARALLELISM")]
+    resync_parallelism: Option<usize>,
+    /// Firehose workers [TAP_FIREHOSE_PARALLELISM].
+    #[arg(long, env = "ATPDB_FIREHOSE_PARALLELISM")]
+    firehose_parallelism: Option<usize>,
+    /// Require HTTP Basic `admin:<password>` on every route [TAP_ADMIN_PASSWORD].
+    #[arg(long, env = "ATPDB_ADMIN_PASSWORD")]
+    admin_password: Option<String>,
+    /// Allow loopback and private addresses for PDSes, did:web hosts and the relay (the
+    /// devnet needs it; never on a public deployment).
+    #[arg(long, env = "ATPDB_ALLOW_PRIVATE_NETWORK")]
+    allow_private_network: bool,
+    /// How far back the relay replays, in hours; an older cursor catches up by resync.
+    #[arg(long, env = "ATPDB_REPLAY_WINDOW_HOURS", default_value_t = 72)]
+    replay_window_hours: u64,
+    /// Longest wait between retries of a failing repo, in seconds.
+    #[arg(long, env = "ATPDB_MAX_BACKOFF_SECS", default_value_t = 3600)]
+    max_backoff_secs: u64,
+    /// First wait after a failing repo, in seconds.
+    #[arg(long, env = "ATPDB_MIN_BACKOFF_SECS", default_value_t = 60)]
+    min_backoff_secs: u64,
+    /// Do not follow the firehose (backfill only).
+    #[arg(long, env = "ATPDB_NO_FIREHOSE")]
+    no_firehose: bool,
+    /// Log format: human or json.
+    #[arg(long, env = "ATPDB_LOG_FORMAT", default_value = "human")]
+    log_format: String,
+}
+
+/// The `TAP_*` fallback for a setting given neither as a flag nor as `ATPDB_*`.
+fn tap_env(value: Option<String>, name: &str) -> Option<String> {
+    value.or_else(|| std::env::var(name).ok().filter(|value| !value.is_empty()))
+}
+
+fn tap_env_parsed<T: std::str::FromStr>(value: Option<T>, name: &str) -> anyhow::Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    match value {
+        Some(value) => Ok(Some(value)),
+        None => match std::env::var(name).ok().filter(|value| !value.is_empty()) {
+            None => Ok(None),
+            Some(text) => text
+                .parse()
+                .map(Some)
+                .map_err(|err| anyhow::anyhow!("{name}={text:?}: {err}")),
+        },
+    }
+}
+
+pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    crate::logging::init(&args.log_format)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+fn engine_config(args: &ServeArgs) -> anyhow::Result<EngineConfig> {
+    let relay_url = tap_env(args.relay_url.clone(), "TAP_RELAY_URL")
+        .unwrap_or_else(|| "https://relay1.us-east.bsky.network".to_owned());
+    let full = tap_env_parsed(args.full_network, "TAP_FULL_NETWORK")?.unwrap_or(false);
+    let signals = match tap_env(args.signal_collection.clone(), "TAP_SIGNAL_COLLECTION") {
+        Some(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(str::parse::<Pattern>)
+            .collect::<Result<Vec<_>, _>>()
+            .context("--signal-collection")?,
+        None => Vec::new(),
+    };
+    let mode = if full {
+        Mode::Full
+    } else if !signals.is_empty() {
+        Mode::Signal(signals)
+    } else {
+        Mode::Manual
+    };
+    let filters = match tap_env(args.collection_filters.clone(), "TAP_COLLECTION_FILTERS") {
+        Some(text) => Filters::parse_list(&text).context("--collection-filters")?,
+        None => Filters::all(),
+    };
+    let mut config = EngineConfig {
+        relay_url,
+        mode,
+        filters,
+        replay_window: Duration::from_secs(args.replay_window_hours.saturating_mul(3600)),
+        backoff_min: Duration::from_secs(args.min_backoff_secs),
+        backoff_max: Duration::from_secs(args.max_backoff_secs),
+        follow_firehose: !args.no_firehose,
+        ..EngineConfig::default()
+    };
+    if let Some(parallelism) =
+        tap_env_parsed(args.resync_parallelism, "TAP_RESYNC_PARALLELISM")?
+    {
+        config.resync_parallelism = parallelism.max(1);
+    }
+    if let Some(parallelism) =
+        tap_env_parsed(args.firehose_parallelism, "TAP_FIREHOSE_PARALLELISM")?
+    {
+        config.firehose_parallelism = parallelism.max(1);
+    }
+    // Snapshots larger than the memory budget spill next to the data, not into /tmp.
+    config.verify.spill_dir = Some(args.data_dir.clone());
+    Ok(config)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = engine_config(&args)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let store = Store::open(&args.data_dir)
+        .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
+    let http = Http::new(&HttpConfig {
+        allow_private_network: args.allow_private_network,
+        ..HttpConfig::default()
+    })?;
+    let plc_url = tap_env(args.plc_url.clone(), "TAP_PLC_URL")
+        .unwrap_or_else(|| "https://plc.directory".to_owned());
+    let identity = Resolver::new(
+        IdentityConfig {
+            plc_url,
+            ..IdentityConfig::default()
+        },
+        http.clone(),
+    )?;
+    let xrpc = Xrpc::new(http.clone(), XrpcConfig::default());
+    let engine = Engine::new(config, store.clone(), identity, xrpc, http);
+    let mut tasks = engine.start()?;
+
+    let bind = tap_env(args.bind.clone(), "TAP_BIND").unwrap_or_else(|| "127.0.0.1:2480".to_owned());
+    // Tap's default is ":2480"; that form means every interface.
+    let bind = match bind.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => bind,
+    };
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("binding {bind}"))?;
+    let address = listener.local_addr().context("reading the bound address")?;
+    let router = atpdb_server::router(
+        engine.clone(),
+        atpdb_server::ServerConfig {
+            admin_password: tap_env(args.admin_password.clone(), "TAP_ADMIN_PASSWORD"),
+        },
+    );
+    let shutdown = engine.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown_signal(&shutdown).await })
+            .await
+    });
+    // One line a script (or a test) can wait for.
+    println!(
+        "{}",
+        serde_json::json!({ "url": format!("http://{address}"), "data_dir": args.data_dir })
+    );
+    tracing::info!(url = %format!("http://{address}"), "serve.ready");
+
+    let mut failed = false;
+    while let Some(ended) = tasks.join_next().await {
+        match ended {
+            Ok((_, Ok(()))) if engine.is_shutting_down() => {}
+            Ok((task, Ok(()))) => {
+                tracing::error!(task, "serve: an engine task ended early; stopping");
+                failed = true;
+                engine.shutdown();
+            }
+            Ok((task, Err(err))) => {
+                tracing::error!(task, %err, "serve: an engine task failed; stopping");
+                failed = true;
+                engine.shutdown();
+            }
+            Err(err) => {
+                tracing::error!(%err, "serve: an engine task panicked; stopping");
+                failed = true;
+                engine.shutdown();
+            }
+        }
+    }
+    engine.shutdown();
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::error!(%err, "serve: the HTTP server failed"),
+        Err(err) => tracing::error!(%err, "serve: the HTTP server panicked"),
+    }
+    store.persist().context("flushing the store")?;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal(engine: &Engine) {
+    let terminate = async {
+        #[cfg(unix)]
+        if let Ok(mut signal) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            signal.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+        () = async { while !engine.is_shutting_down() { tokio::time::sleep(Duration::from_millis(200)).await } } => {}
+    }
+    engine.shutdown();
+}

@@ -1,0 +1,311 @@
+//! `atpdb serve` as a user runs it: a child process against a devnet, its HTTP API, and
+//! SIGKILL at random moments — what a consumer rebuilds from the outbox must equal the truth.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use atpdb_devnet::{Devnet, DevnetConfig};
+use atpdb_repo::Cid;
+use atpdb_repo::syntax::Did;
+use atpdb_store::{Action, Event, Store};
+use serde_json::{Value as Json, json};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A running `atpdb serve` and the URL it printed.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(data_dir: &Path, devnet: &Devnet, extra: &[&str]) -> Result<Server, Box<dyn std::error::Error>> {
+        let relay = devnet.relay().ok_or("no relay")?.url().to_owned();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_atpdb"))
+            .args([
+                "serve",
+                "--data-dir",
+                &data_dir.display().to_string(),
+                "--bind",
+                "127.0.0.1:0",
+                "--relay-url",
+                &relay,
+                "--plc-url",
+                devnet.plc_url(),
+                "--allow-private-network",
+                "--min-backoff-secs",
+                "1",
+                "--max-backoff-secs",
+                "2",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let ready: Json = serde_json::from_str(line.trim())
+            .map_err(|err| format!("ready line {line:?}: {err}"))?;
+        let url = ready["url"].as_str().ok_or("no url in the ready line")?.to_owned();
+        Ok(Server { child, url })
+    }
+
+    fn kill(mut self) -> std::io::Result<()> {
+        // Child::kill is SIGKILL on Unix: no shutdown path runs.
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dids(devnet: &Devnet) -> Vec<String> {
+    devnet.accounts().iter().map(|a| a.did.to_string()).collect()
+}
+
+type Truth = BTreeMap<Did, BTreeMap<String, Cid>>;
+
+fn truth(devnet: &Devnet) -> Result<Truth, Box<dyn std::error::Error>> {
+    let mut truth = Truth::new();
+    for account in devnet.accounts() {
+        let records = devnet.hosts()[account.pds].account_records(&account.did)?;
+        truth.insert(account.did.clone(), records.into_iter().collect());
+    }
+    Ok(truth)
+}
+
+/// Polls `/info` until every account is active at its PDS's rev.
+async fn converge(http: &reqwest::Client, server: &Server, devnet: &Devnet, timeout: Duration) -> TestResult {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut lagging = Vec::new();
+        for account in devnet.accounts() {
+            let rev = devnet.hosts()[account.pds].account_info(&account.did)?.rev;
+            let info: Json = http
+                .get(format!("{}/info/{}", server.url, account.did))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if info["state"] != "active" || info["rev"] != rev.as_str() {
+                lagging.push(info);
+            }
+        }
+        if lagging.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{} repos did not converge: {:?}", lagging.len(), lagging.first()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What a consumer that applied every outbox event in id order holds; ids must only grow.
+fn rebuild_from_outbox(store: &Store) -> Result<Truth, Box<dyn std::error::Error>> {
+    let mut rebuilt = Truth::new();
+    let mut after = 0;
+    loop {
+        let events = store.events_after(after, 1000)?;
+        if events.is_empty() {
+            return Ok(rebuilt);
+        }
+        for (id, event) in events {
+            assert!(id > after, "event id {id} repeats or goes back (after {after})");
+            after = id;
+            match event {
+                Event::Record(record) => {
+                    let repo = rebuilt.entry(record.did.clone()).or_default();
+                    let path = format!("{}/{}", record.collection, record.rkey);
+                    match record.action {
+                        Action::Delete => {
+                            repo.remove(&path);
+                        }
+                        Action::Create | Action::Update => {
+                            repo.insert(path, record.cid.ok_or("no cid")?);
+                        }
+                    }
+                }
+                Event::Identity(identity) if identity.status == "deleted" => {
+                    rebuilt.remove(&identity.did);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_validates_input_and_answers_like_tap() -> TestResult {
+    let devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 1,
+        accounts: 3,
+        records: 5,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path(), &devnet, &[])?;
+    let http = reqwest::Client::new();
+    let health: Json = http.get(format!("{}/health", server.url)).send().await?.json().await?;
+    assert_eq!(health, json!({"status": "ok"}));
+
+    // Bad input is a 400 with a message, never a 500.
+    for body in ["{\"dids\": [\"not-a-did\"]}", "{\"dids\": 5}", "nonsense"] {
+        let response = http
+            .post(format!("{}/repos/add", server.url))
+            .body(body)
+            .send()
+            .await?;
+        assert_eq!(response.status(), 400, "{body}");
+        let error: Json = response.json().await?;
+        assert!(error["message"].is_string(), "{error}");
+    }
+    let response = http
+        .post(format!("{}/repos/add", server.url))
+        .json(&json!({"dids": []}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200, "an empty list is fine");
+    let response = http.get(format!("{}/info/did:plc:unknownunknownunknown", server.url)).send().await?;
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.json::<Json>().await?, json!({"message": "repo not found"}));
+    let response = http.get(format!("{}/info/nope", server.url)).send().await?;
+    assert_eq!(response.status(), 400);
+
+    let all = dids(&devnet);
+    let response = http
+        .post(format!("{}/repos/add", server.url))
+        .json(&json!({ "dids": all }))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    converge(&http, &server, &devnet, Duration::from_secs(60)).await?;
+    let truth = truth(&devnet)?;
+    let total: usize = truth.values().map(BTreeMap::len).sum();
+    let count: Json = http.get(format!("{}/stats/record-count", server.url)).send().await?.json().await?;
+    assert_eq!(count["record_count"], total);
+    let count: Json = http.get(format!("{}/stats/repo-count", server.url)).send().await?.json().await?;
+    assert_eq!(count["repo_count"], all.len());
+
+    // The XRPC reads serve exactly what was stored.
+    let did = &devnet.accounts()[0].did;
+    let (path, cid) = truth[did].iter().next().ok_or("an empty repo")?;
+    let (collection, rkey) = path.split_once('/').ok_or("a path")?;
+    let record: Json = http
+        .get(format!(
+            "{}/xrpc/com.atproto.repo.getRecord?repo={did}&collection={collection}&rkey={rkey}",
+            server.url
+        ))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(record["cid"], cid.to_string());
+    assert_eq!(record["uri"], format!("at://{did}/{path}"));
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!(
+            "{}/xrpc/com.atproto.repo.listRecords?repo={did}&collection={collection}&limit=2",
+            server.url
+        );
+        if let Some(cursor) = &cursor {
+            url.push_str(&format!("&cursor={cursor}"));
+        }
+        let page: Json = http.get(url).send().await?.json().await?;
+        for record in page["records"].as_array().ok_or("records")? {
+            listed.push(record["uri"].as_str().unwrap_or_default().to_owned());
+        }
+        match page["cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = truth[did]
+        .keys()
+        .filter(|path| path.starts_with(&format!("{collection}/")))
+        .map(|path| format!("at://{did}/{path}"))
+        .collect();
+    assert_eq!(listed, expected);
+    let response = http
+        .get(format!(
+            "{}/xrpc/com.atproto.repo.listRecords?repo={did}&collection=bad&limit=500",
+            server.url
+        ))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 400);
+    server.kill()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing() -> TestResult {
+    let mut devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 3,
+        accounts: 30,
+        records: 20,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let http = reqwest::Client::new();
+    let all = dids(&devnet);
+    devnet.start_traffic(30.0);
+
+    let mut state = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+            % 1_000_000_007,
+    )?;
+    eprintln!("crash schedule seed {state}");
+    let mut next_delay = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        Duration::from_millis(50 + (state >> 33) % 700)
+    };
+    for round in 0..20 {
+        let server = Server::start(dir.path(), &devnet, &[])?;
+        if round == 0 {
+            let response = http
+                .post(format!("{}/repos/add", server.url))
+                .json(&json!({ "dids": all }))
+                .send()
+                .await?;
+            assert_eq!(response.status(), 200);
+        }
+        tokio::time::sleep(next_delay()).await;
+        server.kill()?;
+    }
+    devnet.stop_traffic();
+    let server = Server::start(dir.path(), &devnet, &[])?;
+    converge(&http, &server, &devnet, Duration::from_secs(90)).await?;
+    server.kill()?;
+
+    let truth = truth(&devnet)?;
+    let store = Store::open(dir.path())?;
+    let rebuilt = rebuild_from_outbox(&store)?;
+    for (did, records) in &truth {
+        let stored: BTreeMap<String, Cid> = store
+            .records(did, None, None, usize::MAX, false)?
+            .into_iter()
+            .map(|record| (record.path(), record.cid()))
+            .collect();
+        assert_eq!(&stored, records, "stored records of {did}");
+        let empty = BTreeMap::new();
+        assert_eq!(rebuilt.get(did).unwrap_or(&empty), records, "outbox rebuild of {did}");
+    }
+    Ok(())
+}

@@ -1,0 +1,642 @@
+//! Resync workers: a verified snapshot of one repo, diffed both ways against the store, then
+//! the live commits buffered meanwhile.
+//!
+//! A resync is crash-safe without a journal of its own: the repo stays `resyncing` until the
+//! last buffered commit is replayed, chunks of the diff are committed with their events, and a
+//! restart turns `resyncing` back into `desynchronized`. The next snapshot is diffed against
+//! what the chunks already wrote, so it emits exactly the changes still missing.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use atpdb_identity::Identity;
+use atpdb_repo::crypto::PublicKey;
+use atpdb_repo::firehose::{self, Chain, Frame, Message, RepoHead};
+use atpdb_repo::syntax::{Did, Tid};
+use atpdb_repo::verify::{Expected, LoadedCar, load_car_async};
+use atpdb_repo::{Cid, Error as RepoError};
+use atpdb_store::{
+    Action, Event, IdentityEvent, RecordEvent, RepoEntry, RepoState, Store, StoreError,
+};
+
+use crate::firehose::{apply_commit, verify_with_identity};
+use crate::scope::Filters;
+use crate::{Inner, SyncError, bump, now_us};
+
+/// Changes committed per batch while applying a snapshot: large enough to amortise a
+/// commit, small enough that a batch stays a few megabytes.
+const CHUNK: usize = 1000;
+
+/// The repos claimed by some worker right now, so two workers never take the same one.
+#[derive(Debug, Default)]
+pub(crate) struct Claims {
+    active: Mutex<HashSet<Did>>,
+    claiming: tokio::sync::Mutex<()>,
+}
+
+impl Claims {
+    fn release(&self, did: &Did) {
+        if let Ok(mut active) = self.active.lock() {
+            active.remove(did);
+        }
+    }
+
+    fn is_claimed(&self, did: &Did) -> bool {
+        self.active.lock().is_ok_and(|active| active.contains(did))
+    }
+
+    fn insert(&self, did: Did) {
+        if let Ok(mut active) = self.active.lock() {
+            active.insert(did);
+        }
+    }
+}
+
+/// Why one repo's resync failed: recorded on the repo, retried later.
+#[derive(Debug)]
+enum Failure {
+    /// The repo's fault or the network's: record and back off.
+    Repo(String),
+    /// The store's: the engine cannot go on.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(err: StoreError) -> Failure {
+        Failure::Store(err)
+    }
+}
+
+/// Repos a crash left `resyncing` go back to `desynchronized`; their buffers stay.
+pub(crate) fn recover(inner: &Inner) -> Result<(), StoreError> {
+    loop {
+        let stuck = inner.store.repos_in_state(RepoState::Syncing, 1000)?;
+        if stuck.is_empty() {
+            return Ok(());
+        }
+        let mut batch = inner.store.batch();
+        for mut entry in stuck {
+            tracing::info!(did = %entry.did, "backfill.recover: resync interrupted, will redo");
+            entry.state = RepoState::Desynchronized;
+            batch.put_repo(&entry);
+        }
+        batch.commit()?;
+    }
+}
+
+/// One resync worker: claim, sync, repeat, until shutdown.
+pub(crate) async fn run_worker(inner: Arc<Inner>) -> Result<(), SyncError> {
+    loop {
+        if inner.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        match claim(&inner).await? {
+            Some(entry) => {
+                let did = entry.did.clone();
+                let result = sync_repo(&inner, entry).await;
+                inner.claims.release(&did);
+                result?;
+            }
+            None => {
+                let notified = inner.work.notified();
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => return Ok(()),
+                    () = notified => {}
+                    () = tokio::time::sleep(inner.config.idle_poll) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Takes the next repo that needs a snapshot: pending first, then desynchronized, then
+/// errored, each only once its retry time has come, and only active accounts.
+async fn claim(inner: &Inner) -> Result<Option<RepoEntry>, StoreError> {
+    let _claiming = inner.claims.claiming.lock().await;
+    let now = now_us();
+    for state in [
+        RepoState::Pending,
+        RepoState::Desynchronized,
+        RepoState::Error,
+    ] {
+        for candidate in inner.store.repos_in_state(state, 256)? {
+            if candidate.retry_after_us > now
+                || !Inner::is_active(&candidate)
+                || inner.claims.is_claimed(&candidate.did)
+            {
+                continue;
+            }
+            let _guard = inner.locks.lock(&candidate.did).await;
+            let Some(mut entry) = inner.store.repo(&candidate.did)? else {
+                continue;
+            };
+            if entry.state != state {
+                continue;
+            }
+            entry.state = RepoState::Syncing;
+            let mut batch = inner.store.batch();
+            batch.put_repo(&entry);
+            batch.commit()?;
+            inner.claims.insert(entry.did.clone());
+            return Ok(Some(entry));
+        }
+    }
+    Ok(None)
+}
+
+/// Syncs one claimed repo, recording a failure on the repo.
+async fn sync_repo(inner: &Arc<Inner>, entry: RepoEntry) -> Result<(), SyncError> {
+    let did = entry.did.clone();
+    let started = Instant::now();
+    match fetch_and_apply(inner, entry).await {
+        Ok(records) => {
+            bump(&inner.counters.resyncs_done);
+            tracing::info!(
+                %did,
+                records,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "backfill.done"
+            );
+            Ok(())
+        }
+        Err(Failure::Repo(reason)) => {
+            bump(&inner.counters.resyncs_failed);
+            fail(inner, &did, reason).await?;
+            Ok(())
+        }
+        Err(Failure::Store(err)) => Err(err.into()),
+    }
+}
+
+/// Records a failed resync: `error` with the reason, a retry after exponential backoff, and
+/// a repo-state event, in one batch.
+async fn fail(inner: &Inner, did: &Did, reason: String) -> Result<(), StoreError> {
+    let _guard = inner.locks.lock(did).await;
+    let Some(mut entry) = inner.store.repo(did)? else {
+        return Ok(());
+    };
+    entry.retries = entry.retries.saturating_add(1);
+    let delay = backoff(
+        inner.config.backoff_min,
+        inner.config.backoff_max,
+        entry.retries,
+    );
+    entry.retry_after_us = now_us().saturating_add(u64::try_from(delay.as_micros()).unwrap_or(0));
+    tracing::warn!(
+        %did,
+        reason = %reason,
+        retries = entry.retries,
+        retry_in_s = delay.as_secs(),
+        "repo.errored"
+    );
+    inner.set_state(entry, RepoState::Error, Some(reason))
+}
+
+/// `min · 2^(retries-1)`, capped at `max`, plus up to a tenth of jitter so that repos that
+/// failed together do not retry together.
+pub(crate) fn backoff(min: Duration, max: Duration, retries: u32) -> Duration {
+    let exponent = retries.saturating_sub(1).min(20);
+    let base = min.saturating_mul(1 << exponent).min(max);
+    let jitter_range = u64::try_from(base.as_micros() / 10).unwrap_or(0).max(1);
+    base + Duration::from_micros(now_us() % jitter_range)
+}
+
+async fn fetch_and_apply(inner: &Arc<Inner>, entry: RepoEntry) -> Result<u64, Failure> {
+    let did = entry.did.clone();
+    let identity = inner
+        .identity
+        .refresh(&did)
+        .await
+        .map_err(|err| Failure::Repo(format!("resolving {did}: {err}")))?;
+    record_identity(inner, &identity).await?;
+
+    // A repo stored before and unchanged since needs no CAR: most repos in a catch-up.
+    if let Some(stored_rev) = entry.rev.as_deref()
+        && let Ok(latest) = inner.xrpc.get_latest_commit(&identity.pds, &did).await
+        && latest.rev.as_str() == stored_rev
+    {
+        let head = Head::stored(&entry).ok_or_else(|| {
+            Failure::Repo(format!("stored head of {did} is unreadable"))
+        })?;
+        finish(inner, &identity, head, 0).await?;
+        return Ok(0);
+    }
+
+    let body = inner
+        .xrpc
+        .get_repo(&identity.pds, &did, None)
+        .await
+        .map_err(|err| Failure::Repo(format!("getRepo from {}: {err}", identity.pds)))?;
+    let loaded = load_car_async(body, &inner.config.verify)
+        .await
+        .map_err(|err| Failure::Repo(format!("getRepo from {}: {err}", identity.pds)))?;
+    let store = inner.store.clone();
+    let filters = inner.config.filters.clone();
+    let key = identity.key.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        apply_snapshot(&store, &filters, loaded, &did, &key)
+    })
+    .await
+    .map_err(|err| Failure::Repo(format!("snapshot task ended: {err}")))??;
+    inner
+        .counters
+        .backfill_records
+        .fetch_add(applied.changes, std::sync::atomic::Ordering::Relaxed);
+    finish(inner, &identity, applied.head, applied.changes).await?;
+    Ok(applied.changes)
+}
+
+/// Stores the PDS and the verified handle, and tells consumers when the handle changed (the
+/// first resync always does, so every repo's first event names its handle).
+async fn record_identity(inner: &Inner, identity: &Identity) -> Result<(), Failure> {
+    let handle = verified_handle(inner, identity).await;
+    let _guard = inner.locks.lock(&identity.did).await;
+    let Some(mut entry) = inner.store.repo(&identity.did)? else {
+        return Ok(());
+    };
+    let handle_changed = entry.handle.as_deref() != Some(handle.as_str());
+    if !handle_changed && entry.pds.as_deref() == Some(identity.pds.as_str()) {
+        return Ok(());
+    }
+    entry.pds = Some(identity.pds.clone());
+    let mut batch = inner.store.batch();
+    if handle_changed {
+        entry.handle = Some(handle.clone());
+        batch.push(identity_event(&entry));
+    }
+    batch.put_repo(&entry);
+    batch.commit()?;
+    Ok(())
+}
+
+/// The handle to report: verified both ways, or `handle.invalid` (never empty, which the
+/// TypeScript client would reject forever).
+pub(crate) async fn verified_handle(inner: &Inner, identity: &Identity) -> String {
+    match inner.identity.verified_handle(identity).await {
+        Some(handle) => handle.to_string(),
+        None => "handle.invalid".to_owned(),
+    }
+}
+
+/// Tap's identity event for the repo as stored.
+pub(crate) fn identity_event(entry: &RepoEntry) -> Event {
+    Event::Identity(IdentityEvent {
+        did: entry.did.clone(),
+        handle: entry
+            .handle
+            .clone()
+            .unwrap_or_else(|| "handle.invalid".to_owned()),
+        is_active: Inner::is_active(entry),
+        status: entry.status.as_str().to_owned(),
+        time_us: now_us(),
+    })
+}
+
+/// The rev and MST root a repo's stored records reflect.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub(crate) rev: Tid,
+    pub(crate) data: Cid,
+}
+
+impl Head {
+    pub(crate) fn stored(entry: &RepoEntry) -> Option<Head> {
+        Some(Head {
+            rev: entry.rev.as_deref()?.parse().ok()?,
+            data: entry.data?,
+        })
+    }
+
+    pub(crate) fn as_ref(&self) -> RepoHead<'_> {
+        RepoHead {
+            rev: &self.rev,
+            data: &self.data,
+        }
+    }
+}
+
+struct Applied {
+    head: Head,
+    changes: u64,
+}
+
+/// Verifies the snapshot and merges it into the store in key order: records the store lacks
+/// are created, records whose CID differs are updated, and stored records the snapshot lacks
+/// are deleted, each with its event. Runs on a blocking thread (hashing, disk).
+fn apply_snapshot(
+    store: &Store,
+    filters: &Filters,
+    loaded: LoadedCar,
+    did: &Did,
+    key: &PublicKey,
+) -> Result<Applied, Failure> {
+    let verified = loaded
+        .verify(Expected {
+            did: Some(did),
+            key,
+        })
+        .map_err(|err| Failure::Repo(format!("verifying the snapshot: {err}")))?;
+    let commit = verified.commit();
+    let head = Head {
+        rev: commit.rev.clone(),
+        data: commit.data,
+    };
+    let rev = commit.rev.to_string();
+    let time_us = now_us();
+    let mut writer = ChunkWriter::new(store);
+    let mut stored = StoredKeys::new(store, did, filters);
+    let mut walker = verified.records();
+    loop {
+        let next = walker
+            .next_record()
+            .map_err(|err| Failure::Repo(format!("verifying the snapshot: {err}")))?;
+        let Some(found) = next else { break };
+        if !filters.matches(found.collection) {
+            continue;
+        }
+        while let Some((collection, rkey)) = stored.next_before(found.collection, found.rkey)? {
+            writer.push_delete(did, &rev, collection, rkey, false, time_us)?;
+        }
+        let action = match stored.take_equal(found.collection, found.rkey)? {
+            Some(cid) if cid == found.cid => continue,
+            Some(_) => Action::Update,
+            None => Action::Create,
+        };
+        let record = found
+            .to_record()
+            .map_err(|err| Failure::Repo(format!("record {}/{}: {err}", found.collection, found.rkey)))?;
+        writer.batch.put_record(&record);
+        writer.batch.push(Event::Record(RecordEvent {
+            live: false,
+            did: did.clone(),
+            rev: rev.clone(),
+            collection: found.collection.to_owned(),
+            rkey: found.rkey.to_owned(),
+            action,
+            cid: Some(found.cid),
+            record: Some(found.bytes.to_vec()),
+            time_us,
+        }));
+        writer.count()?;
+    }
+    while let Some((collection, rkey)) = stored.next_remaining()? {
+        writer.push_delete(did, &rev, collection, rkey, false, time_us)?;
+    }
+    let changes = writer.finish()?;
+    Ok(Applied { head, changes })
+}
+
+/// Commits a batch every [`CHUNK`] changes.
+struct ChunkWriter<'a> {
+    store: &'a Store,
+    batch: atpdb_store::Batch,
+    pending: usize,
+    total: u64,
+}
+
+impl<'a> ChunkWriter<'a> {
+    fn new(store: &'a Store) -> ChunkWriter<'a> {
+        ChunkWriter {
+            store,
+            batch: store.batch(),
+            pending: 0,
+            total: 0,
+        }
+    }
+
+    fn push_delete(
+        &mut self,
+        did: &Did,
+        rev: &str,
+        collection: String,
+        rkey: String,
+        live: bool,
+        time_us: u64,
+    ) -> Result<(), Failure> {
+        self.batch.delete_record(did, &collection, &rkey);
+        self.batch.push(Event::Record(RecordEvent {
+            live,
+            did: did.clone(),
+            rev: rev.to_owned(),
+            collection,
+            rkey,
+            action: Action::Delete,
+            cid: None,
+            record: None,
+            time_us,
+        }));
+        self.count()
+    }
+
+    fn count(&mut self) -> Result<(), Failure> {
+        self.pending += 1;
+        self.total += 1;
+        if self.pending >= CHUNK {
+            let full = std::mem::replace(&mut self.batch, self.store.batch());
+            full.commit()?;
+            self.pending = 0;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<u64, Failure> {
+        if !self.batch.is_empty() {
+            self.batch.commit()?;
+        }
+        Ok(self.total)
+    }
+}
+
+/// The stored side of the merge: one DID's record keys in MST key order.
+struct StoredKeys<'a> {
+    keys: std::iter::Peekable<atpdb_store::RecordKeys>,
+    filters: &'a Filters,
+}
+
+impl<'a> StoredKeys<'a> {
+    fn new(store: &Store, did: &Did, filters: &'a Filters) -> StoredKeys<'a> {
+        StoredKeys {
+            keys: store.record_keys(did).peekable(),
+            filters,
+        }
+    }
+
+    /// The next stored key ordered before `collection/rkey`, taken.
+    fn next_before(
+        &mut self,
+        collection: &str,
+        rkey: &str,
+    ) -> Result<Option<(String, String)>, Failure> {
+        loop {
+            match self.keys.peek() {
+                Some(Ok((stored_collection, stored_rkey, _))) => {
+                    if path_cmp(stored_collection, stored_rkey, collection, rkey)
+                        != CmpOrdering::Less
+                    {
+                        return Ok(None);
+                    }
+                }
+                Some(Err(_)) | None => {}
+            }
+            match self.keys.next() {
+                None => return Ok(None),
+                Some(Err(err)) => return Err(err.into()),
+                Some(Ok((stored_collection, stored_rkey, _))) => {
+                    // Records of collections now filtered out are left alone: not emitted,
+                    // not deleted.
+                    if self.filters.matches(&stored_collection) {
+                        return Ok(Some((stored_collection, stored_rkey)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The stored CID at exactly `collection/rkey`, taken, if there is one.
+    fn take_equal(&mut self, collection: &str, rkey: &str) -> Result<Option<Cid>, Failure> {
+        match self.keys.peek() {
+            Some(Ok((stored_collection, stored_rkey, cid)))
+                if stored_collection == collection && stored_rkey == rkey =>
+            {
+                let cid = *cid;
+                self.keys.next();
+                Ok(Some(cid))
+            }
+            Some(Err(_)) => match self.keys.next() {
+                Some(Err(err)) => Err(err.into()),
+                _ => Ok(None),
+            },
+            _ => Ok(None),
+        }
+    }
+
+    /// Every stored key left, after the snapshot ended.
+    fn next_remaining(&mut self) -> Result<Option<(String, String)>, Failure> {
+        loop {
+            match self.keys.next() {
+                None => return Ok(None),
+                Some(Err(err)) => return Err(err.into()),
+                Some(Ok((collection, rkey, _))) => {
+                    if self.filters.matches(&collection) {
+                        return Ok(Some((collection, rkey)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Orders `collection/rkey` paths the way the MST does: by their bytes with `/` between.
+pub(crate) fn path_cmp(a_collection: &str, a_rkey: &str, b_collection: &str, b_rkey: &str) -> CmpOrdering {
+    let a = a_collection.bytes().chain(std::iter::once(b'/')).chain(a_rkey.bytes());
+    let b = b_collection.bytes().chain(std::iter::once(b'/')).chain(b_rkey.bytes());
+    a.cmp(b)
+}
+
+/// Ends a resync under the DID's lock: stores the snapshot's head, replays the buffered
+/// commits that chain onto it, and marks the repo synced — or desynchronized again when the
+/// chain breaks.
+async fn finish(
+    inner: &Inner,
+    identity: &Identity,
+    snapshot: Head,
+    changes: u64,
+) -> Result<(), Failure> {
+    let did = &identity.did;
+    let _guard = inner.locks.lock(did).await;
+    let Some(mut entry) = inner.store.repo(did)? else {
+        return Ok(()); // removed meanwhile
+    };
+    if entry.state != RepoState::Syncing {
+        return Ok(());
+    }
+    entry.rev = Some(snapshot.rev.to_string());
+    entry.data = Some(snapshot.data);
+    entry.pds = Some(identity.pds.clone());
+    entry.error = None;
+    entry.retries = 0;
+    entry.retry_after_us = 0;
+    entry.last_sync_us = now_us();
+    let mut head = snapshot;
+    for (key, bytes) in inner.store.buffered(did)? {
+        let mut batch = inner.store.batch();
+        batch.buffer_remove(did, key);
+        let event = match firehose::decode_frame(&bytes) {
+            Ok(Frame::Message(Message::Commit(event))) => event,
+            _ => {
+                // Only the engine writes the buffer; an unreadable entry is dropped.
+                batch.commit()?;
+                continue;
+            }
+        };
+        let proof = match firehose::CommitProof::check(&event) {
+            Ok(proof) => proof,
+            Err(err) => {
+                bump(&inner.counters.commits_invalid);
+                tracing::warn!(%did, rev = %event.rev, %err, "firehose.invalid: buffered commit");
+                batch.commit()?;
+                continue;
+            }
+        };
+        let Some(verified) = verify_with_identity(inner, did, proof).await else {
+            batch.commit()?;
+            continue;
+        };
+        match verified.chain(head.as_ref(), now_us()) {
+            Chain::Next => {
+                apply_commit(&mut batch, &mut entry, &verified, &inner.config.filters, now_us())
+                    .map_err(|err: RepoError| Failure::Repo(format!("buffered commit: {err}")))?;
+                head = Head::stored(&entry).unwrap_or(head);
+                batch.put_repo(&entry);
+                batch.commit()?;
+            }
+            Chain::Stale | Chain::Future => {
+                batch.commit()?;
+            }
+            Chain::Broken(reason) => {
+                drop(batch);
+                let mut batch = inner.store.batch();
+                batch.buffer_clear(did);
+                batch.commit()?;
+                bump(&inner.counters.desyncs);
+                tracing::warn!(%did, reason = %reason, "repo.desynchronized: buffered commit does not chain");
+                inner.set_state(entry, RepoState::Desynchronized, Some(reason))?;
+                inner.work.notify_one();
+                return Ok(());
+            }
+        }
+    }
+    tracing::debug!(%did, changes, "backfill.synced");
+    inner.set_state(entry, RepoState::Synced, None)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_order_like_the_mst() {
+        // "x/..." sorts after "x.y/..." in the MST ('/' > '.'), unlike a NUL-separated key.
+        assert_eq!(
+            path_cmp("app.bsky.feed.post", "a", "app.bsky.feed.post.extra", "a"),
+            CmpOrdering::Greater
+        );
+        assert_eq!(path_cmp("a.b.c", "x", "a.b.c", "y"), CmpOrdering::Less);
+        assert_eq!(path_cmp("a.b.c", "x", "a.b.c", "x"), CmpOrdering::Equal);
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap() {
+        let min = Duration::from_secs(60);
+        let max = Duration::from_secs(3600);
+        let first = backoff(min, max, 1);
+        assert!(first >= min && first <= min + min / 10);
+        let third = backoff(min, max, 3);
+        assert!(third >= min * 4 && third <= min * 4 + min * 4 / 10);
+        let late = backoff(min, max, 40);
+        assert!(late >= max && late <= max + max / 10);
+    }
+}

@@ -1,0 +1,358 @@
+//! The sync engine: a verified mirror of the repos in scope, kept current.
+//!
+//! # Brief overview
+//!
+//! An [`Engine`] owns the tasks that keep the store true to the network:
+//!
+//! - **resync workers** ([`backfill`]) claim repos that need a snapshot (pending, then
+//!   desynchronized, then errored once their backoff passed), fetch `getRepo` from the
+//!   account's PDS through the streaming verifier, diff it both ways against the stored records
+//!   (creates, updates *and* deletes), and replay the live commits buffered meanwhile;
+//! - the **firehose** ([`firehose`]) reads `subscribeRepos`, fans events out to workers by DID
+//!   (one DID's events stay in order on one worker), checks every `#commit` with Sync 1.1 and
+//!   chains it onto the stored rev and MST root;
+//! - the **crawler** ([`crawler`]) enumerates repos in signal and full-network modes.
+//!
+//! # Invariants
+//!
+//! - Every state change is one store batch together with the events it produces.
+//! - The firehose cursor saved is the processed low-water mark: never past an event whose
+//!   effects are not committed.
+//! - One DID is changed by one task at a time ([`locks`]).
+//! - Nothing is stored that was not verified against the DID document's key.
+
+pub mod backfill;
+pub mod crawler;
+pub mod firehose;
+mod locks;
+pub mod scope;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use atpdb_identity::Resolver;
+use atpdb_net::Xrpc;
+use atpdb_repo::syntax::Did;
+use atpdb_repo::verify::VerifyOptions;
+use atpdb_store::{AccountStatus, Event, RepoEntry, RepoState, RepoStateEvent, Store, StoreError};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use scope::{Filters, Mode, Pattern, PatternError};
+
+/// What can stop the engine (per-repo problems are recorded on the repo, not returned).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The store failed; the engine cannot go on without it.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A task ended with a panic or was cancelled unexpectedly.
+    #[error("engine task {task} ended: {reason}")]
+    Task {
+        /// Which task.
+        task: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The relay (or a single PDS): `subscribeRepos` and the crawler's listings.
+    pub relay_url: String,
+    /// Which repos are tracked.
+    pub mode: Mode,
+    /// Which records are kept and emitted.
+    pub filters: Filters,
+    /// Repos fetched at once.
+    pub resync_parallelism: usize,
+    /// Firehose workers (events fan out by DID).
+    pub firehose_parallelism: usize,
+    /// How far back the relay replays; an older cursor means catching up by resync instead.
+    pub replay_window: Duration,
+    /// First retry delay after a failed resync; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// How a fetched repo is verified (memory budget, spill directory, limits).
+    pub verify: VerifyOptions,
+    /// Follow the firehose (off: only backfill, e.g. outbox-only tests).
+    pub follow_firehose: bool,
+    /// How long an idle resync worker waits before looking for work again.
+    pub idle_poll: Duration,
+    /// How often the crawler enumerates again after finishing.
+    pub crawl_interval: Duration,
+    /// How often the firehose cursor is saved.
+    pub cursor_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            relay_url: "https://relay1.us-east.bsky.network".to_owned(),
+            mode: Mode::Manual,
+            filters: Filters::all(),
+            resync_parallelism: 5,
+            firehose_parallelism: 10,
+            replay_window: Duration::from_secs(72 * 3600),
+            backoff_min: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(3600),
+            verify: VerifyOptions::default(),
+            follow_firehose: true,
+            idle_poll: Duration::from_secs(1),
+            crawl_interval: Duration::from_secs(24 * 3600),
+            cursor_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters the API and metrics read.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Firehose events received.
+    pub events_in: AtomicU64,
+    /// `#commit`s applied.
+    pub commits_applied: AtomicU64,
+    /// `#commit`s applied without `prevData` (unproven).
+    pub commits_unproven: AtomicU64,
+    /// Events dropped as stale or duplicate revs.
+    pub commits_stale: AtomicU64,
+    /// Events that failed verification (bad blocks, ops, signature).
+    pub commits_invalid: AtomicU64,
+    /// Frames that did not decode.
+    pub frames_invalid: AtomicU64,
+    /// Repos that became desynchronized.
+    pub desyncs: AtomicU64,
+    /// Resyncs finished.
+    pub resyncs_done: AtomicU64,
+    /// Resyncs failed.
+    pub resyncs_failed: AtomicU64,
+    /// Records written by resyncs.
+    pub backfill_records: AtomicU64,
+    /// The firehose low-water mark (the cursor a restart resumes from).
+    pub firehose_cursor: AtomicU64,
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Unix time in microseconds.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The engine: cheap to clone; every clone drives the same tasks.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: EngineConfig,
+    pub(crate) store: Store,
+    pub(crate) identity: Resolver,
+    pub(crate) xrpc: Xrpc,
+    pub(crate) http: atpdb_net::Http,
+    pub(crate) locks: locks::DidLocks,
+    pub(crate) shutdown: CancellationToken,
+    /// Wakes idle resync workers when repos become claimable.
+    pub(crate) work: Notify,
+    pub(crate) claims: backfill::Claims,
+    pub(crate) counters: Counters,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("relay_url", &self.inner.config.relay_url)
+            .field("mode", &self.inner.config.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine over `store`; nothing runs until [`Engine::start`].
+    pub fn new(
+        config: EngineConfig,
+        store: Store,
+        identity: Resolver,
+        xrpc: Xrpc,
+        http: atpdb_net::Http,
+    ) -> Engine {
+        Engine {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                identity,
+                xrpc,
+                http,
+                locks: locks::DidLocks::new(),
+                shutdown: CancellationToken::new(),
+                work: Notify::new(),
+                claims: backfill::Claims::default(),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// Starts every task; they run until [`Engine::shutdown`]. The returned set ends when
+    /// they all have; a task that ends early is an error the caller should report.
+    ///
+    /// # Errors
+    ///
+    /// A store failure while recovering from a previous run.
+    pub fn start(&self) -> Result<JoinSet<(&'static str, Result<(), SyncError>)>, SyncError> {
+        backfill::recover(&self.inner)?;
+        let mut tasks = JoinSet::new();
+        for _ in 0..self.inner.config.resync_parallelism.max(1) {
+            let inner = self.inner.clone();
+            tasks.spawn(async move { ("resync worker", backfill::run_worker(inner).await) });
+        }
+        if self.inner.config.follow_firehose {
+            let inner = self.inner.clone();
+            tasks.spawn(async move { ("firehose", firehose::run(inner).await) });
+        }
+        if !matches!(self.inner.config.mode, Mode::Manual) {
+            let inner = self.inner.clone();
+            tasks.spawn(async move { ("crawler", crawler::run(inner).await) });
+        }
+        Ok(tasks)
+    }
+
+    /// Asks every task to stop; they finish the event in hand first.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Whether shutdown was asked for.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// The store the engine writes.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The identity resolver the engine uses.
+    pub fn identity(&self) -> &Resolver {
+        &self.inner.identity
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Live counters.
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// Tracks `dids` (an already tracked repo is left as it is); returns how many were new.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn add_repos(&self, dids: &[Did]) -> Result<usize, SyncError> {
+        let mut added = 0;
+        for did in dids {
+            let _guard = self.inner.locks.lock(did).await;
+            if self.inner.store.repo(did)?.is_some() {
+                continue;
+            }
+            let mut batch = self.inner.store.batch();
+            batch.put_repo(&RepoEntry::new(did.clone(), now_us()));
+            batch.commit()?;
+            added += 1;
+        }
+        if added > 0 {
+            self.inner.work.notify_waiters();
+        }
+        Ok(added)
+    }
+
+    /// Stops tracking `dids` and forgets their records (events already in the outbox stay).
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn remove_repos(&self, dids: &[Did]) -> Result<usize, SyncError> {
+        let mut removed = 0;
+        for did in dids {
+            let _guard = self.inner.locks.lock(did).await;
+            if self.inner.store.repo(did)?.is_none() {
+                continue;
+            }
+            let mut batch = self.inner.store.batch();
+            batch.delete_repo(did);
+            batch.commit()?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Marks repos for a fresh snapshot (e.g. `POST /repos/resync`); returns how many.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn resync(&self, dids: &[Did]) -> Result<usize, SyncError> {
+        let mut marked = 0;
+        for did in dids {
+            let _guard = self.inner.locks.lock(did).await;
+            let Some(mut entry) = self.inner.store.repo(did)? else {
+                continue;
+            };
+            if entry.state == RepoState::Syncing {
+                continue;
+            }
+            entry.state = RepoState::Desynchronized;
+            entry.retry_after_us = 0;
+            let mut batch = self.inner.store.batch();
+            batch.put_repo(&entry);
+            batch.commit()?;
+            marked += 1;
+        }
+        if marked > 0 {
+            self.inner.work.notify_waiters();
+        }
+        Ok(marked)
+    }
+}
+
+impl Inner {
+    /// Moves a repo to `state` with `reason`, recording it and emitting a repo-state event in
+    /// the same batch. Callers hold the DID's lock.
+    pub(crate) fn set_state(
+        &self,
+        mut entry: RepoEntry,
+        state: RepoState,
+        reason: Option<String>,
+    ) -> Result<(), StoreError> {
+        entry.state = state;
+        entry.error = reason.clone();
+        let mut batch = self.store.batch();
+        batch.put_repo(&entry);
+        batch.push(Event::RepoState(RepoStateEvent {
+            did: entry.did.clone(),
+            state,
+            reason,
+            time_us: now_us(),
+        }));
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// Whether a repo's records may change: an inactive account's commits are ignored.
+    pub(crate) fn is_active(entry: &RepoEntry) -> bool {
+        entry.status == AccountStatus::Active
+    }
+}

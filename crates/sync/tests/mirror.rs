@@ -1,0 +1,365 @@
+//! The engine against a real devnet: what it stores must equal what the PDSes hold, and
+//! replaying its outbox must rebuild the same thing.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use atpdb_devnet::{Devnet, DevnetConfig};
+use atpdb_identity::{IdentityConfig, Resolver};
+use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
+use atpdb_repo::Cid;
+use atpdb_repo::syntax::Did;
+use atpdb_store::{Action, Event, RepoState, Store};
+use atpdb_sync::{Engine, EngineConfig, Filters, Mode};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+type Truth = BTreeMap<Did, BTreeMap<String, Cid>>;
+
+struct Harness {
+    devnet: Devnet,
+    engine: Engine,
+    _dir: tempfile::TempDir,
+    tasks: tokio::task::JoinSet<(&'static str, Result<(), atpdb_sync::SyncError>)>,
+}
+
+async fn start(config: DevnetConfig, mode: Mode, filters: Filters) -> Result<Harness, Box<dyn std::error::Error>> {
+    start_with(config, EngineConfig { mode, filters, ..EngineConfig::default() }).await
+}
+
+async fn start_with(config: DevnetConfig, engine_config: EngineConfig) -> Result<Harness, Box<dyn std::error::Error>> {
+    let devnet = Devnet::start(config).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    let http = Http::new(&HttpConfig {
+        allow_private_network: true,
+        ..HttpConfig::default()
+    })?;
+    let identity = Resolver::new(
+        IdentityConfig {
+            plc_url: devnet.plc_url().to_owned(),
+            ..IdentityConfig::default()
+        },
+        http.clone(),
+    )?;
+    let xrpc = Xrpc::new(http.clone(), XrpcConfig::default());
+    let relay = devnet.relay().ok_or("the devnet has no relay")?.url().to_owned();
+    let engine = Engine::new(
+        EngineConfig {
+            relay_url: relay,
+            resync_parallelism: 4,
+            firehose_parallelism: 4,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            idle_poll: Duration::from_millis(50),
+            cursor_interval: Duration::from_millis(100),
+            ..engine_config
+        },
+        store,
+        identity,
+        xrpc,
+        http,
+    );
+    let tasks = engine.start()?;
+    Ok(Harness {
+        devnet,
+        engine,
+        _dir: dir,
+        tasks,
+    })
+}
+
+impl Harness {
+    fn truth(&self, filters: &Filters) -> Result<Truth, Box<dyn std::error::Error>> {
+        let mut truth = Truth::new();
+        for account in self.devnet.accounts() {
+            let host = &self.devnet.hosts()[account.pds];
+            let records = host
+                .account_records(&account.did)?
+                .into_iter()
+                .filter(|(path, _)| filters.matches(path.split_once('/').map_or("", |(c, _)| c)))
+                .collect();
+            truth.insert(account.did.clone(), records);
+        }
+        Ok(truth)
+    }
+
+    fn stored(&self, did: &Did) -> Result<BTreeMap<String, Cid>, Box<dyn std::error::Error>> {
+        let records = self.engine.store().records(did, None, None, usize::MAX, false)?;
+        Ok(records
+            .into_iter()
+            .map(|record| (record.path(), record.cid()))
+            .collect())
+    }
+
+    /// Waits until every account is synced at its PDS's current rev.
+    async fn converge(&mut self, timeout: Duration) -> TestResult {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(Ok((task, result))) = futures_now(&mut self.tasks) {
+                return Err(format!("engine task {task} ended: {result:?}").into());
+            }
+            let mut lagging = Vec::new();
+            for account in self.devnet.accounts() {
+                let host = &self.devnet.hosts()[account.pds];
+                let info = host.account_info(&account.did)?;
+                let entry = self.engine.store().repo(&account.did)?;
+                let synced = entry.as_ref().is_some_and(|entry| {
+                    entry.state == RepoState::Synced
+                        && entry.rev.as_deref() == Some(info.rev.as_str())
+                });
+                if !synced {
+                    lagging.push((account.did.clone(), entry.map(|e| (e.state, e.rev, e.error))));
+                }
+            }
+            if lagging.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} repos did not converge, e.g. {:?}",
+                    lagging.len(),
+                    &lagging[..lagging.len().min(3)]
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Rebuilds the mirror from the outbox alone, as a consumer would.
+    fn replay_outbox(&self) -> Result<Truth, Box<dyn std::error::Error>> {
+        let mut rebuilt = Truth::new();
+        let mut after = 0;
+        let mut last_id = 0;
+        loop {
+            let events = self.engine.store().events_after(after, 1000)?;
+            let Some((id, _)) = events.last() else { break };
+            after = *id;
+            for (id, event) in events {
+                assert!(id > last_id, "event ids must only grow: {id} after {last_id}");
+                last_id = id;
+                match event {
+                    Event::Record(record) => {
+                        let repo = rebuilt.entry(record.did.clone()).or_default();
+                        let path = format!("{}/{}", record.collection, record.rkey);
+                        match record.action {
+                            Action::Create | Action::Update => {
+                                let cid = record.cid.ok_or("create/update without a cid")?;
+                                repo.insert(path, cid);
+                            }
+                            Action::Delete => {
+                                repo.remove(&path);
+                            }
+                        }
+                    }
+                    Event::Identity(identity) if identity.status == "deleted" => {
+                        rebuilt.remove(&identity.did);
+                    }
+                    Event::Identity(_) | Event::RepoState(_) => {}
+                }
+            }
+        }
+        Ok(rebuilt)
+    }
+}
+
+fn futures_now(
+    tasks: &mut tokio::task::JoinSet<(&'static str, Result<(), atpdb_sync::SyncError>)>,
+) -> Option<Result<(&'static str, Result<(), atpdb_sync::SyncError>), tokio::task::JoinError>> {
+    tasks.try_join_next()
+}
+
+fn assert_mirror(harness: &Harness, truth: &Truth) -> TestResult {
+    for (did, records) in truth {
+        let stored = harness.stored(did)?;
+        assert_eq!(&stored, records, "stored records of {did} differ from its PDS");
+    }
+    let rebuilt = harness.replay_outbox()?;
+    for (did, records) in truth {
+        let empty = BTreeMap::new();
+        let replayed = rebuilt.get(did).unwrap_or(&empty);
+        assert_eq!(replayed, records, "the outbox of {did} does not rebuild its records");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_mode_mirrors_live_creates_updates_and_deletes() -> TestResult {
+    let mut harness = start(
+        DevnetConfig {
+            pds_hosts: 3,
+            accounts: 24,
+            records: 15,
+            ..DevnetConfig::default()
+        },
+        Mode::Manual,
+        Filters::all(),
+    )
+    .await?;
+    let dids: Vec<Did> = harness.devnet.accounts().iter().map(|a| a.did.clone()).collect();
+    // Live traffic while the backfill runs: commits land before, during and after each
+    // repo's snapshot.
+    harness.devnet.start_traffic(40.0);
+    assert_eq!(harness.engine.add_repos(&dids).await?, dids.len());
+    assert_eq!(harness.engine.add_repos(&dids).await?, 0, "adding twice adds nothing");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    harness.devnet.stop_traffic();
+    assert!(harness.devnet.traffic_stats().commits.load(std::sync::atomic::Ordering::Relaxed) > 20, "the traffic wrote commits");
+    harness.converge(Duration::from_secs(60)).await?;
+    let truth = harness.truth(&Filters::all())?;
+    assert_mirror(&harness, &truth)?;
+    let counters = harness.engine.counters();
+    assert!(
+        counters.commits_applied.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "live commits were applied from the firehose"
+    );
+    harness.engine.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_filters_keep_only_matching_records() -> TestResult {
+    let filters = Filters::parse_list("app.bsky.feed.*")?;
+    let mut harness = start(
+        DevnetConfig {
+            pds_hosts: 1,
+            accounts: 6,
+            records: 30,
+            ..DevnetConfig::default()
+        },
+        Mode::Manual,
+        filters.clone(),
+    )
+    .await?;
+    let dids: Vec<Did> = harness.devnet.accounts().iter().map(|a| a.did.clone()).collect();
+    harness.engine.add_repos(&dids).await?;
+    harness.devnet.start_traffic(20.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    harness.devnet.stop_traffic();
+    harness.converge(Duration::from_secs(60)).await?;
+    let truth = harness.truth(&filters)?;
+    assert!(truth.values().any(|records| !records.is_empty()));
+    assert_mirror(&harness, &truth)?;
+    for did in &dids {
+        for path in harness.stored(did)?.keys() {
+            assert!(path.starts_with("app.bsky.feed."), "{path} passed the filter");
+        }
+    }
+    harness.engine.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_network_mode_finds_every_repo_by_itself() -> TestResult {
+    let mut harness = start(
+        DevnetConfig {
+            pds_hosts: 2,
+            accounts: 12,
+            records: 10,
+            ..DevnetConfig::default()
+        },
+        Mode::Full,
+        Filters::all(),
+    )
+    .await?;
+    harness.devnet.start_traffic(20.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    harness.devnet.stop_traffic();
+    harness.converge(Duration::from_secs(60)).await?;
+    let truth = harness.truth(&Filters::all())?;
+    assert_mirror(&harness, &truth)?;
+    harness.engine.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_mode_tracks_only_repos_writing_the_signal() -> TestResult {
+    let harness = start(
+        DevnetConfig {
+            pds_hosts: 1,
+            accounts: 8,
+            records: 40,
+            ..DevnetConfig::default()
+        },
+        Mode::Signal(vec!["fm.teal.alpha.feed.play".parse()?]),
+        Filters::all(),
+    )
+    .await?;
+    let mut harness = harness;
+    // Who writes the signal, according to the PDS.
+    let mut signalled = Vec::new();
+    for account in harness.devnet.accounts() {
+        let host = &harness.devnet.hosts()[account.pds];
+        if host
+            .account_paths(&account.did)?
+            .iter()
+            .any(|path| path.starts_with("fm.teal.alpha.feed.play/"))
+        {
+            signalled.push(account.did.clone());
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let tracked = harness.engine.store().repo_count()?;
+        if tracked as usize >= signalled.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the crawler found {tracked} of {} repos", signalled.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for account in harness.devnet.accounts() {
+        let tracked = harness.engine.store().repo(&account.did)?.is_some();
+        assert_eq!(
+            tracked,
+            signalled.contains(&account.did),
+            "{} tracked = {tracked}",
+            account.did
+        );
+    }
+    let _ = &mut harness;
+    harness.engine.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_emits_the_updates_and_deletes_it_finds() -> TestResult {
+    // Without the firehose, changes reach the mirror only through a resync: the snapshot
+    // must be diffed both ways (Tap's resync never emits deletes).
+    let mut harness = start_with(
+        DevnetConfig {
+            pds_hosts: 1,
+            accounts: 5,
+            records: 30,
+            ..DevnetConfig::default()
+        },
+        EngineConfig {
+            follow_firehose: false,
+            ..EngineConfig::default()
+        },
+    )
+    .await?;
+    let dids: Vec<Did> = harness.devnet.accounts().iter().map(|a| a.did.clone()).collect();
+    harness.engine.add_repos(&dids).await?;
+    harness.converge(Duration::from_secs(60)).await?;
+    let before = harness.truth(&Filters::all())?;
+    harness.devnet.start_traffic(40.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    harness.devnet.stop_traffic();
+    let after = harness.truth(&Filters::all())?;
+    let deleted = before
+        .iter()
+        .flat_map(|(did, records)| records.keys().map(move |path| (did, path)))
+        .filter(|(did, path)| !after[*did].contains_key(*path))
+        .count();
+    let updated = before
+        .iter()
+        .flat_map(|(did, records)| records.iter().map(move |(path, cid)| (did, path, cid)))
+        .filter(|(did, path, cid)| after[*did].get(*path).is_some_and(|now| now != *cid))
+        .count();
+    assert!(deleted > 0 && updated > 0, "the traffic deleted {deleted} and updated {updated}");
+    assert_eq!(harness.engine.resync(&dids).await?, dids.len());
+    harness.converge(Duration::from_secs(60)).await?;
+    assert_mirror(&harness, &after)?;
+    harness.engine.shutdown();
+    Ok(())
+}
