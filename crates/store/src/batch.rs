@@ -1,0 +1,527 @@
+//! Batches: every state change, with the events it produces, as one atomic fjall write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use atpdb_repo::Record;
+use atpdb_repo::syntax::Did;
+use fjall::PersistMode;
+
+use crate::codec::{self, MAX_KEY_LEN};
+use crate::error::{Result, StoreError};
+use crate::event::Event;
+use crate::store::{Counters, Inner, Store};
+use crate::types::{BackfillRun, RepoEntry, RepoState};
+
+/// The ids a commit assigned, each list in the order of the calls that asked for them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitIds {
+    /// Ids of the events [`Batch::push`]ed.
+    pub events: Vec<u64>,
+    /// Ids of the runs [`Batch::put_run`] with id 0 (runs with an id keep it).
+    pub runs: Vec<u64>,
+    /// Keys of the frames [`Batch::buffer_push`]ed.
+    pub buffered: Vec<u64>,
+}
+
+/// Writes collected for one atomic commit.
+///
+/// Nothing is visible to readers, and no id is assigned, until [`Batch::commit`]. Calls are
+/// applied in order, so a later call on the same key wins: `put_record` then
+/// `delete_record` of one key leaves it deleted, and counts follow the final state.
+/// Values are encoded when the call is made, outside the commit lock.
+#[must_use = "a batch does nothing until it is committed"]
+pub struct Batch {
+    inner: Arc<Inner>,
+    ops: Vec<Op>,
+}
+
+/// One collected call, its key and value already encoded.
+enum Op {
+    PutRepo {
+        did: Did,
+        state: RepoState,
+        value: Vec<u8>,
+    },
+    DeleteRepo(Did),
+    PutRecord {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    DeleteRecord {
+        key: Vec<u8>,
+    },
+    DeleteRecordsOf(Did),
+    Push(Vec<u8>),
+    SetCursor {
+        name: String,
+        value: Vec<u8>,
+    },
+    SetConfig {
+        key: String,
+        value: Vec<u8>,
+    },
+    BufferPush {
+        did: Did,
+        value: Vec<u8>,
+    },
+    BufferRemove {
+        did: Did,
+        seq: u64,
+    },
+    BufferClear(Did),
+    PutRun(BackfillRun),
+}
+
+impl Batch {
+    pub(crate) fn new(inner: Arc<Inner>) -> Batch {
+        Batch {
+            inner,
+            ops: Vec::new(),
+        }
+    }
+
+    /// Inserts or replaces a repo entry (and moves it in the state index).
+    pub fn put_repo(&mut self, repo: &RepoEntry) {
+        self.ops.push(Op::PutRepo {
+            did: repo.did.clone(),
+            state: repo.state,
+            value: codec::repo_value(repo),
+        });
+    }
+
+    /// Removes a repo entry and, at commit, every record and buffered frame of the DID.
+    pub fn delete_repo(&mut self, did: &Did) {
+        self.ops.push(Op::DeleteRepo(did.clone()));
+    }
+
+    /// Inserts or replaces a record.
+    pub fn put_record(&mut self, record: &Record) {
+        self.ops.push(Op::PutRecord {
+            key: codec::record_key(
+                record.did(),
+                record.collection().as_str(),
+                record.rkey().as_str(),
+            ),
+            value: codec::record_value(&record.cid(), record.bytes()),
+        });
+    }
+
+    /// Removes a record (nothing happens if it is not stored).
+    pub fn delete_record(&mut self, did: &Did, collection: &str, rkey: &str) {
+        self.ops.push(Op::DeleteRecord {
+            key: codec::record_key(did, collection, rkey),
+        });
+    }
+
+    /// Removes every record of `did`: those stored when the commit runs and those put
+    /// earlier in this batch.
+    pub fn delete_records_of(&mut self, did: &Did) {
+        self.ops.push(Op::DeleteRecordsOf(did.clone()));
+    }
+
+    /// Appends an event to the outbox; its id is assigned at commit, after every id of
+    /// earlier commits.
+    pub fn push(&mut self, event: Event) {
+        self.ops.push(Op::Push(event.encode()));
+    }
+
+    /// Sets the cursor `name`, so it moves in the same batch as the state it stands for.
+    pub fn set_cursor(&mut self, name: &str, value: &str) {
+        self.ops.push(Op::SetCursor {
+            name: name.to_owned(),
+            value: codec::with_format(value.as_bytes()),
+        });
+    }
+
+    /// Sets the configuration value `key`.
+    pub fn set_config(&mut self, key: &str, value: &serde_json::Value) {
+        // Serializing a `Value` to a Vec cannot fail: its map keys are strings.
+        let json = serde_json::to_vec(value).unwrap_or_default();
+        self.ops.push(Op::SetConfig {
+            key: key.to_owned(),
+            value: codec::with_format(&json),
+        });
+    }
+
+    /// Buffers a frame for `did` (a live commit that arrived while the repo backfills); its
+    /// key is assigned at commit and grows with every push.
+    pub fn buffer_push(&mut self, did: &Did, bytes: Vec<u8>) {
+        let mut value = bytes;
+        value.insert(0, codec::FORMAT);
+        self.ops.push(Op::BufferPush {
+            did: did.clone(),
+            value,
+        });
+    }
+
+    /// Removes one buffered frame (after it was replayed).
+    pub fn buffer_remove(&mut self, did: &Did, key: u64) {
+        self.ops.push(Op::BufferRemove {
+            did: did.clone(),
+            seq: key,
+        });
+    }
+
+    /// Removes every buffered frame of `did`.
+    pub fn buffer_clear(&mut self, did: &Did) {
+        self.ops.push(Op::BufferClear(did.clone()));
+    }
+
+    /// Inserts or replaces a backfill run; `run.id == 0` asks for the next run id, which
+    /// [`Batch::commit_ids`] returns.
+    pub fn put_run(&mut self, run: &BackfillRun) {
+        self.ops.push(Op::PutRun(run.clone()));
+    }
+
+    /// Whether nothing was collected.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// How many calls were collected.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Commits everything collected as one atomic fjall batch, with the counters, the
+    /// state index and the id counters it changes. Returns the ids given to pushed events,
+    /// in push order.
+    ///
+    /// Commits are serialized by a store-wide lock, so ids follow commit order. The batch
+    /// reaches the operating system before this returns: it survives the process being
+    /// killed; [`Store::persist`] makes it survive power loss too. On error nothing of the
+    /// batch is visible and no id was used.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidKey`] for an empty or over-long cursor or config key,
+    /// [`StoreError::Corrupt`] when a value read to keep counts exact does not decode,
+    /// [`StoreError::Fjall`], [`StoreError::Poisoned`].
+    pub fn commit(self) -> Result<Vec<u64>> {
+        Ok(self.commit_ids()?.events)
+    }
+
+    /// [`Batch::commit`], returning every id assigned: events, runs and buffered frames.
+    ///
+    /// # Errors
+    ///
+    /// As [`Batch::commit`].
+    pub fn commit_ids(self) -> Result<CommitIds> {
+        if self.ops.is_empty() {
+            return Ok(CommitIds::default());
+        }
+        for op in &self.ops {
+            let (what, len) = match op {
+                Op::SetCursor { name, .. } => ("cursor", name.len()),
+                Op::SetConfig { key, .. } => ("config", key.len()),
+                _ => continue,
+            };
+            if len > MAX_KEY_LEN || len == 0 {
+                return Err(StoreError::InvalidKey {
+                    what,
+                    len,
+                    limit: MAX_KEY_LEN,
+                });
+            }
+        }
+        let store = Store {
+            inner: self.inner.clone(),
+        };
+        let inner = &*self.inner;
+        let mut counters = inner.commit.lock().map_err(|_| StoreError::Poisoned)?;
+        let before = *counters;
+        let mut plan = Plan::default();
+        let mut ids = CommitIds::default();
+        for op in self.ops {
+            plan.apply(op, inner, &mut counters, &mut ids)?;
+        }
+        let mut batch = inner.db.batch().durability(Some(PersistMode::Buffer));
+        if let Err(error) = plan.write(inner, &mut counters, &mut batch) {
+            *counters = before;
+            return Err(error);
+        }
+        store.finish_commit(batch, &mut counters, before)?;
+        Ok(ids)
+    }
+}
+
+/// A key's final write in this batch, and whether it exists in the store now (`None`:
+/// not known yet, read at the end).
+struct Slot {
+    value: Option<Vec<u8>>,
+    existed: Option<bool>,
+}
+
+/// The batch reduced to one final write per key.
+#[derive(Default)]
+struct Plan {
+    records: BTreeMap<Vec<u8>, Slot>,
+    buffer: BTreeMap<Vec<u8>, Slot>,
+    repos: BTreeMap<Did, Option<(RepoState, Vec<u8>)>>,
+    cursors: BTreeMap<String, Vec<u8>>,
+    config: BTreeMap<String, Vec<u8>>,
+    events: Vec<(u64, Vec<u8>)>,
+    runs: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Plan {
+    /// Applies one call in order. Ids are assigned here, from `counters`.
+    fn apply(
+        &mut self,
+        op: Op,
+        inner: &Inner,
+        counters: &mut Counters,
+        ids: &mut CommitIds,
+    ) -> Result<()> {
+        match op {
+            Op::PutRepo { did, state, value } => {
+                self.repos.insert(did, Some((state, value)));
+            }
+            Op::DeleteRepo(did) => {
+                self.delete_prefix(Target::Records, inner, &codec::did_prefix(&did))?;
+                self.delete_prefix(Target::Buffer, inner, &codec::did_prefix(&did))?;
+                self.repos.insert(did, None);
+            }
+            Op::PutRecord { key, value } => set(&mut self.records, key, Some(value)),
+            Op::DeleteRecord { key } => set(&mut self.records, key, None),
+            Op::DeleteRecordsOf(did) => {
+                self.delete_prefix(Target::Records, inner, &codec::did_prefix(&did))?;
+            }
+            Op::Push(value) => {
+                counters.last_event_id += 1;
+                ids.events.push(counters.last_event_id);
+                self.events.push((counters.last_event_id, value));
+            }
+            Op::SetCursor { name, value } => {
+                self.cursors.insert(name, value);
+            }
+            Op::SetConfig { key, value } => {
+                self.config.insert(key, value);
+            }
+            Op::BufferPush { did, value } => {
+                counters.buffer_seq += 1;
+                ids.buffered.push(counters.buffer_seq);
+                let mut key = codec::did_prefix(&did);
+                key.extend_from_slice(&counters.buffer_seq.to_be_bytes());
+                self.buffer.insert(
+                    key,
+                    Slot {
+                        value: Some(value),
+                        existed: Some(false),
+                    },
+                );
+            }
+            Op::BufferRemove { did, seq } => {
+                let mut key = codec::did_prefix(&did);
+                key.extend_from_slice(&seq.to_be_bytes());
+                set(&mut self.buffer, key, None);
+            }
+            Op::BufferClear(did) => {
+                self.delete_prefix(Target::Buffer, inner, &codec::did_prefix(&did))?;
+            }
+            Op::PutRun(mut run) => {
+                if run.id == 0 {
+                    counters.last_run_id += 1;
+                    run.id = counters.last_run_id;
+                    ids.runs.push(run.id);
+                } else {
+                    counters.last_run_id = counters.last_run_id.max(run.id);
+                }
+                self.runs.insert(run.id, codec::run_value(&run));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every key under `prefix`: those stored (which therefore exist) and those
+    /// written earlier in this batch.
+    fn delete_prefix(&mut self, target: Target, inner: &Inner, prefix: &[u8]) -> Result<()> {
+        let (map, keyspace) = match target {
+            Target::Records => (&mut self.records, &inner.ks.records),
+            Target::Buffer => (&mut self.buffer, &inner.ks.buffer),
+        };
+        for slot in map
+            .range_mut(prefix.to_vec()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+        {
+            slot.1.value = None;
+        }
+        for guard in keyspace.prefix(prefix) {
+            let key = guard.key()?;
+            map.insert(
+                key.to_vec(),
+                Slot {
+                    value: None,
+                    existed: Some(true),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Resolves what the store held before, updates counters and fills `batch`.
+    fn write(
+        self,
+        inner: &Inner,
+        counters: &mut Counters,
+        batch: &mut fjall::OwnedWriteBatch,
+    ) -> Result<()> {
+        let ks = &inner.ks;
+
+        // Records: per-DID deltas from existence before and after. A DID without a count
+        // has no records, so its keys need no point read: one read per DID instead of one
+        // per record in a first backfill.
+        let mut deltas: HashMap<Vec<u8>, i64> = HashMap::new();
+        let mut has_records: HashMap<Vec<u8>, bool> = HashMap::new();
+        let mut total: i64 = 0;
+        for (key, slot) in self.records {
+            let existed = match slot.existed {
+                Some(existed) => existed,
+                None => {
+                    let did = codec::key_did(&key);
+                    let any = match has_records.get(did) {
+                        Some(&any) => any,
+                        None => {
+                            let any = ks.counts.contains_key(did)?;
+                            has_records.insert(did.to_vec(), any);
+                            any
+                        }
+                    };
+                    any && ks.records.contains_key(&key)?
+                }
+            };
+            let delta = i64::from(slot.value.is_some()) - i64::from(existed);
+            if delta != 0 {
+                *deltas.entry(codec::key_did(&key).to_vec()).or_default() += delta;
+                total += delta;
+            }
+            match slot.value {
+                Some(value) => batch.insert(&ks.records, key, value),
+                None if existed => batch.remove(&ks.records, key),
+                None => {}
+            }
+        }
+        for (did, delta) in deltas {
+            if delta == 0 {
+                continue;
+            }
+            let old = match ks.counts.get(&did)? {
+                Some(value) => codec::decode_u64("record count", &did, &value)?,
+                None => 0,
+            };
+            let new = apply_delta(old, delta, "record count", &did);
+            if new == 0 {
+                batch.remove(&ks.counts, did);
+            } else {
+                batch.insert(&ks.counts, did, new.to_be_bytes());
+            }
+        }
+        counters.records = apply_delta(counters.records, total, "record count", b"total");
+
+        // Buffer.
+        let mut buffered: i64 = 0;
+        for (key, slot) in self.buffer {
+            let existed = match slot.existed {
+                Some(existed) => existed,
+                None => ks.buffer.contains_key(&key)?,
+            };
+            buffered += i64::from(slot.value.is_some()) - i64::from(existed);
+            match slot.value {
+                Some(value) => batch.insert(&ks.buffer, key, value),
+                None if existed => batch.remove(&ks.buffer, key),
+                None => {}
+            }
+        }
+        counters.buffer_len = apply_delta(counters.buffer_len, buffered, "buffer length", b"");
+
+        // Repos and the state index.
+        for (did, new) in self.repos {
+            let key = did.as_str().as_bytes();
+            let old = match ks.repos.get(key)? {
+                Some(value) => Some(codec::repo_state(key, &value)?),
+                None => None,
+            };
+            let new_state = new.as_ref().map(|(state, _)| *state);
+            if old != new_state {
+                if let Some(old) = old {
+                    batch.remove(&ks.states, codec::state_key(old, key));
+                    let count = &mut counters.by_state[usize::from(old.code())];
+                    *count = count.saturating_sub(1);
+                }
+                if let Some(new) = new_state {
+                    batch.insert(&ks.states, codec::state_key(new, key), []);
+                    counters.by_state[usize::from(new.code())] += 1;
+                }
+            }
+            match (old.is_some(), new) {
+                (_, Some((_, value))) => {
+                    if old.is_none() {
+                        counters.repos += 1;
+                    }
+                    batch.insert(&ks.repos, key, value);
+                }
+                (true, None) => {
+                    counters.repos = counters.repos.saturating_sub(1);
+                    batch.remove(&ks.repos, key);
+                }
+                (false, None) => {}
+            }
+        }
+
+        // Outbox, cursors, config, runs.
+        counters.outbox_len += self.events.len() as u64;
+        for (id, value) in self.events {
+            batch.insert(&ks.outbox, id.to_be_bytes(), value);
+        }
+        for (name, value) in self.cursors {
+            batch.insert(&ks.cursors, name.into_bytes(), value);
+        }
+        for (key, value) in self.config {
+            batch.insert(&ks.config, key.into_bytes(), value);
+        }
+        for (id, value) in self.runs {
+            batch.insert(&ks.runs, id.to_be_bytes(), value);
+        }
+        Ok(())
+    }
+}
+
+/// Which keyspace [`Plan::delete_prefix`] works on.
+#[derive(Clone, Copy)]
+enum Target {
+    Records,
+    Buffer,
+}
+
+/// Records the final write of `key`, keeping what is known about its prior existence.
+fn set(map: &mut BTreeMap<Vec<u8>, Slot>, key: Vec<u8>, value: Option<Vec<u8>>) {
+    match map.get_mut(&key) {
+        Some(slot) => slot.value = value,
+        None => {
+            map.insert(
+                key,
+                Slot {
+                    value,
+                    existed: None,
+                },
+            );
+        }
+    }
+}
+
+/// `old + delta`, clamped at 0: a count below zero means the stored counter was already
+/// wrong, which is logged rather than failing every later commit of the DID.
+fn apply_delta(old: u64, delta: i64, what: &str, key: &[u8]) -> u64 {
+    let new = i128::from(old) + i128::from(delta);
+    if new < 0 {
+        tracing::warn!(
+            what,
+            key = %crate::error::printable(key),
+            old,
+            delta,
+            "counter would go below zero; clamped to 0"
+        );
+    }
+    u64::try_from(new.max(0)).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,816 @@
+//! The store handle: opening a data directory and every read.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use atpdb_repo::syntax::Did;
+use atpdb_repo::{Cid, Record};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+
+use crate::batch::Batch;
+use crate::codec::{self, FORMAT};
+use crate::error::{Result, StoreError};
+use crate::event::Event;
+use crate::types::{BackfillRun, RepoEntry, RepoState};
+
+/// The name of the lock file in the data directory.
+const LOCK_FILE: &str = "atpdb.lock";
+/// The directory fjall keeps its files in, inside the data directory.
+const FJALL_DIR: &str = "fjall";
+
+/// Names of the counters kept in the `meta` keyspace.
+pub(crate) mod meta {
+    pub(crate) const FORMAT: &[u8] = b"format";
+    pub(crate) const RECORDS: &[u8] = b"records";
+    pub(crate) const REPOS: &[u8] = b"repos";
+    pub(crate) const LAST_EVENT_ID: &[u8] = b"last_event_id";
+    pub(crate) const OUTBOX_LEN: &[u8] = b"outbox_len";
+    pub(crate) const BUFFER_LEN: &[u8] = b"buffer_len";
+    pub(crate) const BUFFER_SEQ: &[u8] = b"buffer_seq";
+    pub(crate) const LAST_RUN_ID: &[u8] = b"last_run_id";
+    /// Per-state repo counts: `state/<code>`.
+    pub(crate) const STATE: [&[u8]; 5] =
+        [b"state/0", b"state/1", b"state/2", b"state/3", b"state/4"];
+}
+
+/// The embedded store of one atpdb data directory. Cloning is cheap (an `Arc`).
+///
+/// Reads go straight to fjall and see every committed batch. Writes go through a [`Batch`]
+/// from [`Store::batch`]; see there for the commit rules.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Everything a [`Store`] handle shares.
+pub(crate) struct Inner {
+    pub(crate) db: Database,
+    pub(crate) ks: Keyspaces,
+    /// The commit lock. It guards the counters as of the last commit: a committer takes it,
+    /// computes the new counters from them and its reads, writes, then stores them back.
+    pub(crate) commit: Mutex<Counters>,
+    /// A copy of the counters for readers, so they never wait for a commit.
+    pub(crate) published: RwLock<Counters>,
+    dir: PathBuf,
+    /// Held for the life of the store; declared last so it is released after fjall closed.
+    _lock: File,
+}
+
+/// One handle per keyspace.
+pub(crate) struct Keyspaces {
+    pub(crate) meta: Keyspace,
+    pub(crate) repos: Keyspace,
+    pub(crate) states: Keyspace,
+    pub(crate) records: Keyspace,
+    pub(crate) counts: Keyspace,
+    pub(crate) cursors: Keyspace,
+    pub(crate) config: Keyspace,
+    pub(crate) outbox: Keyspace,
+    pub(crate) buffer: Keyspace,
+    pub(crate) runs: Keyspace,
+}
+
+/// The store-wide counters, persisted in `meta` by the same batch that changes them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub(crate) records: u64,
+    pub(crate) repos: u64,
+    pub(crate) by_state: [u64; 5],
+    pub(crate) last_event_id: u64,
+    pub(crate) outbox_len: u64,
+    pub(crate) buffer_len: u64,
+    pub(crate) buffer_seq: u64,
+    pub(crate) last_run_id: u64,
+}
+
+impl Counters {
+    /// `(meta key, value)` of every counter.
+    pub(crate) fn entries(&self) -> [(&'static [u8], u64); 12] {
+        let [s0, s1, s2, s3, s4] = self.by_state;
+        [
+            (meta::RECORDS, self.records),
+            (meta::REPOS, self.repos),
+            (meta::LAST_EVENT_ID, self.last_event_id),
+            (meta::OUTBOX_LEN, self.outbox_len),
+            (meta::BUFFER_LEN, self.buffer_len),
+            (meta::BUFFER_SEQ, self.buffer_seq),
+            (meta::LAST_RUN_ID, self.last_run_id),
+            (meta::STATE[0], s0),
+            (meta::STATE[1], s1),
+            (meta::STATE[2], s2),
+            (meta::STATE[3], s3),
+            (meta::STATE[4], s4),
+        ]
+    }
+
+    /// Adds the counters that differ from `before` to `batch`.
+    pub(crate) fn write_changed(
+        &self,
+        before: &Counters,
+        meta: &Keyspace,
+        batch: &mut fjall::OwnedWriteBatch,
+    ) {
+        for ((key, value), (_, old)) in self.entries().into_iter().zip(before.entries()) {
+            if value != old {
+                batch.insert(meta, key, value.to_be_bytes());
+            }
+        }
+    }
+}
+
+/// Streams `(collection, rkey, cid)` of one DID in MST key order, from a snapshot taken
+/// when it was made. Returned by [`Store::record_keys`].
+///
+/// It reads one entry at a time, so a repo of millions of records never sits in memory,
+/// and it keeps the store open while it lives.
+pub struct RecordKeys {
+    iter: fjall::Iter,
+    prefix_len: usize,
+    _store: Arc<Inner>,
+}
+
+impl Iterator for RecordKeys {
+    type Item = Result<(String, String, Cid), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let guard = self.iter.next()?;
+        Some((|| {
+            let (key, value) = guard.into_inner()?;
+            let (collection, rkey) = codec::split_path(&key, self.prefix_len)?;
+            let (cid, _) = codec::split_record_value(&key, &value)?;
+            Ok((collection.to_owned(), rkey.to_owned(), cid))
+        })())
+    }
+}
+
+impl std::fmt::Debug for RecordKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordKeys").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the data directory `dir`, creating it if needed.
+    ///
+    /// One process (and one `Store`) per directory: an exclusive lock on `dir/atpdb.lock`
+    /// is held until the last clone of the store (and of any [`RecordKeys`]) is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Locked`] when another store holds the directory, [`StoreError::Io`] when
+    /// it cannot be created, [`StoreError::UnsupportedFormat`] when a newer atpdb wrote it,
+    /// [`StoreError::Fjall`] when fjall cannot recover it.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Err(TryLockError::Error(source)) => {
+                return Err(StoreError::Io {
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
+        let db = match Database::builder(dir.join(FJALL_DIR)).open() {
+            Ok(db) => db,
+            Err(fjall::Error::Locked) => {
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let ks = Keyspaces {
+            meta: keyspace("meta")?,
+            repos: keyspace("repos")?,
+            states: keyspace("states")?,
+            records: keyspace("records")?,
+            counts: keyspace("counts")?,
+            cursors: keyspace("cursors")?,
+            config: keyspace("config")?,
+            outbox: keyspace("outbox")?,
+            buffer: keyspace("buffer")?,
+            runs: keyspace("runs")?,
+        };
+        match ks.meta.get(meta::FORMAT)? {
+            None => {
+                ks.meta
+                    .insert(meta::FORMAT, u64::from(FORMAT).to_be_bytes())?;
+                db.persist(PersistMode::SyncAll)?;
+            }
+            Some(value) => {
+                let found = codec::decode_u64("counter", meta::FORMAT, &value)?;
+                if found != u64::from(FORMAT) {
+                    return Err(StoreError::UnsupportedFormat {
+                        dir: dir.to_path_buf(),
+                        found,
+                        expected: u64::from(FORMAT),
+                    });
+                }
+            }
+        }
+        let counters = load_counters(&ks)?;
+        tracing::debug!(dir = %dir.display(), ?counters, "store opened");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                ks,
+                commit: Mutex::new(counters),
+                published: RwLock::new(counters),
+                dir: dir.to_path_buf(),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// An empty batch. Nothing it collects is visible until [`Batch::commit`].
+    pub fn batch(&self) -> Batch {
+        Batch::new(self.inner.clone())
+    }
+
+    /// Makes every committed batch durable against power loss (fsync of the journal).
+    ///
+    /// A commit alone survives the process being killed; this also survives the machine
+    /// going down. Call it at checkpoints, not per commit: it costs a disk flush.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Fjall`] when the flush fails (fjall is then poisoned).
+    pub fn persist(&self) -> Result<()> {
+        self.inner.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    fn counters(&self) -> Counters {
+        *self
+            .inner
+            .published
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The tracked account `did`, if it is tracked.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] when the stored entry does not decode, [`StoreError::Fjall`].
+    pub fn repo(&self, did: &Did) -> Result<Option<RepoEntry>> {
+        let key = did.as_str().as_bytes();
+        match self.inner.ks.repos.get(key)? {
+            Some(value) => Ok(Some(codec::decode_repo(key, &value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` tracked accounts in DID byte order, starting after `after`: a page of
+    /// the repo list, the last DID of one page being the cursor of the next.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::repo`].
+    pub fn repos(&self, after: Option<&Did>, limit: usize) -> Result<Vec<RepoEntry>> {
+        let repos = &self.inner.ks.repos;
+        let iter = match after {
+            Some(after) => repos
+                .range::<&[u8], _>((Bound::Excluded(after.as_str().as_bytes()), Bound::Unbounded)),
+            None => repos.iter(),
+        };
+        iter.take(limit)
+            .map(|guard| {
+                let (key, value) = guard.into_inner()?;
+                codec::decode_repo(&key, &value)
+            })
+            .collect()
+    }
+
+    /// Up to `limit` accounts in `state`, in DID order, found through the state index (no
+    /// scan of other repos): how the engine picks what to backfill or retry next.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::repo`]; [`StoreError::Corrupt`] also when the index names a missing repo.
+    pub fn repos_in_state(&self, state: RepoState, limit: usize) -> Result<Vec<RepoEntry>> {
+        self.repos_in_state_after(state, None, limit)
+    }
+
+    /// [`Store::repos_in_state`], continuing after the DID `after` (a page cursor).
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::repos_in_state`].
+    pub fn repos_in_state_after(
+        &self,
+        state: RepoState,
+        after: Option<&Did>,
+        limit: usize,
+    ) -> Result<Vec<RepoEntry>> {
+        let ks = &self.inner.ks;
+        // One snapshot for index and entries: a commit between the two reads cannot show a
+        // repo under a state it has already left.
+        let snapshot = self.inner.db.snapshot();
+        let prefix = [state.code()];
+        let iter = match after {
+            Some(after) => snapshot.range(
+                &ks.states,
+                (
+                    Bound::Excluded(codec::state_key(state, after.as_str().as_bytes())),
+                    Bound::Excluded(vec![state.code() + 1]),
+                ),
+            ),
+            None => snapshot.prefix(&ks.states, prefix),
+        };
+        let mut entries = Vec::new();
+        for guard in iter.take(limit) {
+            let index_key = guard.key()?;
+            let did = index_key.get(1..).unwrap_or_default();
+            let value = snapshot.get(&ks.repos, did)?.ok_or_else(|| {
+                StoreError::corrupt("state index", &index_key, "names a repo that is not stored")
+            })?;
+            let entry = codec::decode_repo(did, &value)?;
+            if entry.state != state {
+                return Err(StoreError::corrupt(
+                    "state index",
+                    &index_key,
+                    format!("repo is in state {}", entry.state),
+                ));
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    /// How many accounts are tracked (a counter kept by every commit, no scan).
+    ///
+    /// # Errors
+    ///
+    /// None today; `Result` leaves room for a counter that must be read from disk.
+    pub fn repo_count(&self) -> Result<u64> {
+        Ok(self.counters().repos)
+    }
+
+    /// How many accounts are in `state` (a counter kept by every commit, no scan).
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::repo_count`].
+    pub fn count_in_state(&self, state: RepoState) -> Result<u64> {
+        Ok(self
+            .counters()
+            .by_state
+            .get(usize::from(state.code()))
+            .copied()
+            .unwrap_or(0))
+    }
+
+    /// One record, checked against its CID on the way out.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] when the stored bytes do not decode or do not hash to the
+    /// stored CID, [`StoreError::Fjall`].
+    pub fn record(&self, did: &Did, collection: &str, rkey: &str) -> Result<Option<Record>> {
+        let key = codec::record_key(did, collection, rkey);
+        match self.inner.ks.records.get(&key)? {
+            Some(value) => Ok(Some(make_record(did, &key, collection, rkey, &value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` records of `did` (of one `collection`, if given), in key order or, with
+    /// `reverse`, backwards.
+    ///
+    /// `after_rkey` is the cursor of the previous page, exclusive, in the direction of travel
+    /// (with `reverse`, the page holds keys before it). With a collection it is an rkey;
+    /// without one it is a `collection/rkey` path, the key order of all of a DID's records.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::record`].
+    pub fn records(
+        &self,
+        did: &Did,
+        collection: Option<&str>,
+        after_rkey: Option<&str>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<Record>> {
+        let records = &self.inner.ks.records;
+        let did_len = did.as_str().len() + 1;
+        let prefix = match collection {
+            Some(collection) => codec::collection_prefix(did, collection),
+            None => codec::did_prefix(did),
+        };
+        let iter: Box<dyn Iterator<Item = fjall::Guard>> = match (after_rkey, reverse) {
+            (None, false) => Box::new(records.prefix(&prefix)),
+            (None, true) => Box::new(records.prefix(&prefix).rev()),
+            (Some(after), false) => {
+                let mut start = prefix.clone();
+                start.extend_from_slice(after.as_bytes());
+                let end = match prefix_end(&prefix) {
+                    Some(end) => Bound::Excluded(end),
+                    None => Bound::Unbounded,
+                };
+                Box::new(records.range((Bound::Excluded(start), end)))
+            }
+            (Some(after), true) => {
+                let mut end = prefix.clone();
+                end.extend_from_slice(after.as_bytes());
+                Box::new(
+                    records
+                        .range((Bound::Included(prefix.clone()), Bound::Excluded(end)))
+                        .rev(),
+                )
+            }
+        };
+        iter.take(limit)
+            .map(|guard| {
+                let (key, value) = guard.into_inner()?;
+                let (collection, rkey) = codec::split_path(&key, did_len)?;
+                make_record(did, &key, collection, rkey, &value)
+            })
+            .collect()
+    }
+
+    /// Streams `(collection, rkey, cid)` of `did` in MST key order (`collection/rkey`
+    /// bytewise), from a snapshot of this moment, one entry in memory at a time: what a
+    /// backfill merge-joins against the repo it downloads.
+    pub fn record_keys(&self, did: &Did) -> RecordKeys {
+        let prefix = codec::did_prefix(did);
+        let prefix_len = prefix.len();
+        let iter = self
+            .inner
+            .db
+            .snapshot()
+            .prefix(&self.inner.ks.records, prefix);
+        RecordKeys {
+            iter,
+            prefix_len,
+            _store: self.inner.clone(),
+        }
+    }
+
+    /// How many records the store holds (a counter kept by every commit, no scan).
+    pub fn record_count(&self) -> u64 {
+        self.counters().records
+    }
+
+    /// How many records `did` has (a per-DID counter kept by every commit, no scan).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] when the counter is not 8 bytes, [`StoreError::Fjall`].
+    pub fn record_count_of(&self, did: &Did) -> Result<u64> {
+        let key = did.as_str().as_bytes();
+        match self.inner.ks.counts.get(key)? {
+            Some(value) => codec::decode_u64("record count", key, &value),
+            None => Ok(0),
+        }
+    }
+
+    /// The cursor `name` (a firehose seq, a `listRepos` cursor...).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] when the value is not text, [`StoreError::Fjall`].
+    pub fn cursor(&self, name: &str) -> Result<Option<String>> {
+        match self.inner.ks.cursors.get(name)? {
+            Some(value) => Ok(Some(decode_text(name.as_bytes(), &value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every cursor, by name.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::cursor`].
+    pub fn cursors(&self) -> Result<Vec<(String, String)>> {
+        self.inner
+            .ks
+            .cursors
+            .iter()
+            .map(|guard| {
+                let (key, value) = guard.into_inner()?;
+                let name = std::str::from_utf8(&key)
+                    .map_err(|_| StoreError::corrupt("cursor", &key, "name is not UTF-8"))?;
+                Ok((name.to_owned(), decode_text(&key, &value)?))
+            })
+            .collect()
+    }
+
+    /// The configuration value `key` (settings that must survive a restart: scope, mode...).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] when the value is not JSON, [`StoreError::Fjall`].
+    pub fn config(&self, key: &str) -> Result<Option<serde_json::Value>> {
+        match self.inner.ks.config.get(key)? {
+            Some(value) => {
+                let body = codec::format_body("config", key.as_bytes(), &value)?;
+                let json = serde_json::from_slice(body)
+                    .map_err(|error| StoreError::corrupt("config", key.as_bytes(), error))?;
+                Ok(Some(json))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` outbox events with ids above `after`, ascending: commit order.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] when an event does not decode, [`StoreError::Fjall`].
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        self.inner
+            .ks
+            .outbox
+            .range(start.to_be_bytes()..)
+            .take(limit)
+            .map(|guard| {
+                let (key, value) = guard.into_inner()?;
+                let id = codec::decode_u64("event", &key, &key)?;
+                let event = Event::decode(&value)
+                    .map_err(|reason| StoreError::corrupt("event", &key, reason))?;
+                Ok((id, event))
+            })
+            .collect()
+    }
+
+    /// The outbox event `id`, if it is still there.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::events_after`].
+    pub fn event(&self, id: u64) -> Result<Option<Event>> {
+        let key = id.to_be_bytes();
+        match self.inner.ks.outbox.get(key)? {
+            Some(value) => {
+                Ok(Some(Event::decode(&value).map_err(|reason| {
+                    StoreError::corrupt("event", &key, reason)
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The highest event id ever assigned, 0 if none: ids only grow, across restarts and
+    /// after the outbox was emptied, so a consumer's ack position stays meaningful.
+    pub fn last_event_id(&self) -> u64 {
+        self.counters().last_event_id
+    }
+
+    /// How many events the outbox holds (a counter kept by every commit, no scan).
+    pub fn outbox_len(&self) -> u64 {
+        self.counters().outbox_len
+    }
+
+    /// Removes acknowledged events, in one batch of its own. Ids not in the outbox are
+    /// ignored.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Fjall`], [`StoreError::Poisoned`].
+    pub fn delete_events(&self, ids: &[u64]) -> Result<()> {
+        let inner = &self.inner;
+        let mut counters = inner.commit.lock().map_err(|_| StoreError::Poisoned)?;
+        let before = *counters;
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut batch = inner.db.batch().durability(Some(PersistMode::Buffer));
+        for id in ids {
+            let key = id.to_be_bytes();
+            if inner.ks.outbox.contains_key(key)? {
+                batch.remove(&inner.ks.outbox, key);
+                counters.outbox_len = counters.outbox_len.saturating_sub(1);
+            }
+        }
+        self.finish_commit(batch, &mut counters, before)
+    }
+
+    /// Removes every event with an id below `id` (a retention limit), in one batch of its
+    /// own; returns how many were removed.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::delete_events`].
+    pub fn trim_events_before(&self, id: u64) -> Result<u64> {
+        let inner = &self.inner;
+        let mut counters = inner.commit.lock().map_err(|_| StoreError::Poisoned)?;
+        let before = *counters;
+        let mut batch = inner.db.batch().durability(Some(PersistMode::Buffer));
+        let mut removed = 0;
+        for guard in inner.ks.outbox.range(..id.to_be_bytes()) {
+            batch.remove(&inner.ks.outbox, guard.key()?);
+            removed += 1;
+        }
+        counters.outbox_len = counters.outbox_len.saturating_sub(removed);
+        self.finish_commit(batch, &mut counters, before)?;
+        Ok(removed)
+    }
+
+    /// Writes `batch` with the counters that changed, then publishes them. Called with the
+    /// commit lock held (`counters` is its guard's content).
+    pub(crate) fn finish_commit(
+        &self,
+        mut batch: fjall::OwnedWriteBatch,
+        counters: &mut Counters,
+        before: Counters,
+    ) -> Result<()> {
+        counters.write_changed(&before, &self.inner.ks.meta, &mut batch);
+        if let Err(error) = batch.commit() {
+            *counters = before;
+            return Err(error.into());
+        }
+        *self
+            .inner
+            .published
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = *counters;
+        Ok(())
+    }
+
+    /// The frames buffered for `did` while it backfills, as `(key, bytes)` in the order they
+    /// were pushed; the key is what [`Batch::buffer_remove`] takes.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] when a key or value is malformed, [`StoreError::Fjall`].
+    pub fn buffered(&self, did: &Did) -> Result<Vec<(u64, Vec<u8>)>> {
+        let prefix = codec::did_prefix(did);
+        self.inner
+            .ks
+            .buffer
+            .prefix(&prefix)
+            .map(|guard| {
+                let (key, value) = guard.into_inner()?;
+                let seq = codec::decode_u64(
+                    "buffered frame",
+                    &key,
+                    key.get(prefix.len()..).unwrap_or_default(),
+                )?;
+                let body = codec::format_body("buffered frame", &key, &value)?;
+                Ok((seq, body.to_vec()))
+            })
+            .collect()
+    }
+
+    /// How many frames are buffered, over all DIDs (a counter kept by every commit).
+    pub fn buffer_len(&self) -> u64 {
+        self.counters().buffer_len
+    }
+
+    /// Every backfill run, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] when a run does not decode, [`StoreError::Fjall`].
+    pub fn runs(&self) -> Result<Vec<BackfillRun>> {
+        self.inner
+            .ks
+            .runs
+            .iter()
+            .map(|guard| {
+                let (key, value) = guard.into_inner()?;
+                codec::decode_run(&key, &value)
+            })
+            .collect()
+    }
+
+    /// The backfill run `id`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::runs`].
+    pub fn run(&self, id: u64) -> Result<Option<BackfillRun>> {
+        let key = id.to_be_bytes();
+        match self.inner.ks.runs.get(key)? {
+            Some(value) => Ok(Some(codec::decode_run(&key, &value)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The counters as the last commit before shutdown left them.
+fn load_counters(ks: &Keyspaces) -> Result<Counters> {
+    let read = |key: &[u8]| -> Result<u64> {
+        match ks.meta.get(key)? {
+            Some(value) => codec::decode_u64("counter", key, &value),
+            None => Ok(0),
+        }
+    };
+    let mut counters = Counters {
+        records: read(meta::RECORDS)?,
+        repos: read(meta::REPOS)?,
+        by_state: [0; 5],
+        last_event_id: read(meta::LAST_EVENT_ID)?,
+        outbox_len: read(meta::OUTBOX_LEN)?,
+        buffer_len: read(meta::BUFFER_LEN)?,
+        buffer_seq: read(meta::BUFFER_SEQ)?,
+        last_run_id: read(meta::LAST_RUN_ID)?,
+    };
+    for (count, key) in counters.by_state.iter_mut().zip(meta::STATE) {
+        *count = read(key)?;
+    }
+    // The id counter and the outbox are written by the same batches, so they agree; taking
+    // the larger still keeps ids from repeating should they not.
+    if let Some(guard) = ks.outbox.last_key_value() {
+        let key = guard.key()?;
+        let last = codec::decode_u64("event", &key, &key)?;
+        counters.last_event_id = counters.last_event_id.max(last);
+    }
+    if let Some(guard) = ks.runs.last_key_value() {
+        let key = guard.key()?;
+        let last = codec::decode_u64("run", &key, &key)?;
+        counters.last_run_id = counters.last_run_id.max(last);
+    }
+    Ok(counters)
+}
+
+/// A [`Record`] from its stored value, its bytes checked against its CID.
+fn make_record(
+    did: &Did,
+    key: &[u8],
+    collection: &str,
+    rkey: &str,
+    value: &[u8],
+) -> Result<Record> {
+    let (cid, bytes) = codec::split_record_value(key, value)?;
+    let corrupt = |error: atpdb_repo::Error| StoreError::corrupt("record", key, error);
+    Record::new(
+        did.clone(),
+        collection
+            .parse()
+            .map_err(|e: atpdb_repo::syntax::SyntaxError| corrupt(e.into()))?,
+        rkey.parse()
+            .map_err(|e: atpdb_repo::syntax::SyntaxError| corrupt(e.into()))?,
+        cid,
+        bytes.to_vec(),
+    )
+    .map_err(corrupt)
+}
+
+/// A text value after its format byte.
+fn decode_text(key: &[u8], value: &[u8]) -> Result<String> {
+    let body = codec::format_body("cursor", key, value)?;
+    String::from_utf8(body.to_vec())
+        .map_err(|_| StoreError::corrupt("cursor", key, "value is not UTF-8"))
+}
+
+/// The smallest key above every key starting with `prefix`, if there is one.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// `Store`, `Batch` and `RecordKeys` cross threads and tasks.
+#[allow(dead_code)]
+fn assert_thread_safety() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Store>();
+    send::<Batch>();
+    send::<RecordKeys>();
+}

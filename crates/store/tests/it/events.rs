@@ -1,0 +1,95 @@
+//! Event ids only grow: across batches, across reopen, and after the outbox was emptied.
+
+use atpdb_store::{Event, RepoState, RepoStateEvent, Store};
+
+use crate::common::{TestResult, did};
+
+fn state_event(n: u64) -> TestResult<Event> {
+    Ok(Event::RepoState(RepoStateEvent {
+        did: did("did:plc:events")?,
+        state: RepoState::Synced,
+        reason: Some(n.to_string()),
+        time_us: n,
+    }))
+}
+
+fn push(store: &Store, count: u64) -> TestResult<Vec<u64>> {
+    let mut batch = store.batch();
+    for n in 0..count {
+        batch.push(state_event(n)?);
+    }
+    Ok(batch.commit()?)
+}
+
+#[test]
+fn ids_never_repeat() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Store::open(dir.path())?;
+        assert_eq!(store.last_event_id(), 0);
+        assert_eq!(push(&store, 3)?, [1, 2, 3]);
+        assert_eq!(push(&store, 1)?, [4]);
+        // A batch without events assigns none.
+        let mut batch = store.batch();
+        batch.set_cursor("c", "x");
+        assert_eq!(batch.commit()?, Vec::<u64>::new());
+        assert_eq!(store.last_event_id(), 4);
+    }
+    {
+        let store = Store::open(dir.path())?;
+        assert_eq!(store.last_event_id(), 4);
+        assert_eq!(push(&store, 2)?, [5, 6]);
+        assert_eq!(store.outbox_len(), 6);
+        // Empty the outbox completely.
+        store.delete_events(&[1, 2, 3, 4, 5, 6, 6, 99])?;
+        assert_eq!(store.outbox_len(), 0);
+        assert_eq!(store.events_after(0, 100)?.len(), 0);
+        assert_eq!(store.last_event_id(), 6);
+    }
+    let store = Store::open(dir.path())?;
+    assert_eq!(store.last_event_id(), 6);
+    assert_eq!(store.outbox_len(), 0);
+    assert_eq!(push(&store, 1)?, [7]);
+    Ok(())
+}
+
+#[test]
+fn reading_deleting_and_trimming() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    push(&store, 10)?;
+    let page: Vec<u64> = store
+        .events_after(3, 4)?
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(page, [4, 5, 6, 7]);
+    assert_eq!(store.events_after(10, 4)?.len(), 0);
+    assert_eq!(store.events_after(u64::MAX, 4)?.len(), 0);
+    assert_eq!(store.event(5)?, Some(state_event(4)?));
+    assert_eq!(store.event(11)?, None);
+
+    store.delete_events(&[2, 5])?;
+    assert_eq!(store.outbox_len(), 8);
+    let ids: Vec<u64> = store
+        .events_after(0, 100)?
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(ids, [1, 3, 4, 6, 7, 8, 9, 10]);
+
+    assert_eq!(store.trim_events_before(7)?, 4);
+    assert_eq!(store.trim_events_before(7)?, 0);
+    assert_eq!(store.outbox_len(), 4);
+    let ids: Vec<u64> = store
+        .events_after(0, 100)?
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(ids, [7, 8, 9, 10]);
+    drop(store);
+    let store = Store::open(dir.path())?;
+    assert_eq!(store.outbox_len(), 4);
+    assert_eq!(push(&store, 1)?, [11]);
+    Ok(())
+}
