@@ -63,6 +63,10 @@ pub(crate) struct ServeArgs {
     /// Do not follow the firehose (backfill only).
     #[arg(long, env = "ATPDB_NO_FIREHOSE")]
     no_firehose: bool,
+    /// A DNS server for handle lookups (`_atproto` TXT records), e.g. the devnet's; the
+    /// system resolver otherwise.
+    #[arg(long, env = "ATPDB_DNS_NAMESERVER")]
+    dns_nameserver: Option<std::net::SocketAddr>,
     /// Log format: human or json.
     #[arg(long, env = "ATPDB_LOG_FORMAT", default_value = "human")]
     log_format: String,
@@ -133,9 +137,7 @@ fn engine_config(args: &ServeArgs) -> anyhow::Result<EngineConfig> {
         follow_firehose: !args.no_firehose,
         ..EngineConfig::default()
     };
-    if let Some(parallelism) =
-        tap_env_parsed(args.resync_parallelism, "TAP_RESYNC_PARALLELISM")?
-    {
+    if let Some(parallelism) = tap_env_parsed(args.resync_parallelism, "TAP_RESYNC_PARALLELISM")? {
         config.resync_parallelism = parallelism.max(1);
     }
     if let Some(parallelism) =
@@ -163,6 +165,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let identity = Resolver::new(
         IdentityConfig {
             plc_url,
+            dns_nameserver: args.dns_nameserver,
             ..IdentityConfig::default()
         },
         http.clone(),
@@ -171,7 +174,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let engine = Engine::new(config, store.clone(), identity, xrpc, http);
     let mut tasks = engine.start()?;
 
-    let bind = tap_env(args.bind.clone(), "TAP_BIND").unwrap_or_else(|| "127.0.0.1:2480".to_owned());
+    let bind =
+        tap_env(args.bind.clone(), "TAP_BIND").unwrap_or_else(|| "127.0.0.1:2480".to_owned());
     // Tap's default is ":2480"; that form means every interface.
     let bind = match bind.strip_prefix(':') {
         Some(port) => format!("0.0.0.0:{port}"),

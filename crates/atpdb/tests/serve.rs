@@ -22,7 +22,11 @@ struct Server {
 }
 
 impl Server {
-    fn start(data_dir: &Path, devnet: &Devnet, extra: &[&str]) -> Result<Server, Box<dyn std::error::Error>> {
+    fn start(
+        data_dir: &Path,
+        devnet: &Devnet,
+        extra: &[&str],
+    ) -> Result<Server, Box<dyn std::error::Error>> {
         let relay = devnet.relay().ok_or("no relay")?.url().to_owned();
         let mut child = Command::new(env!("CARGO_BIN_EXE_atpdb"))
             .args([
@@ -51,7 +55,10 @@ impl Server {
         BufReader::new(stdout).read_line(&mut line)?;
         let ready: Json = serde_json::from_str(line.trim())
             .map_err(|err| format!("ready line {line:?}: {err}"))?;
-        let url = ready["url"].as_str().ok_or("no url in the ready line")?.to_owned();
+        let url = ready["url"]
+            .as_str()
+            .ok_or("no url in the ready line")?
+            .to_owned();
         Ok(Server { child, url })
     }
 
@@ -71,7 +78,11 @@ impl Drop for Server {
 }
 
 fn dids(devnet: &Devnet) -> Vec<String> {
-    devnet.accounts().iter().map(|a| a.did.to_string()).collect()
+    devnet
+        .accounts()
+        .iter()
+        .map(|a| a.did.to_string())
+        .collect()
 }
 
 type Truth = BTreeMap<Did, BTreeMap<String, Cid>>;
@@ -86,7 +97,12 @@ fn truth(devnet: &Devnet) -> Result<Truth, Box<dyn std::error::Error>> {
 }
 
 /// Polls `/info` until every account is active at its PDS's rev.
-async fn converge(http: &reqwest::Client, server: &Server, devnet: &Devnet, timeout: Duration) -> TestResult {
+async fn converge(
+    http: &reqwest::Client,
+    server: &Server,
+    devnet: &Devnet,
+    timeout: Duration,
+) -> TestResult {
     let deadline = Instant::now() + timeout;
     loop {
         let mut lagging = Vec::new();
@@ -106,7 +122,12 @@ async fn converge(http: &reqwest::Client, server: &Server, devnet: &Devnet, time
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("{} repos did not converge: {:?}", lagging.len(), lagging.first()).into());
+            return Err(format!(
+                "{} repos did not converge: {:?}",
+                lagging.len(),
+                lagging.first()
+            )
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -122,7 +143,10 @@ fn rebuild_from_outbox(store: &Store) -> Result<Truth, Box<dyn std::error::Error
             return Ok(rebuilt);
         }
         for (id, event) in events {
-            assert!(id > after, "event id {id} repeats or goes back (after {after})");
+            assert!(
+                id > after,
+                "event id {id} repeats or goes back (after {after})"
+            );
             after = id;
             match event {
                 Event::Record(record) => {
@@ -158,7 +182,12 @@ async fn api_validates_input_and_answers_like_tap() -> TestResult {
     let dir = tempfile::tempdir()?;
     let server = Server::start(dir.path(), &devnet, &[])?;
     let http = reqwest::Client::new();
-    let health: Json = http.get(format!("{}/health", server.url)).send().await?.json().await?;
+    let health: Json = http
+        .get(format!("{}/health", server.url))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(health, json!({"status": "ok"}));
 
     // Bad input is a 400 with a message, never a 500.
@@ -178,9 +207,15 @@ async fn api_validates_input_and_answers_like_tap() -> TestResult {
         .send()
         .await?;
     assert_eq!(response.status(), 200, "an empty list is fine");
-    let response = http.get(format!("{}/info/did:plc:unknownunknownunknown", server.url)).send().await?;
+    let response = http
+        .get(format!("{}/info/did:plc:unknownunknownunknown", server.url))
+        .send()
+        .await?;
     assert_eq!(response.status(), 404);
-    assert_eq!(response.json::<Json>().await?, json!({"message": "repo not found"}));
+    assert_eq!(
+        response.json::<Json>().await?,
+        json!({"message": "repo not found"})
+    );
     let response = http.get(format!("{}/info/nope", server.url)).send().await?;
     assert_eq!(response.status(), 400);
 
@@ -194,9 +229,19 @@ async fn api_validates_input_and_answers_like_tap() -> TestResult {
     converge(&http, &server, &devnet, Duration::from_secs(60)).await?;
     let truth = truth(&devnet)?;
     let total: usize = truth.values().map(BTreeMap::len).sum();
-    let count: Json = http.get(format!("{}/stats/record-count", server.url)).send().await?.json().await?;
+    let count: Json = http
+        .get(format!("{}/stats/record-count", server.url))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(count["record_count"], total);
-    let count: Json = http.get(format!("{}/stats/repo-count", server.url)).send().await?.json().await?;
+    let count: Json = http
+        .get(format!("{}/stats/repo-count", server.url))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(count["repo_count"], all.len());
 
     // The XRPC reads serve exactly what was stored.
@@ -233,8 +278,10 @@ async fn api_validates_input_and_answers_like_tap() -> TestResult {
             None => break,
         }
     }
+    // Newest first, as a PDS lists them.
     let expected: Vec<String> = truth[did]
         .keys()
+        .rev()
         .filter(|path| path.starts_with(&format!("{collection}/")))
         .map(|path| format!("at://{did}/{path}"))
         .collect();
@@ -273,7 +320,9 @@ async fn sigkill_at_random_moments_loses_nothing() -> TestResult {
     )?;
     eprintln!("crash schedule seed {state}");
     let mut next_delay = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         Duration::from_millis(50 + (state >> 33) % 700)
     };
     for round in 0..20 {
@@ -305,7 +354,11 @@ async fn sigkill_at_random_moments_loses_nothing() -> TestResult {
             .collect();
         assert_eq!(&stored, records, "stored records of {did}");
         let empty = BTreeMap::new();
-        assert_eq!(rebuilt.get(did).unwrap_or(&empty), records, "outbox rebuild of {did}");
+        assert_eq!(
+            rebuilt.get(did).unwrap_or(&empty),
+            records,
+            "outbox rebuild of {did}"
+        );
     }
     Ok(())
 }

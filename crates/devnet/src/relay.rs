@@ -40,10 +40,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use atpdb_identity::{Identity, IdentityConfig, IdentityError, Resolver};
+use atpdb_net::{Firehose, FirehoseConfig, FirehoseEvent};
 use atpdb_repo::Cid;
 use atpdb_repo::car::{CarLimits, CarReader};
 use atpdb_repo::firehose::{
-    self, AccountEvent, CommitEvent, CommitProof, Frame, IdentityEvent, Message, SyncEvent,
+    self, AccountEvent, Chain, CommitEvent, CommitProof, IdentityEvent, Message, RepoHead,
+    SyncEvent,
 };
 use atpdb_repo::repo::CommitData;
 use atpdb_repo::syntax::{Did, Nsid, Tid};
@@ -54,10 +56,8 @@ use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::faults::{EventFaults, FaultSet, Faults};
@@ -152,8 +152,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream seqs remembered per host to drop duplicates while still taking reordered events.
 const SEEN_WINDOW: u64 = 4096;
-/// Attempts at a PLC lookup that cannot reach the directory before the relay gives up.
-const RESOLVE_ATTEMPTS: u32 = 4;
+/// Longest pause between lookups while the directory cannot be reached.
+const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(2);
 /// How long one PLC lookup may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -165,6 +165,9 @@ struct Inner {
     faults: Faults,
     shutdown: CancellationToken,
     admin_password: String,
+    /// The one guarded HTTP client (loopback allowed) for upstream firehoses and the PLC, or
+    /// why it could not be built.
+    http: Result<atpdb_net::Http, String>,
     /// The identity resolver, or why it could not be built (then every lookup fails).
     identities: Result<Resolver, String>,
     state: Mutex<Accounts>,
@@ -263,13 +266,12 @@ impl SeenSeqs {
     }
 }
 
-/// Why a connection to a host ended.
-enum Ended {
-    Shutdown,
-    /// The host said the cursor is ahead of it: its seq space is not the one the relay knew.
-    FutureCursor,
-    /// Closed or failed; reconnect from the cursor.
-    Dropped,
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+        })
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -306,7 +308,8 @@ impl Relay {
                 }
             })
             .collect();
-        let identities = relay_resolver(trim_url(&plc_url));
+        let http = loopback_http();
+        let identities = relay_resolver(&http, trim_url(&plc_url));
         if let Err(err) = &identities {
             tracing::error!(%err, "relay: no identity resolver; every event will be dropped");
         }
@@ -322,6 +325,7 @@ impl Relay {
                 faults,
                 shutdown,
                 admin_password: config.admin_password.clone(),
+                http,
                 identities,
                 state: Mutex::default(),
                 counters: Counters::default(),
@@ -436,121 +440,70 @@ impl Relay {
 // Subscribing to the hosts.
 
 impl Relay {
-    /// Keeps one host's firehose connected until shutdown.
+    /// Keeps one host's firehose connected until shutdown, through atpdb's own firehose
+    /// client (reconnects with backoff from the last seq, frame limits, `FutureCursor`).
+    /// Events are processed one at a time, so the host's cursor never passes an event the
+    /// relay has not decided.
     async fn run_host(self, index: usize) {
         let Some(host) = self.inner.hosts.get(index) else {
             return;
         };
         let shutdown = self.inner.shutdown.clone();
         let mut seen = SeenSeqs::default();
-        let mut live_only = false;
-        let mut backoff = BACKOFF_MIN;
-        while !shutdown.is_cancelled() {
-            let url = subscribe_url(&host.url, (!live_only).then_some(seen.max));
-            let connected = tokio::select! {
-                () = shutdown.cancelled() => break,
-                connected = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    tokio_tungstenite::connect_async(url.as_str()),
-                ) => connected,
-            };
-            match connected {
-                Ok(Ok((socket, _))) => {
-                    tracing::debug!(host = %host.url, cursor = seen.max, "relay: connected");
-                    live_only = false;
-                    let mut progressed = false;
-                    let ended = self
-                        .consume(index, socket, &mut seen, &mut progressed)
-                        .await;
-                    if progressed {
-                        backoff = BACKOFF_MIN;
-                    }
-                    match ended {
-                        Ended::Shutdown => break,
-                        Ended::FutureCursor => {
-                            // The host's seqs are not the ones the relay remembers (it was
-                            // replaced or reset): start over from its live position.
-                            tracing::warn!(host = %host.url, cursor = seen.max,
-                                "relay: upstream says the cursor is in its future; reconnecting live");
-                            seen = SeenSeqs::default();
-                            live_only = true;
-                        }
-                        Ended::Dropped => {}
-                    }
-                }
-                Ok(Err(err)) => {
-                    tracing::debug!(host = %host.url, %err, "relay: connecting failed");
-                }
-                Err(_) => {
-                    tracing::debug!(host = %host.url, "relay: connecting timed out");
-                }
+        let http = match &self.inner.http {
+            Ok(http) => http,
+            Err(err) => {
+                tracing::error!(host = %host.url, %err, "relay: no HTTP client; not subscribing");
+                return;
             }
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
-
-    /// Reads one connection until it ends, processing frames in order.
-    async fn consume<S>(
-        &self,
-        index: usize,
-        mut socket: S,
-        seen: &mut SeenSeqs,
-        progressed: &mut bool,
-    ) -> Ended
-    where
-        S: futures_util::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
-            + Unpin,
-    {
-        let host_url = self
-            .inner
-            .hosts
-            .get(index)
-            .map_or("", |host| host.url.as_str());
+        };
+        let mut firehose = Firehose::connect(
+            http,
+            FirehoseConfig {
+                cursor: Some(0),
+                backoff_min: BACKOFF_MIN,
+                backoff_max: BACKOFF_MAX,
+                connect_timeout: CONNECT_TIMEOUT,
+                ..FirehoseConfig::new(host.url.clone())
+            },
+        );
         loop {
-            let next = tokio::select! {
-                () = self.inner.shutdown.cancelled() => return Ended::Shutdown,
-                next = socket.next() => next,
+            let event = tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = firehose.next() => event,
             };
-            let bytes = match next {
-                Some(Ok(WsMessage::Binary(bytes))) => bytes,
-                Some(Ok(WsMessage::Close(_))) | None => return Ended::Dropped,
-                Some(Ok(_)) => continue,
-                Some(Err(err)) => {
-                    tracing::debug!(host = host_url, %err, "relay: upstream connection failed");
-                    return Ended::Dropped;
+            match event {
+                FirehoseEvent::Message(message) => {
+                    bump(&self.inner.counters.frames);
+                    self.take_in(index, message, &mut seen).await;
                 }
-            };
-            bump(&self.inner.counters.frames);
-            match firehose::decode_frame(&bytes) {
-                Err(err) => {
+                FirehoseEvent::Invalid { error, len } => {
                     // A frame that does not decode (a connection cut mid-frame, a buggy host)
-                    // is dropped; its seq is unknowable, so the cursor stays where it was.
+                    // is dropped; the client keeps the cursor where it was.
+                    bump(&self.inner.counters.frames);
                     bump(&self.inner.counters.invalid_frames);
-                    tracing::warn!(host = host_url, %err, "relay: dropping an invalid frame");
+                    tracing::warn!(host = %host.url, %error, len, "relay: dropping an invalid frame");
                 }
-                Ok(Frame::Error { error, message }) => {
-                    tracing::warn!(host = host_url, error, message = ?message,
+                FirehoseEvent::FutureCursor { message } => {
+                    // The host's seqs are not the ones the relay remembers (it was replaced or
+                    // reset): the client starts over from its live position.
+                    tracing::warn!(host = %host.url, cursor = seen.max, message = ?message,
+                        "relay: upstream says the cursor is in its future; reconnecting live");
+                    seen = SeenSeqs::default();
+                }
+                FirehoseEvent::OutdatedCursor { message } => {
+                    tracing::warn!(host = %host.url, message = ?message,
+                        "relay: upstream cursor outdated; events were missed");
+                }
+                FirehoseEvent::ErrorFrame { error, message } => {
+                    tracing::warn!(host = %host.url, error, message = ?message,
                         "relay: upstream sent an error");
-                    return if error == "FutureCursor" {
-                        Ended::FutureCursor
-                    } else {
-                        Ended::Dropped
-                    };
                 }
-                Ok(Frame::Message(message)) => {
-                    *progressed = true;
-                    self.take_in(index, message, seen).await;
+                FirehoseEvent::Connected { cursor } => {
+                    tracing::debug!(host = %host.url, ?cursor, "relay: connected");
                 }
-                Ok(Frame::Unknown { op }) => {
-                    tracing::debug!(
-                        host = host_url,
-                        op,
-                        "relay: ignoring a frame with an unknown op"
-                    );
+                FirehoseEvent::Disconnected { reason, retry_in } => {
+                    tracing::debug!(host = %host.url, reason, ?retry_in, "relay: upstream connection ended");
                 }
             }
         }
@@ -659,23 +612,30 @@ impl Relay {
                 return;
             }
         };
-        if let Err(first) = proof.verify_signature(&identity.key) {
-            // The key may have rotated since it was cached: look again, once.
-            let retried = match self.identity(&did, true).await {
-                Ok(fresh) if fresh.key != identity.key => {
-                    identity = fresh;
-                    proof.verify_signature(&identity.key)
+        let verified = match proof.try_verify(&identity.key) {
+            Ok(verified) => verified,
+            Err((proof, first)) => {
+                // The key may have rotated since it was cached: look again, once.
+                let retried = match self.identity(&did, true).await {
+                    Ok(fresh) if fresh.key != identity.key => {
+                        identity = fresh;
+                        proof.try_verify(&identity.key).map_err(|(_, err)| err)
+                    }
+                    _ => Err(first),
+                };
+                match retried {
+                    Ok(verified) => verified,
+                    Err(err) => {
+                        bump(&self.inner.counters.invalid_commits);
+                        tracing::warn!(%did, rev = %event.rev, %err, "relay: dropping a commit with a bad signature");
+                        return;
+                    }
                 }
-                _ => Err(first),
-            };
-            if let Err(err) = retried {
-                bump(&self.inner.counters.invalid_commits);
-                tracing::warn!(%did, rev = %event.rev, %err, "relay: dropping a commit with a bad signature");
-                return;
             }
-        }
+        };
+        let proof = verified.proof();
         let data = proof.commit().data;
-        let proven = proof.prev_data().is_some();
+        let proven = verified.is_proven();
         let collections: BTreeSet<String> = event
             .ops
             .iter()
@@ -692,7 +652,7 @@ impl Relay {
             || flags.drop_proof_nodes
         {
             // Done before taking the lock: re-signing and rewriting the CAR is work.
-            break_event(&mut event, &proof, flags);
+            break_event(&mut event, proof, flags);
         }
         let mut state = self.state();
         let repo = state
@@ -708,10 +668,31 @@ impl Relay {
             bump(&self.inner.counters.stale_revs);
             return;
         }
-        if repo.rev.is_some() && repo.rev != event.since {
-            bump(&self.inner.counters.discontinuous_commits);
-            tracing::debug!(%did, rev = %event.rev, since = ?event.since, stored = ?repo.rev,
-                "relay: passing a discontinuous commit");
+        // Sync 1.1: the commit must chain onto what the relay last passed, by `since` and, when
+        // proven, by `prevData`. A relay never resyncs itself: a break is passed on (its
+        // subscribers resync) and counted.
+        if let (Some(rev), Some(stored_data)) = (&repo.rev, &repo.data) {
+            let head = RepoHead {
+                rev,
+                data: stored_data,
+            };
+            match verified.chain(head, now_micros()) {
+                Chain::Next => {}
+                Chain::Stale => {
+                    bump(&self.inner.counters.stale_revs);
+                    return;
+                }
+                Chain::Future => {
+                    bump(&self.inner.counters.invalid_commits);
+                    tracing::warn!(%did, rev = %event.rev, "relay: dropping a commit from the future");
+                    return;
+                }
+                Chain::Broken(reason) => {
+                    bump(&self.inner.counters.discontinuous_commits);
+                    tracing::debug!(%did, rev = %event.rev, reason,
+                        "relay: passing a discontinuous commit");
+                }
+            }
         }
         if !proven {
             bump(&self.inner.counters.unproven_commits);
@@ -867,33 +848,26 @@ fn break_event(event: &mut CommitEvent, proof: &CommitProof, flags: EventFaults)
     crate::pds::mangle(event, &data, flags);
 }
 
-/// `ws://host/xrpc/com.atproto.sync.subscribeRepos?cursor=N` for an `http://host` URL.
-fn subscribe_url(host_url: &str, cursor: Option<u64>) -> String {
-    let ws = if let Some(rest) = host_url.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else if let Some(rest) = host_url.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else {
-        host_url.to_owned()
-    };
-    match cursor {
-        Some(cursor) => format!("{ws}/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}"),
-        None => format!("{ws}/xrpc/com.atproto.sync.subscribeRepos"),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Identity.
+
+/// The devnet's hosts are all on loopback, so the relay's client allows private addresses.
+fn loopback_http() -> Result<atpdb_net::Http, String> {
+    atpdb_net::Http::new(&atpdb_net::HttpConfig {
+        allow_private_network: true,
+        ..atpdb_net::HttpConfig::default()
+    })
+    .map_err(|err| err.to_string())
+}
 
 /// The relay's resolver: the devnet's directory is on loopback, so private networks are
 /// allowed. Misses are not cached (each event asks again, so an identity that appears or
 /// recovers is seen at once); identities are, until refreshed.
-fn relay_resolver(plc_url: &str) -> Result<Resolver, String> {
-    let http = atpdb_net::Http::new(&atpdb_net::HttpConfig {
-        allow_private_network: true,
-        ..atpdb_net::HttpConfig::default()
-    })
-    .map_err(|err| err.to_string())?;
+fn relay_resolver(
+    http: &Result<atpdb_net::Http, String>,
+    plc_url: &str,
+) -> Result<Resolver, String> {
+    let http = http.clone()?;
     let config = IdentityConfig {
         plc_url: plc_url.to_owned(),
         miss_ttl: Duration::ZERO,
@@ -926,16 +900,16 @@ impl Relay {
         } else {
             resolver.resolve(did).await
         };
+        // A transient failure decides nothing: the host's stream waits here (its cursor does
+        // not move past this event) until the directory answers or the relay stops.
         let mut delay = Duration::from_millis(50);
-        for _ in 1..RESOLVE_ATTEMPTS {
-            if !answer.as_ref().is_err_and(IdentityError::is_transient) {
-                break;
-            }
+        while answer.as_ref().is_err_and(IdentityError::is_transient) {
+            bump(&self.inner.counters.unresolved);
             tokio::select! {
                 () = self.inner.shutdown.cancelled() => break,
                 () = tokio::time::sleep(delay) => {}
             }
-            delay *= 2;
+            delay = (delay * 2).min(RESOLVE_RETRY_MAX);
             answer = resolver.refresh(did).await;
         }
         answer
@@ -1269,18 +1243,6 @@ mod tests {
         assert_eq!(seen.max, 3);
         assert!(seen.admit(3 + 2 * SEEN_WINDOW));
         assert!(!seen.admit(4), "a seq far behind the window counts as seen");
-    }
-
-    #[test]
-    fn subscribe_url_swaps_the_scheme() {
-        assert_eq!(
-            subscribe_url("http://127.0.0.1:5", Some(0)),
-            "ws://127.0.0.1:5/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
-        );
-        assert_eq!(
-            subscribe_url("https://pds.example", None),
-            "wss://pds.example/xrpc/com.atproto.sync.subscribeRepos"
-        );
     }
 
     #[test]

@@ -837,6 +837,51 @@ async fn rides_out_a_flaky_or_down_plc_directory() -> TestResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holds_a_hosts_events_until_the_directory_can_decide() -> TestResult {
+    // A DID the relay has never resolved, and a directory that cannot answer: dropping the
+    // events would lose them for good, so the host's stream waits instead.
+    let devnet = start().await?;
+    let relay = relay_of(&devnet)?;
+    let pds = &devnet.hosts()[0];
+    caught_up(&devnet).await?;
+    devnet.plc_faults().set(atpdb_devnet::faults::FaultSet {
+        status: Some(503),
+        ..Default::default()
+    });
+    let mark = relay.head_seq();
+    let did = pds.create_account(atpdb_devnet::pds::NewAccount {
+        handle: "patient.test".parse()?,
+        email: "patient@example.test".to_owned(),
+        password: "password".to_owned(),
+        signing: atpdb_repo::sample::sample_keypair(97, atpdb_repo::crypto::Curve::K256),
+        rotation: atpdb_repo::sample::sample_keypair(96, atpdb_repo::crypto::Curve::K256),
+        records: vec![post("waiting")?],
+    })?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while relay.stats().unresolved < 3 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", relay.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        relay.head_seq(),
+        mark,
+        "nothing was relayed or dropped meanwhile"
+    );
+    assert_eq!(relay.stats().no_identity, 0);
+    devnet.plc_faults().clear();
+    let relayed = relayed_since(&devnet, mark).await?;
+    let kinds: Vec<&str> = relayed.iter().map(Message::t).collect();
+    assert_eq!(
+        kinds,
+        ["#identity", "#account", "#commit"],
+        "{:?}",
+        relay.stats()
+    );
+    assert!(relayed.iter().all(|message| message.did() == Some(&did)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn its_own_commit_faults_break_only_its_hop() -> TestResult {
     let devnet = start().await?;
     let relay = relay_of(&devnet)?;

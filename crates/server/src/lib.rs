@@ -210,7 +210,10 @@ fn parse_dids(body: &Bytes) -> Result<Vec<Did>, ApiError> {
 
 async fn repos_add(State(app): State<App>, body: Bytes) -> Result<StatusCode, ApiError> {
     let dids = parse_dids(&body)?;
-    app.engine.add_repos(&dids).await.map_err(ApiError::internal)?;
+    app.engine
+        .add_repos(&dids)
+        .await
+        .map_err(ApiError::internal)?;
     Ok(StatusCode::OK)
 }
 
@@ -253,7 +256,11 @@ async fn info(State(app): State<App>, Path(did): Path<String>) -> Result<Respons
 }
 
 async fn repo_count(State(app): State<App>) -> Result<axum::Json<Value>, ApiError> {
-    let count = app.engine.store().repo_count().map_err(ApiError::internal)?;
+    let count = app
+        .engine
+        .store()
+        .repo_count()
+        .map_err(ApiError::internal)?;
     Ok(axum::Json(json!({ "repo_count": count })))
 }
 
@@ -348,12 +355,13 @@ async fn list_records(
             message: format!("could not find repo: {did}"),
         });
     }
+    // As a PDS answers: newest (highest rkey) first, oldest first with `reverse=true`.
     let records = store.records(
         &did,
         Some(collection.as_str()),
         params.cursor.as_deref(),
         limit,
-        reverse,
+        !reverse,
     )?;
     let cursor = if records.len() == limit {
         records.last().map(|record| record.rkey().to_string())

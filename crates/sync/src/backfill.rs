@@ -217,9 +217,8 @@ async fn fetch_and_apply(inner: &Arc<Inner>, entry: RepoEntry) -> Result<u64, Fa
         && let Ok(latest) = inner.xrpc.get_latest_commit(&identity.pds, &did).await
         && latest.rev.as_str() == stored_rev
     {
-        let head = Head::stored(&entry).ok_or_else(|| {
-            Failure::Repo(format!("stored head of {did} is unreadable"))
-        })?;
+        let head = Head::stored(&entry)
+            .ok_or_else(|| Failure::Repo(format!("stored head of {did} is unreadable")))?;
         finish(inner, &identity, head, 0).await?;
         return Ok(0);
     }
@@ -235,11 +234,10 @@ async fn fetch_and_apply(inner: &Arc<Inner>, entry: RepoEntry) -> Result<u64, Fa
     let store = inner.store.clone();
     let filters = inner.config.filters.clone();
     let key = identity.key.clone();
-    let applied = tokio::task::spawn_blocking(move || {
-        apply_snapshot(&store, &filters, loaded, &did, &key)
-    })
-    .await
-    .map_err(|err| Failure::Repo(format!("snapshot task ended: {err}")))??;
+    let applied =
+        tokio::task::spawn_blocking(move || apply_snapshot(&store, &filters, loaded, &did, &key))
+            .await
+            .map_err(|err| Failure::Repo(format!("snapshot task ended: {err}")))??;
     inner
         .counters
         .backfill_records
@@ -364,9 +362,9 @@ fn apply_snapshot(
             Some(_) => Action::Update,
             None => Action::Create,
         };
-        let record = found
-            .to_record()
-            .map_err(|err| Failure::Repo(format!("record {}/{}: {err}", found.collection, found.rkey)))?;
+        let record = found.to_record().map_err(|err| {
+            Failure::Repo(format!("record {}/{}: {err}", found.collection, found.rkey))
+        })?;
         writer.batch.put_record(&record);
         writer.batch.push(Event::Record(RecordEvent {
             live: false,
@@ -470,15 +468,10 @@ impl<'a> StoredKeys<'a> {
         rkey: &str,
     ) -> Result<Option<(String, String)>, Failure> {
         loop {
-            match self.keys.peek() {
-                Some(Ok((stored_collection, stored_rkey, _))) => {
-                    if path_cmp(stored_collection, stored_rkey, collection, rkey)
-                        != CmpOrdering::Less
-                    {
-                        return Ok(None);
-                    }
-                }
-                Some(Err(_)) | None => {}
+            if let Some(Ok((stored_collection, stored_rkey, _))) = self.keys.peek()
+                && path_cmp(stored_collection, stored_rkey, collection, rkey) != CmpOrdering::Less
+            {
+                return Ok(None);
             }
             match self.keys.next() {
                 None => return Ok(None),
@@ -529,9 +522,20 @@ impl<'a> StoredKeys<'a> {
 }
 
 /// Orders `collection/rkey` paths the way the MST does: by their bytes with `/` between.
-pub(crate) fn path_cmp(a_collection: &str, a_rkey: &str, b_collection: &str, b_rkey: &str) -> CmpOrdering {
-    let a = a_collection.bytes().chain(std::iter::once(b'/')).chain(a_rkey.bytes());
-    let b = b_collection.bytes().chain(std::iter::once(b'/')).chain(b_rkey.bytes());
+pub(crate) fn path_cmp(
+    a_collection: &str,
+    a_rkey: &str,
+    b_collection: &str,
+    b_rkey: &str,
+) -> CmpOrdering {
+    let a = a_collection
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(a_rkey.bytes());
+    let b = b_collection
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(b_rkey.bytes());
     a.cmp(b)
 }
 
@@ -586,8 +590,14 @@ async fn finish(
         };
         match verified.chain(head.as_ref(), now_us()) {
             Chain::Next => {
-                apply_commit(&mut batch, &mut entry, &verified, &inner.config.filters, now_us())
-                    .map_err(|err: RepoError| Failure::Repo(format!("buffered commit: {err}")))?;
+                apply_commit(
+                    &mut batch,
+                    &mut entry,
+                    &verified,
+                    &inner.config.filters,
+                    now_us(),
+                )
+                .map_err(|err: RepoError| Failure::Repo(format!("buffered commit: {err}")))?;
                 head = Head::stored(&entry).unwrap_or(head);
                 batch.put_repo(&entry);
                 batch.commit()?;

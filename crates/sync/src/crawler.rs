@@ -89,7 +89,10 @@ async fn crawl_listing(
         relay,
         collection.map_or("listRepos", atpdb_repo::syntax::Nsid::as_str),
     );
-    let mut cursor = inner.store.cursor(&name)?.filter(|cursor| !cursor.is_empty());
+    let mut cursor = inner
+        .store
+        .cursor(&name)?
+        .filter(|cursor| !cursor.is_empty());
     let mut added = 0;
     let mut failures = 0;
     loop {

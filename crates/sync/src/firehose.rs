@@ -7,7 +7,7 @@
 //! are harmless: a rev not newer than the stored one is dropped.
 
 use std::collections::BTreeSet;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 
 use atpdb_identity::IdentityError;
@@ -20,8 +20,7 @@ use atpdb_repo::repo::Action as OpAction;
 use atpdb_repo::syntax::Did;
 use atpdb_repo::{Error as RepoError, Record};
 use atpdb_store::{
-    AccountStatus, Action, BackfillRun, Batch, Event, RecordEvent, RepoEntry, RepoState,
-    StoreError,
+    AccountStatus, Action, BackfillRun, Batch, Event, RecordEvent, RepoEntry, RepoState, StoreError,
 };
 use tokio::sync::mpsc;
 
@@ -78,10 +77,12 @@ impl Tracker {
 
     /// The highest seq at or below which nothing is in flight.
     fn low_water(&self) -> u64 {
-        self.state.lock().map_or(0, |state| match state.in_flight.first() {
-            Some(&first) => first.saturating_sub(1),
-            None => state.max_seen,
-        })
+        self.state
+            .lock()
+            .map_or(0, |state| match state.in_flight.first() {
+                Some(&first) => first.saturating_sub(1),
+                None => state.max_seen,
+            })
     }
 }
 
@@ -151,7 +152,11 @@ pub(crate) fn catch_up(inner: &Inner, reason: &str) -> Result<u64, StoreError> {
         checkpoint: None,
     });
     batch.commit()?;
-    tracing::warn!(reason, repos = total, "backfill.decision: catching up by resync");
+    tracing::warn!(
+        reason,
+        repos = total,
+        "backfill.decision: catching up by resync"
+    );
     inner.work.notify_waiters();
     Ok(total)
 }
@@ -164,7 +169,7 @@ pub(crate) async fn run(inner: Arc<Inner>) -> Result<(), SyncError> {
         Start::Replay(cursor) => Some(cursor),
         Start::Live => None,
         Start::CatchUp => {
-            catch_up(&inner, "the saved cursor is older than the replay window")?;
+            catch_up(&inner, "no cursor within the replay window")?;
             None
         }
     };
@@ -216,9 +221,7 @@ pub(crate) async fn run(inner: Arc<Inner>) -> Result<(), SyncError> {
                     continue;
                 };
                 tracker.begin(seq);
-                let mut hasher = hasher.build_hasher();
-                did.as_str().hash(&mut hasher);
-                let index = (hasher.finish() % workers as u64) as usize;
+                let index = (hasher.hash_one(did.as_str()) % workers as u64) as usize;
                 let Some(sender) = senders.get(index) else {
                     continue;
                 };
@@ -276,7 +279,11 @@ fn task_ended(ended: Result<Result<(), SyncError>, tokio::task::JoinError>) -> S
     }
 }
 
-fn save_cursor(inner: &Inner, tracker: &Tracker, saved: &mut Option<u64>) -> Result<(), StoreError> {
+fn save_cursor(
+    inner: &Inner,
+    tracker: &Tracker,
+    saved: &mut Option<u64>,
+) -> Result<(), StoreError> {
     let low_water = tracker.low_water();
     inner
         .counters
@@ -318,7 +325,8 @@ pub(crate) async fn process(inner: &Inner, message: Message) -> Result<(), Store
 }
 
 fn collection_of(path: &str) -> &str {
-    path.split_once('/').map_or(path, |(collection, _)| collection)
+    path.split_once('/')
+        .map_or(path, |(collection, _)| collection)
 }
 
 /// Starts tracking an untracked repo the mode says to track.
@@ -495,7 +503,12 @@ pub(crate) fn apply_commit(
         }
         let (cid, bytes) = match action {
             Action::Delete => (None, None),
-            _ => (op.cid, op.cid.and_then(|cid| proof.blocks().get(&cid)).map(<[u8]>::to_vec)),
+            _ => (
+                op.cid,
+                op.cid
+                    .and_then(|cid| proof.blocks().get(&cid))
+                    .map(<[u8]>::to_vec),
+            ),
         };
         batch.push(Event::Record(RecordEvent {
             live: true,

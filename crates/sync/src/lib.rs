@@ -110,6 +110,9 @@ impl Default for EngineConfig {
     }
 }
 
+/// The engine's running tasks; each ends with its name and how it ended.
+pub type EngineTasks = JoinSet<(&'static str, Result<(), SyncError>)>;
+
 /// Counters the API and metrics read.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -145,7 +148,9 @@ pub(crate) fn bump(counter: &AtomicU64) {
 pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX))
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+        })
 }
 
 /// The engine: cheap to clone; every clone drives the same tasks.
@@ -208,7 +213,7 @@ impl Engine {
     /// # Errors
     ///
     /// A store failure while recovering from a previous run.
-    pub fn start(&self) -> Result<JoinSet<(&'static str, Result<(), SyncError>)>, SyncError> {
+    pub fn start(&self) -> Result<EngineTasks, SyncError> {
         backfill::recover(&self.inner)?;
         let mut tasks = JoinSet::new();
         for _ in 0..self.inner.config.resync_parallelism.max(1) {

@@ -6,7 +6,7 @@
 //! serialises them without a map that grows with the network (two DIDs may share a stripe,
 //! which only costs a little waiting).
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 
 use atpdb_repo::syntax::Did;
 use tokio::sync::{Mutex, MutexGuard};
@@ -27,10 +27,8 @@ impl DidLocks {
     }
 
     pub(crate) async fn lock(&self, did: &Did) -> MutexGuard<'_, ()> {
-        let mut hasher = self.hasher.build_hasher();
-        did.as_str().hash(&mut hasher);
         // STRIPES is a power of two and non-zero, so the index is in range.
-        let index = (hasher.finish() as usize) & (STRIPES - 1);
+        let index = (self.hasher.hash_one(did.as_str()) as usize) & (STRIPES - 1);
         self.stripes[index].lock().await
     }
 }

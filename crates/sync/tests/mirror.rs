@@ -19,14 +19,29 @@ struct Harness {
     devnet: Devnet,
     engine: Engine,
     _dir: tempfile::TempDir,
-    tasks: tokio::task::JoinSet<(&'static str, Result<(), atpdb_sync::SyncError>)>,
+    tasks: atpdb_sync::EngineTasks,
 }
 
-async fn start(config: DevnetConfig, mode: Mode, filters: Filters) -> Result<Harness, Box<dyn std::error::Error>> {
-    start_with(config, EngineConfig { mode, filters, ..EngineConfig::default() }).await
+async fn start(
+    config: DevnetConfig,
+    mode: Mode,
+    filters: Filters,
+) -> Result<Harness, Box<dyn std::error::Error>> {
+    start_with(
+        config,
+        EngineConfig {
+            mode,
+            filters,
+            ..EngineConfig::default()
+        },
+    )
+    .await
 }
 
-async fn start_with(config: DevnetConfig, engine_config: EngineConfig) -> Result<Harness, Box<dyn std::error::Error>> {
+async fn start_with(
+    config: DevnetConfig,
+    engine_config: EngineConfig,
+) -> Result<Harness, Box<dyn std::error::Error>> {
     let devnet = Devnet::start(config).await?;
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;
@@ -42,7 +57,11 @@ async fn start_with(config: DevnetConfig, engine_config: EngineConfig) -> Result
         http.clone(),
     )?;
     let xrpc = Xrpc::new(http.clone(), XrpcConfig::default());
-    let relay = devnet.relay().ok_or("the devnet has no relay")?.url().to_owned();
+    let relay = devnet
+        .relay()
+        .ok_or("the devnet has no relay")?
+        .url()
+        .to_owned();
     let engine = Engine::new(
         EngineConfig {
             relay_url: relay,
@@ -84,7 +103,10 @@ impl Harness {
     }
 
     fn stored(&self, did: &Did) -> Result<BTreeMap<String, Cid>, Box<dyn std::error::Error>> {
-        let records = self.engine.store().records(did, None, None, usize::MAX, false)?;
+        let records = self
+            .engine
+            .store()
+            .records(did, None, None, usize::MAX, false)?;
         Ok(records
             .into_iter()
             .map(|record| (record.path(), record.cid()))
@@ -95,7 +117,7 @@ impl Harness {
     async fn converge(&mut self, timeout: Duration) -> TestResult {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(Ok((task, result))) = futures_now(&mut self.tasks) {
+            if let Some(Ok((task, result))) = self.tasks.try_join_next() {
                 return Err(format!("engine task {task} ended: {result:?}").into());
             }
             let mut lagging = Vec::new();
@@ -108,7 +130,10 @@ impl Harness {
                         && entry.rev.as_deref() == Some(info.rev.as_str())
                 });
                 if !synced {
-                    lagging.push((account.did.clone(), entry.map(|e| (e.state, e.rev, e.error))));
+                    lagging.push((
+                        account.did.clone(),
+                        entry.map(|e| (e.state, e.rev, e.error)),
+                    ));
                 }
             }
             if lagging.is_empty() {
@@ -136,7 +161,10 @@ impl Harness {
             let Some((id, _)) = events.last() else { break };
             after = *id;
             for (id, event) in events {
-                assert!(id > last_id, "event ids must only grow: {id} after {last_id}");
+                assert!(
+                    id > last_id,
+                    "event ids must only grow: {id} after {last_id}"
+                );
                 last_id = id;
                 match event {
                     Event::Record(record) => {
@@ -163,22 +191,22 @@ impl Harness {
     }
 }
 
-fn futures_now(
-    tasks: &mut tokio::task::JoinSet<(&'static str, Result<(), atpdb_sync::SyncError>)>,
-) -> Option<Result<(&'static str, Result<(), atpdb_sync::SyncError>), tokio::task::JoinError>> {
-    tasks.try_join_next()
-}
-
 fn assert_mirror(harness: &Harness, truth: &Truth) -> TestResult {
     for (did, records) in truth {
         let stored = harness.stored(did)?;
-        assert_eq!(&stored, records, "stored records of {did} differ from its PDS");
+        assert_eq!(
+            &stored, records,
+            "stored records of {did} differ from its PDS"
+        );
     }
     let rebuilt = harness.replay_outbox()?;
     for (did, records) in truth {
         let empty = BTreeMap::new();
         let replayed = rebuilt.get(did).unwrap_or(&empty);
-        assert_eq!(replayed, records, "the outbox of {did} does not rebuild its records");
+        assert_eq!(
+            replayed, records,
+            "the outbox of {did} does not rebuild its records"
+        );
     }
     Ok(())
 }
@@ -196,21 +224,41 @@ async fn manual_mode_mirrors_live_creates_updates_and_deletes() -> TestResult {
         Filters::all(),
     )
     .await?;
-    let dids: Vec<Did> = harness.devnet.accounts().iter().map(|a| a.did.clone()).collect();
+    let dids: Vec<Did> = harness
+        .devnet
+        .accounts()
+        .iter()
+        .map(|a| a.did.clone())
+        .collect();
     // Live traffic while the backfill runs: commits land before, during and after each
     // repo's snapshot.
     harness.devnet.start_traffic(40.0);
     assert_eq!(harness.engine.add_repos(&dids).await?, dids.len());
-    assert_eq!(harness.engine.add_repos(&dids).await?, 0, "adding twice adds nothing");
+    assert_eq!(
+        harness.engine.add_repos(&dids).await?,
+        0,
+        "adding twice adds nothing"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     harness.devnet.stop_traffic();
-    assert!(harness.devnet.traffic_stats().commits.load(std::sync::atomic::Ordering::Relaxed) > 20, "the traffic wrote commits");
+    assert!(
+        harness
+            .devnet
+            .traffic_stats()
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 20,
+        "the traffic wrote commits"
+    );
     harness.converge(Duration::from_secs(60)).await?;
     let truth = harness.truth(&Filters::all())?;
     assert_mirror(&harness, &truth)?;
     let counters = harness.engine.counters();
     assert!(
-        counters.commits_applied.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        counters
+            .commits_applied
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
         "live commits were applied from the firehose"
     );
     harness.engine.shutdown();
@@ -231,7 +279,12 @@ async fn collection_filters_keep_only_matching_records() -> TestResult {
         filters.clone(),
     )
     .await?;
-    let dids: Vec<Did> = harness.devnet.accounts().iter().map(|a| a.did.clone()).collect();
+    let dids: Vec<Did> = harness
+        .devnet
+        .accounts()
+        .iter()
+        .map(|a| a.did.clone())
+        .collect();
     harness.engine.add_repos(&dids).await?;
     harness.devnet.start_traffic(20.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -242,7 +295,10 @@ async fn collection_filters_keep_only_matching_records() -> TestResult {
     assert_mirror(&harness, &truth)?;
     for did in &dids {
         for path in harness.stored(did)?.keys() {
-            assert!(path.starts_with("app.bsky.feed."), "{path} passed the filter");
+            assert!(
+                path.starts_with("app.bsky.feed."),
+                "{path} passed the filter"
+            );
         }
     }
     harness.engine.shutdown();
@@ -304,7 +360,11 @@ async fn signal_mode_tracks_only_repos_writing_the_signal() -> TestResult {
         if tracked as usize >= signalled.len() {
             break;
         }
-        assert!(Instant::now() < deadline, "the crawler found {tracked} of {} repos", signalled.len());
+        assert!(
+            Instant::now() < deadline,
+            "the crawler found {tracked} of {} repos",
+            signalled.len()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for account in harness.devnet.accounts() {
@@ -338,7 +398,12 @@ async fn a_resync_emits_the_updates_and_deletes_it_finds() -> TestResult {
         },
     )
     .await?;
-    let dids: Vec<Did> = harness.devnet.accounts().iter().map(|a| a.did.clone()).collect();
+    let dids: Vec<Did> = harness
+        .devnet
+        .accounts()
+        .iter()
+        .map(|a| a.did.clone())
+        .collect();
     harness.engine.add_repos(&dids).await?;
     harness.converge(Duration::from_secs(60)).await?;
     let before = harness.truth(&Filters::all())?;
@@ -356,7 +421,10 @@ async fn a_resync_emits_the_updates_and_deletes_it_finds() -> TestResult {
         .flat_map(|(did, records)| records.iter().map(move |(path, cid)| (did, path, cid)))
         .filter(|(did, path, cid)| after[*did].get(*path).is_some_and(|now| now != *cid))
         .count();
-    assert!(deleted > 0 && updated > 0, "the traffic deleted {deleted} and updated {updated}");
+    assert!(
+        deleted > 0 && updated > 0,
+        "the traffic deleted {deleted} and updated {updated}"
+    );
     assert_eq!(harness.engine.resync(&dids).await?, dids.len());
     harness.converge(Duration::from_secs(60)).await?;
     assert_mirror(&harness, &after)?;
