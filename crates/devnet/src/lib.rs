@@ -4,6 +4,19 @@
 //! Every test and benchmark of atpdb runs against it, because no machine here reaches the real
 //! network and a sync engine cannot be tested by waiting for the real one to misbehave.
 //!
+//! # Overview
+//!
+//! [`Devnet::start`] binds every server on 127.0.0.1, port 0, and seeds the accounts:
+//!
+//! - [`plc`]: the PLC directory, the DID documents of every account.
+//! - [`pds`]: PDS hosts: accounts, repos, the sync and write XRPC surface, the firehose,
+//!   `/.well-known/atproto-did` and an admin API.
+//! - [`relay`]: a relay that crawls the hosts and serves one merged firehose.
+//! - `dns`: an authoritative DNS server answering `TXT _atproto.<handle>` with `did=<did>`
+//!   for every handle a host holds now ([`Devnet::dns_addr`]), so handles verify both ways.
+//! - [`traffic`]: seeded accounts and a background writer.
+//! - [`faults`]: errors, delays and broken frames injected per server at runtime.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), atpdb_devnet::DevnetError> {
 //! let devnet = atpdb_devnet::Devnet::start(atpdb_devnet::DevnetConfig {
@@ -17,6 +30,7 @@
 //! ```
 
 mod auth;
+mod dns;
 pub mod faults;
 pub mod pds;
 pub mod plc;
@@ -26,6 +40,7 @@ mod subscribe;
 pub mod traffic;
 mod xrpc;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,6 +117,7 @@ pub struct Devnet {
     plc_faults: Faults,
     hosts: Vec<Pds>,
     relay: Option<Relay>,
+    dns_addr: SocketAddr,
     accounts: Vec<SeededAccount>,
     seed: u64,
     shutdown: CancellationToken,
@@ -175,6 +191,8 @@ impl Devnet {
         for pds in &hosts {
             pds.set_peers(hosts.clone());
         }
+        let (dns_addr, dns_servers) = dns::start(hosts.clone(), &shutdown).await?;
+        servers.extend(dns_servers);
 
         let relay = if config.with_relay {
             let relay_faults = Faults::new(config.relay.faults.clone());
@@ -207,6 +225,7 @@ impl Devnet {
             plc_faults,
             hosts,
             relay,
+            dns_addr,
             accounts,
             seed: config.seed,
             shutdown,
@@ -309,11 +328,19 @@ impl Devnet {
         &self.accounts
     }
 
+    /// The DNS server (UDP and TCP, one port) that answers `TXT _atproto.<handle>` with
+    /// `did=<did>` for every handle an account of the devnet holds now, and NXDOMAIN for any
+    /// other name: the `dns_nameserver` of a resolver checking devnet handles.
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.dns_addr
+    }
+
     /// The line `atpdb devnet` prints when ready: where everything answers.
     pub fn ready_info(&self) -> serde_json::Value {
         serde_json::json!({
             "plc": self.plc_url,
             "relay": self.relay.as_ref().map(|relay| relay.url().to_owned()),
+            "dns": self.dns_addr.to_string(),
             "pds": self.hosts.iter().map(|pds| pds.url().to_owned()).collect::<Vec<_>>(),
             "accounts": self.accounts.len(),
             "admin": {"user": "admin", "password": self.admin_password},

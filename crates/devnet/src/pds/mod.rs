@@ -334,6 +334,36 @@ impl Pds {
             .cloned()
     }
 
+    /// The DID of the account holding `handle` on this host, looked up live: what the
+    /// devnet's DNS server and `/.well-known/atproto-did` answer.
+    ///
+    /// `None` for a copy a migration left behind (the PLC directory names another host of
+    /// this devnet as the account's PDS), so that a handle changed on the new host stops
+    /// resolving through the old one.
+    pub fn did_for_handle(&self, handle: &Handle) -> Option<Did> {
+        let did = self
+            .inner
+            .accounts
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .by_handle
+            .get(handle.as_str())
+            .cloned()?;
+        let moved_to_peer = self.inner.plc.data(&did).is_some_and(|data| {
+            data.pds_endpoint().is_some_and(|endpoint| {
+                endpoint != self.inner.url
+                    && self
+                        .inner
+                        .peers
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .iter()
+                        .any(|peer| peer.url() == endpoint)
+            })
+        });
+        (!moved_to_peer).then_some(did)
+    }
+
     /// Every hosted DID in creation order, starting after `after` (a `listRepos` cursor).
     pub(crate) fn page(&self, after: Option<&str>, limit: usize) -> Vec<Arc<Mutex<Account>>> {
         let accounts = self

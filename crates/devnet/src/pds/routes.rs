@@ -13,7 +13,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State, WebSocketUpgrade};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -90,6 +90,7 @@ pub fn router(pds: Pds) -> Router {
             "/xrpc/com.atproto.identity.resolveHandle",
             get(resolve_handle),
         )
+        .route("/.well-known/atproto-did", get(well_known_did))
         .route("/xrpc/com.atproto.repo.describeRepo", get(describe_repo))
         .route("/xrpc/com.atproto.repo.getRecord", get(repo_get_record))
         .route("/xrpc/com.atproto.repo.listRecords", get(list_records))
@@ -328,6 +329,35 @@ async fn resolve_handle(
         .lookup(handle.as_str())
         .ok_or_else(|| XrpcError::bad("HandleNotFound", "Unable to resolve handle"))?;
     Ok(Json(json!({"did": did.as_str()})))
+}
+
+/// `GET /.well-known/atproto-did`: the DID of the account whose handle is the request's
+/// host (without port), as plain text; 404 when no account here holds it. The HTTPS method of
+/// handle resolution, for clients that dial this host and send the handle as `Host`.
+async fn well_known_did(State(pds): State<Pds>, headers: HeaderMap, uri: Uri) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .or_else(|| uri.host())
+        .unwrap_or_default();
+    let name = host.split(':').next().unwrap_or_default();
+    let did = name
+        .parse::<Handle>()
+        .ok()
+        .and_then(|handle| pds.did_for_handle(&handle));
+    match did {
+        Some(did) => (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            did.to_string(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("no account here has the handle {name:?}"),
+        )
+            .into_response(),
+    }
 }
 
 #[derive(Deserialize)]
