@@ -374,16 +374,23 @@ async fn process_commit(inner: &Inner, event: CommitEvent) -> Result<(), StoreEr
         bump(&inner.counters.commits_stale);
         return Ok(());
     }
+    // A newer commit that cannot be used still says the repo moved on: waiting for the next
+    // commit to notice the gap could wait forever, so the repo is resynced from its PDS (whose
+    // snapshot is checked on its own) now.
     let proof = match CommitProof::check(&event) {
         Ok(proof) => proof,
         Err(err) => {
             bump(&inner.counters.commits_invalid);
             tracing::warn!(%did, rev = %event.rev, %err, "firehose.invalid");
-            return Ok(());
+            return desynchronize(inner, entry, format!("invalid commit {}: {err}", event.rev));
         }
     };
     let Some(verified) = verify_with_identity(inner, &did, proof).await else {
-        return Ok(());
+        return desynchronize(
+            inner,
+            entry,
+            format!("commit {} could not be verified", event.rev),
+        );
     };
     match verified.chain(head.as_ref(), now_us()) {
         Chain::Next => {
@@ -397,7 +404,7 @@ async fn process_commit(inner: &Inner, event: CommitEvent) -> Result<(), StoreEr
             ) {
                 bump(&inner.counters.commits_invalid);
                 tracing::warn!(%did, rev = %event.rev, %err, "firehose.invalid");
-                return Ok(());
+                return desynchronize(inner, entry, format!("invalid commit {}: {err}", event.rev));
             }
             batch.put_repo(&entry);
             batch.commit()?;

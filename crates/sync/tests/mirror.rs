@@ -52,6 +52,7 @@ async fn start_with(
     let identity = Resolver::new(
         IdentityConfig {
             plc_url: devnet.plc_url().to_owned(),
+            dns_nameserver: Some(devnet.dns_addr()),
             ..IdentityConfig::default()
         },
         http.clone(),
@@ -428,6 +429,317 @@ async fn a_resync_emits_the_updates_and_deletes_it_finds() -> TestResult {
     assert_eq!(harness.engine.resync(&dids).await?, dids.len());
     harness.converge(Duration::from_secs(60)).await?;
     assert_mirror(&harness, &after)?;
+    harness.engine.shutdown();
+    Ok(())
+}
+
+/// Polls `check` until it holds or `timeout` passes; the error names what did not happen.
+async fn eventually(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<bool, Box<dyn std::error::Error>>,
+) -> TestResult {
+    let deadline = Instant::now() + timeout;
+    while !check()? {
+        if Instant::now() > deadline {
+            return Err(format!("timed out: {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn identity_events(
+    engine: &Engine,
+    did: &Did,
+) -> Result<Vec<atpdb_store::IdentityEvent>, Box<dyn std::error::Error>> {
+    let mut found = Vec::new();
+    let mut after = 0;
+    loop {
+        let events = engine.store().events_after(after, 1000)?;
+        let Some((last, _)) = events.last() else {
+            return Ok(found);
+        };
+        after = *last;
+        for (_, event) in events {
+            if let Event::Identity(identity) = event
+                && &identity.did == did
+            {
+                found.push(identity);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_lifecycle_ends_in_the_right_state_and_event() -> TestResult {
+    use atpdb_devnet::pds::Status;
+    use atpdb_repo::crypto::Curve;
+    use atpdb_store::AccountStatus;
+
+    let mut harness = start(
+        DevnetConfig {
+            pds_hosts: 2,
+            accounts: 6,
+            records: 8,
+            ..DevnetConfig::default()
+        },
+        Mode::Manual,
+        Filters::all(),
+    )
+    .await?;
+    let accounts = harness.devnet.accounts().to_vec();
+    let dids: Vec<Did> = accounts.iter().map(|a| a.did.clone()).collect();
+    harness.engine.add_repos(&dids).await?;
+    harness.converge(Duration::from_secs(60)).await?;
+    for account in &accounts {
+        let handle = harness
+            .engine
+            .store()
+            .repo(&account.did)?
+            .and_then(|e| e.handle);
+        assert_eq!(
+            handle.as_deref(),
+            Some(account.handle.as_str()),
+            "the handle verified both ways"
+        );
+    }
+    let host = |index: usize| &harness.devnet.hosts()[index];
+    let [rotated, renamed, taken, deleted, migrated, ..] = accounts.as_slice() else {
+        return Err("six accounts".into());
+    };
+    let post = |text: &str| -> Result<atpdb_repo::repo::Write, Box<dyn std::error::Error>> {
+        let record = atpdb_repo::value::Value::from_json(&serde_json::json!({
+            "$type": "app.bsky.feed.post",
+            "text": text,
+            "createdAt": "2026-01-01T00:00:00.000Z",
+        }))?;
+        Ok(atpdb_repo::repo::Write::Create {
+            path: format!("app.bsky.feed.post/{}", atpdb_repo::syntax::Tid::now(5)),
+            record: record.to_cbor(),
+        })
+    };
+
+    host(rotated.pds).rotate_key(&rotated.did, Curve::P256)?;
+    host(rotated.pds).write(&rotated.did, &[post("signed with the new key")?], None)?;
+    host(renamed.pds).set_handle(&renamed.did, "renamed.test".parse()?)?;
+    host(taken.pds).set_status(&taken.did, Status::Takendown)?;
+    host(deleted.pds).delete_account(&deleted.did)?;
+    let target = 1 - migrated.pds;
+    host(migrated.pds).migrate(&migrated.did, host(target))?;
+    host(target).write(&migrated.did, &[post("written at the new host")?], None)?;
+
+    let engine = harness.engine.clone();
+    let store = engine.store().clone();
+    let wait = Duration::from_secs(30);
+    // Key rotation: the new key's commits apply.
+    let truth = host(rotated.pds).account_records(&rotated.did)?;
+    eventually("the rotated account's new commit applies", wait, || {
+        let stored = harness_records(&store, &rotated.did)?;
+        Ok(stored == truth.iter().cloned().collect::<BTreeMap<_, _>>())
+    })
+    .await?;
+    // Handle change: stored and announced.
+    eventually("the new handle is announced", wait, || {
+        Ok(identity_events(&engine, &renamed.did)?
+            .iter()
+            .any(|event| event.handle == "renamed.test"))
+    })
+    .await?;
+    assert_eq!(
+        store.repo(&renamed.did)?.and_then(|e| e.handle).as_deref(),
+        Some("renamed.test")
+    );
+    // Takedown: status and an inactive identity event; records stay.
+    eventually("the takedown is announced", wait, || {
+        Ok(identity_events(&engine, &taken.did)?
+            .iter()
+            .any(|event| event.status == "takendown" && !event.is_active))
+    })
+    .await?;
+    assert_eq!(
+        store.repo(&taken.did)?.map(|e| e.status),
+        Some(AccountStatus::Takendown)
+    );
+    // Deletion: records gone, consumers told.
+    eventually("the deletion is announced", wait, || {
+        Ok(identity_events(&engine, &deleted.did)?
+            .iter()
+            .any(|event| event.status == "deleted" && !event.is_active))
+    })
+    .await?;
+    assert_eq!(
+        store.repo(&deleted.did)?.map(|e| e.status),
+        Some(AccountStatus::Deleted)
+    );
+    assert!(
+        harness_records(&store, &deleted.did)?.is_empty(),
+        "a deleted account keeps no records"
+    );
+    // Migration: the new host is followed.
+    let new_url = host(target).url().to_owned();
+    let truth = host(target).account_records(&migrated.did)?;
+    eventually("the migrated account follows its new host", wait, || {
+        let entry = store.repo(&migrated.did)?;
+        let stored = harness_records(&store, &migrated.did)?;
+        Ok(
+            entry.and_then(|e| e.pds).as_deref() == Some(new_url.as_str())
+                && stored == truth.iter().cloned().collect::<BTreeMap<_, _>>(),
+        )
+    })
+    .await?;
+    harness.engine.shutdown();
+    let _ = &mut harness;
+    Ok(())
+}
+
+fn harness_records(
+    store: &Store,
+    did: &Did,
+) -> Result<BTreeMap<String, Cid>, Box<dyn std::error::Error>> {
+    Ok(store
+        .records(did, None, None, usize::MAX, false)?
+        .into_iter()
+        .map(|record| (record.path(), record.cid()))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_kind_is_survived_and_the_mirror_converges() -> TestResult {
+    use atpdb_devnet::faults::{FaultSet, RateLimit, SlowDrip};
+
+    let mut harness = start(
+        DevnetConfig {
+            pds_hosts: 2,
+            accounts: 8,
+            records: 12,
+            ..DevnetConfig::default()
+        },
+        Mode::Manual,
+        Filters::all(),
+    )
+    .await?;
+    let dids: Vec<Did> = harness
+        .devnet
+        .accounts()
+        .iter()
+        .map(|a| a.did.clone())
+        .collect();
+    harness.engine.add_repos(&dids).await?;
+    harness.converge(Duration::from_secs(60)).await?;
+    let fetch_paths = || {
+        vec![
+            "com.atproto.sync.getRepo".to_owned(),
+            "com.atproto.sync.getLatestCommit".to_owned(),
+        ]
+    };
+    // HTTP faults at the PDSes while every repo is fetched again.
+    let http_faults = [
+        FaultSet {
+            status: Some(503),
+            paths: fetch_paths(),
+            times: Some(6),
+            ..FaultSet::default()
+        },
+        FaultSet {
+            status: Some(500),
+            paths: fetch_paths(),
+            times: Some(3),
+            ..FaultSet::default()
+        },
+        FaultSet {
+            rate_limit: Some(RateLimit {
+                retry_after: Some(1),
+                ratelimit_headers: true,
+                html: false,
+            }),
+            paths: fetch_paths(),
+            times: Some(4),
+            ..FaultSet::default()
+        },
+        FaultSet {
+            truncate_after: Some(300),
+            paths: vec!["com.atproto.sync.getRepo".to_owned()],
+            times: Some(4),
+            ..FaultSet::default()
+        },
+        FaultSet {
+            slow_drip: Some(SlowDrip {
+                chunk_bytes: 2048,
+                interval_ms: 5,
+            }),
+            latency_ms: Some(100),
+            paths: vec!["com.atproto.sync.getRepo".to_owned()],
+            times: Some(4),
+            ..FaultSet::default()
+        },
+    ];
+    for faults in http_faults {
+        let label = format!("{faults:?}");
+        for host in harness.devnet.hosts() {
+            host.faults().set(faults.clone());
+        }
+        harness.devnet.start_traffic(20.0);
+        // A rev change makes the getLatestCommit shortcut miss, so getRepo runs too.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        harness.devnet.stop_traffic();
+        harness.engine.resync(&dids).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for host in harness.devnet.hosts() {
+            host.faults().clear();
+        }
+        harness
+            .converge(Duration::from_secs(60))
+            .await
+            .map_err(|err| format!("after {label}: {err}"))?;
+        assert_mirror(&harness, &harness.truth(&Filters::all())?)?;
+    }
+    // Connection resets at the PDSes for a while.
+    for host in harness.devnet.hosts() {
+        host.faults().update(|faults| faults.reset = true);
+    }
+    harness.engine.resync(&dids).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for host in harness.devnet.hosts() {
+        host.faults().clear();
+    }
+    harness.converge(Duration::from_secs(60)).await?;
+    // Event faults on the relay's hop, with live traffic.
+    let relay = harness.devnet.relay().ok_or("no relay")?.clone();
+    let event_faults: [(&str, fn(&mut FaultSet)); 7] = [
+        ("corrupt_blocks", |f| f.corrupt_blocks = true),
+        ("bad_signature", |f| f.bad_signature = true),
+        ("drop_prev_data", |f| f.drop_prev_data = true),
+        ("drop_proof_nodes", |f| f.drop_proof_nodes = true),
+        ("disconnect_mid_frame", |f| f.disconnect_mid_frame = true),
+        ("duplicate_seqs", |f| f.duplicate_seqs = true),
+        ("reorder_seqs", |f| f.reorder_seqs = true),
+    ];
+    for (label, set) in event_faults {
+        relay.faults().update(set);
+        harness.devnet.start_traffic(30.0);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        harness.devnet.stop_traffic();
+        relay.faults().clear();
+        harness
+            .converge(Duration::from_secs(60))
+            .await
+            .map_err(|err| format!("after {label}: {err}"))?;
+        assert_mirror(&harness, &harness.truth(&Filters::all())?)?;
+    }
+    let counters = harness.engine.counters();
+    assert!(
+        counters
+            .commits_invalid
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert!(
+        counters
+            .commits_unproven
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
     harness.engine.shutdown();
     Ok(())
 }
