@@ -706,7 +706,8 @@ async fn every_fault_kind_is_survived_and_the_mirror_converges() -> TestResult {
     harness.converge(Duration::from_secs(60)).await?;
     // Event faults on the relay's hop, with live traffic.
     let relay = harness.devnet.relay().ok_or("no relay")?.clone();
-    let event_faults: [(&str, fn(&mut FaultSet)); 7] = [
+    type Switch = fn(&mut FaultSet);
+    let event_faults: [(&str, Switch); 7] = [
         ("corrupt_blocks", |f| f.corrupt_blocks = true),
         ("bad_signature", |f| f.bad_signature = true),
         ("drop_prev_data", |f| f.drop_prev_data = true),
