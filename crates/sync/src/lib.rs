@@ -261,6 +261,18 @@ impl Engine {
         &self.inner.counters
     }
 
+    /// Applies one firehose message exactly as a firehose worker does (verification, chain,
+    /// store, outbox), without the reader or the cursor: for replaying recorded frames in
+    /// benchmarks and tests. Calls for one DID must not run concurrently out of order.
+    ///
+    /// # Errors
+    ///
+    /// The store's; per-repo problems are recorded on the repo.
+    pub async fn process(&self, message: atpdb_repo::firehose::Message) -> Result<(), SyncError> {
+        firehose::process(&self.inner, message).await?;
+        Ok(())
+    }
+
     /// Tracks `dids` (an already tracked repo is left as it is); returns how many were new.
     ///
     /// # Errors
