@@ -217,8 +217,8 @@ async fn manual_mode_mirrors_live_creates_updates_and_deletes() -> TestResult {
     let mut harness = start(
         DevnetConfig {
             pds_hosts: 3,
-            accounts: 24,
-            records: 15,
+            accounts: 500,
+            records: 6,
             ..DevnetConfig::default()
         },
         Mode::Manual,
@@ -310,9 +310,9 @@ async fn collection_filters_keep_only_matching_records() -> TestResult {
 async fn full_network_mode_finds_every_repo_by_itself() -> TestResult {
     let mut harness = start(
         DevnetConfig {
-            pds_hosts: 2,
-            accounts: 12,
-            records: 10,
+            pds_hosts: 3,
+            accounts: 500,
+            records: 6,
             ..DevnetConfig::default()
         },
         Mode::Full,
@@ -333,9 +333,9 @@ async fn full_network_mode_finds_every_repo_by_itself() -> TestResult {
 async fn signal_mode_tracks_only_repos_writing_the_signal() -> TestResult {
     let harness = start(
         DevnetConfig {
-            pds_hosts: 1,
-            accounts: 8,
-            records: 40,
+            pds_hosts: 3,
+            accounts: 500,
+            records: 6,
             ..DevnetConfig::default()
         },
         Mode::Signal(vec!["fm.teal.alpha.feed.play".parse()?]),
@@ -344,7 +344,7 @@ async fn signal_mode_tracks_only_repos_writing_the_signal() -> TestResult {
     .await?;
     let mut harness = harness;
     // Who writes the signal, according to the PDS.
-    let mut signalled = Vec::new();
+    let mut signalled: Vec<Did> = Vec::new();
     for account in harness.devnet.accounts() {
         let host = &harness.devnet.hosts()[account.pds];
         if host
@@ -355,6 +355,11 @@ async fn signal_mode_tracks_only_repos_writing_the_signal() -> TestResult {
             signalled.push(account.did.clone());
         }
     }
+    assert!(
+        !signalled.is_empty() && signalled.len() < harness.devnet.accounts().len(),
+        "some accounts, not all, write the signal: {}",
+        signalled.len()
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let tracked = harness.engine.store().repo_count()?;
@@ -376,6 +381,49 @@ async fn signal_mode_tracks_only_repos_writing_the_signal() -> TestResult {
             "{} tracked = {tracked}",
             account.did
         );
+    }
+    // A repo that starts writing the signal is tracked from the firehose.
+    let newcomer = harness
+        .devnet
+        .accounts()
+        .iter()
+        .find(|account| !signalled.contains(&account.did))
+        .ok_or("an account without the signal")?
+        .clone();
+    let play = atpdb_repo::value::Value::from_json(&serde_json::json!({
+        "$type": "fm.teal.alpha.feed.play",
+        "trackName": "a new song",
+        "playedTime": "2026-01-01T00:00:00.000Z",
+    }))?;
+    harness.devnet.hosts()[newcomer.pds].write(
+        &newcomer.did,
+        &[atpdb_repo::repo::Write::Create {
+            path: format!(
+                "fm.teal.alpha.feed.play/{}",
+                atpdb_repo::syntax::Tid::now(3)
+            ),
+            record: play.to_cbor(),
+        }],
+        None,
+    )?;
+    signalled.push(newcomer.did.clone());
+    // Every tracked repo converges on its PDS's records.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for did in &signalled {
+        let account = harness
+            .devnet
+            .accounts()
+            .iter()
+            .find(|account| &account.did == did)
+            .ok_or("a seeded account")?;
+        let truth: BTreeMap<String, Cid> = harness.devnet.hosts()[account.pds]
+            .account_records(did)?
+            .into_iter()
+            .collect();
+        while harness.stored(did)? != truth {
+            assert!(Instant::now() < deadline, "{did} did not converge");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     let _ = &mut harness;
     harness.engine.shutdown();
