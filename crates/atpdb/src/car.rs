@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use atpdb_repo::car::CarLimits;
 use atpdb_repo::crypto::{Curve, PublicKey};
-use atpdb_repo::sample::{SampleShape, write_sample_car_shaped};
+use atpdb_repo::sample::{SampleShape, write_sample_car_for, write_sample_car_shaped};
 use atpdb_repo::syntax::Did;
 use atpdb_repo::verify::{
     Expected, Scratch, VerifiedRepo, VerifyOptions, load_car_reusing, load_car_whole,
@@ -120,6 +120,10 @@ pub(crate) struct SampleArgs {
     /// Tiny records ({"$type": "com.example.tiny", "i": n}): the most blocks per byte.
     #[arg(long)]
     tiny: bool,
+    /// The repository's DID (default: one derived from the seed), e.g. a did:web whose
+    /// document a test host serves.
+    #[arg(long)]
+    did: Option<String>,
     /// Output file.
     #[arg(long, short)]
     out: PathBuf,
@@ -422,7 +426,15 @@ fn sample(args: SampleArgs) -> Result<ExitCode> {
     } else {
         SampleShape::Realistic
     };
-    let (writer, summary) = write_sample_car_shaped(args.seed, args.records, curve, shape, writer)?;
+    let (writer, summary) = match &args.did {
+        Some(did) => {
+            let did: Did = did
+                .parse()
+                .with_context(|| format!("--did {did:?} is not a DID"))?;
+            write_sample_car_for(did, args.seed, args.records, curve, shape, writer)?
+        }
+        None => write_sample_car_shaped(args.seed, args.records, curve, shape, writer)?,
+    };
     writer
         .into_inner()
         .map_err(|err| err.into_error())?

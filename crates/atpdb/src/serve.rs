@@ -67,6 +67,13 @@ pub(crate) struct ServeArgs {
     /// system resolver otherwise.
     #[arg(long, env = "ATPDB_DNS_NAMESERVER")]
     dns_nameserver: Option<std::net::SocketAddr>,
+    /// Fetch did:web documents over plain http (a test network's hosts have no TLS).
+    #[arg(long, env = "ATPDB_DID_WEB_HTTP")]
+    did_web_http: bool,
+    /// Bytes of a fetched repo's blocks kept in memory, in MiB; the rest spills to a file in
+    /// the data directory.
+    #[arg(long, env = "ATPDB_MEMORY_BUDGET_MB", default_value_t = 32)]
+    memory_budget_mb: usize,
     /// Log format: human or json.
     #[arg(long, env = "ATPDB_LOG_FORMAT", default_value = "human")]
     log_format: String,
@@ -147,6 +154,7 @@ fn engine_config(args: &ServeArgs) -> anyhow::Result<EngineConfig> {
     }
     // Snapshots larger than the memory budget spill next to the data, not into /tmp.
     config.verify.spill_dir = Some(args.data_dir.clone());
+    config.verify.memory_budget = args.memory_budget_mb.saturating_mul(1 << 20);
     Ok(config)
 }
 
@@ -166,6 +174,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         IdentityConfig {
             plc_url,
             dns_nameserver: args.dns_nameserver,
+            did_web_scheme: if args.did_web_http { "http" } else { "https" }.to_owned(),
             ..IdentityConfig::default()
         },
         http.clone(),

@@ -28,6 +28,18 @@ impl Server {
         extra: &[&str],
     ) -> Result<Server, Box<dyn std::error::Error>> {
         let relay = devnet.relay().ok_or("no relay")?.url().to_owned();
+        let dns = devnet.dns_addr().to_string();
+        let mut args = vec!["--dns-nameserver", dns.as_str()];
+        args.extend_from_slice(extra);
+        Server::start_with(data_dir, &relay, devnet.plc_url(), &args)
+    }
+
+    fn start_with(
+        data_dir: &Path,
+        relay: &str,
+        plc: &str,
+        extra: &[&str],
+    ) -> Result<Server, Box<dyn std::error::Error>> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_atpdb"))
             .args([
                 "serve",
@@ -36,9 +48,9 @@ impl Server {
                 "--bind",
                 "127.0.0.1:0",
                 "--relay-url",
-                &relay,
+                relay,
                 "--plc-url",
-                devnet.plc_url(),
+                plc,
                 "--allow-private-network",
                 "--min-backoff-secs",
                 "1",
@@ -60,6 +72,21 @@ impl Server {
             .ok_or("no url in the ready line")?
             .to_owned();
         Ok(Server { child, url })
+    }
+
+    /// The process's peak resident memory (`VmHWM`), in bytes.
+    fn peak_rss(&self) -> Result<u64, Box<dyn std::error::Error>> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status
+            .lines()
+            .find(|line| line.starts_with("VmHWM:"))
+            .ok_or("no VmHWM")?;
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .ok_or("VmHWM has no value")?
+            .parse()?;
+        Ok(kib * 1024)
     }
 
     fn kill(mut self) -> std::io::Result<()> {
@@ -360,5 +387,141 @@ async fn sigkill_at_random_moments_loses_nothing() -> TestResult {
             "outbox rebuild of {did}"
         );
     }
+    Ok(())
+}
+
+/// Peak memory a backfill may use, whatever the repo's size (the bound).
+const BACKFILL_RSS_BOUND: u64 = 256 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_repo_backfills_in_bounded_memory() -> TestResult {
+    // CI runs a modest repo; ATPDB_LARGE_REPO_RECORDS=2500000 makes the ~1 GB one.
+    let records: u64 = std::env::var("ATPDB_LARGE_REPO_RECORDS")
+        .ok()
+        .map(|text| text.parse())
+        .transpose()?
+        .unwrap_or(40_000);
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let did = format!("did:web:127.0.0.1%3A{port}");
+    let car = dir.path().join("large.car");
+    let output = Command::new(env!("CARGO_BIN_EXE_atpdb"))
+        .args(["car", "sample", "--did", &did, "--seed", "7", "--records"])
+        .arg(records.to_string())
+        .arg("--out")
+        .arg(&car)
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Json = serde_json::from_slice(&output.stdout)?;
+    let multikey = summary["key"]
+        .as_str()
+        .and_then(|key| key.strip_prefix("did:key:"))
+        .ok_or("no key in the summary")?
+        .to_owned();
+    let car_bytes = std::fs::metadata(&car)?.len();
+
+    let document = json!({
+        "id": did,
+        "verificationMethod": [{
+            "id": format!("{did}#atproto"),
+            "type": "Multikey",
+            "controller": did,
+            "publicKeyMultibase": multikey,
+        }],
+        "service": [{
+            "id": "#atproto_pds",
+            "type": "AtprotoPersonalDataServer",
+            "serviceEndpoint": format!("http://127.0.0.1:{port}"),
+        }],
+    });
+    let car_path = car.clone();
+    let router = axum::Router::new()
+        .route(
+            "/.well-known/did.json",
+            axum::routing::get(move || {
+                let document = document.clone();
+                async move { axum::Json(document) }
+            }),
+        )
+        .route(
+            "/xrpc/com.atproto.sync.getLatestCommit",
+            axum::routing::get(|| async {
+                (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    axum::Json(json!({"error": "RepoNotFound"})),
+                )
+            }),
+        )
+        .route(
+            "/xrpc/com.atproto.sync.getRepo",
+            axum::routing::get(move || {
+                let car_path = car_path.clone();
+                async move {
+                    match tokio::fs::File::open(&car_path).await {
+                        Ok(file) => axum::body::Body::from_stream(
+                            tokio_util::io::ReaderStream::with_capacity(file, 1 << 16),
+                        ),
+                        Err(_) => axum::body::Body::empty(),
+                    }
+                }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let data = dir.path().join("data");
+    let server = Server::start_with(
+        &data,
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9",
+        &["--no-firehose", "--did-web-http"],
+    )?;
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let response = http
+        .post(format!("{}/repos/add", server.url))
+        .json(&json!({ "dids": [did] }))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    // A did:web's `%3A` must itself be escaped in a URL path.
+    let did_in_path = did.replace('%', "%25");
+    let info = loop {
+        let info: Json = http
+            .get(format!("{}/info/{did_in_path}", server.url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert!(info["message"].is_null(), "{info}");
+        if info["state"] == "active" {
+            break info;
+        }
+        assert!(info["state"] != "error", "the backfill failed: {info}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "no backfill: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let elapsed = started.elapsed();
+    let peak = server.peak_rss()?;
+    eprintln!(
+        "backfilled {} records from a {:.1} MB CAR in {:.1} s; peak RSS {:.1} MB",
+        info["records"],
+        car_bytes as f64 / 1e6,
+        elapsed.as_secs_f64(),
+        peak as f64 / 1e6
+    );
+    assert_eq!(info["records"], records + 1, "every record and the profile");
+    assert!(
+        peak < BACKFILL_RSS_BOUND,
+        "peak RSS {peak} bytes is over the bound {BACKFILL_RSS_BOUND}"
+    );
+    server.kill()?;
     Ok(())
 }

@@ -336,7 +336,19 @@ pub fn write_sample_car_shaped<W: IoWrite>(
     shape: SampleShape,
     writer: W,
 ) -> Result<(W, SampleSummary)> {
-    let did = sample_did(seed);
+    write_sample_car_for(sample_did(seed), seed, records, curve, shape, writer)
+}
+
+/// [`write_sample_car_shaped`] for a DID of the caller's choosing (a did:web a test serves
+/// the document of, for instance); the records still follow `seed`.
+pub fn write_sample_car_for<W: IoWrite>(
+    did: Did,
+    seed: u64,
+    records: u64,
+    curve: Curve,
+    shape: SampleShape,
+    writer: W,
+) -> Result<(W, SampleSummary)> {
     let key = sample_keypair(seed, curve);
     let others: Vec<Did> = (1..=16).map(|i| sample_did(seed.wrapping_add(i))).collect();
     let micros = |i: u64| SAMPLE_EPOCH_MICROS + i * 1_000_003;
