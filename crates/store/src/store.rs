@@ -19,6 +19,13 @@ use crate::types::{BackfillRun, RepoEntry, RepoState};
 const LOCK_FILE: &str = "atpdb.lock";
 /// The directory fjall keeps its files in, inside the data directory.
 const FJALL_DIR: &str = "fjall";
+/// Largest memtable per keyspace. fjall holds up to four sealed memtables per keyspace while
+/// their flush runs before it makes writers wait, so a backfill writing records and outbox at
+/// full speed holds up to ten of these: with fjall's default (64 MiB) that would be most of
+/// the memory a backfill may use.
+const MEMTABLE_BYTES: u64 = 8 << 20;
+/// Block cache for reads; the working set of a sync engine is its recent writes.
+const BLOCK_CACHE_BYTES: u64 = 32 << 20;
 
 /// Names of the counters kept in the `meta` keyspace.
 pub(crate) mod meta {
@@ -126,22 +133,56 @@ impl Counters {
 /// It reads one entry at a time, so a repo of millions of records never sits in memory,
 /// and it keeps the store open while it lives.
 pub struct RecordKeys {
-    iter: fjall::Iter,
-    prefix_len: usize,
-    _store: Arc<Inner>,
+    store: Arc<Inner>,
+    prefix: Vec<u8>,
+    /// The last key handed out; the next page starts after it.
+    after: Option<Vec<u8>>,
+    page: std::collections::VecDeque<(String, String, Cid)>,
+    done: bool,
+}
+
+/// Keys read per page of [`RecordKeys`].
+const RECORD_KEYS_PAGE: usize = 4096;
+
+impl RecordKeys {
+    fn next_page(&mut self) -> Result<()> {
+        let records = &self.store.ks.records;
+        let start = match &self.after {
+            Some(after) => Bound::Excluded(after.clone()),
+            None => Bound::Included(self.prefix.clone()),
+        };
+        let end = match prefix_end(&self.prefix) {
+            Some(end) => Bound::Excluded(end),
+            None => Bound::Unbounded,
+        };
+        let mut read = 0;
+        for guard in records.range((start, end)).take(RECORD_KEYS_PAGE) {
+            let (key, value) = guard.into_inner()?;
+            let (collection, rkey) = codec::split_path(&key, self.prefix.len())?;
+            let (cid, _) = codec::split_record_value(&key, &value)?;
+            self.page
+                .push_back((collection.to_owned(), rkey.to_owned(), cid));
+            self.after = Some(key.to_vec());
+            read += 1;
+        }
+        if read < RECORD_KEYS_PAGE {
+            self.done = true;
+        }
+        Ok(())
+    }
 }
 
 impl Iterator for RecordKeys {
     type Item = Result<(String, String, Cid), StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let guard = self.iter.next()?;
-        Some((|| {
-            let (key, value) = guard.into_inner()?;
-            let (collection, rkey) = codec::split_path(&key, self.prefix_len)?;
-            let (cid, _) = codec::split_record_value(&key, &value)?;
-            Ok((collection.to_owned(), rkey.to_owned(), cid))
-        })())
+        if self.page.is_empty() && !self.done {
+            if let Err(err) = self.next_page() {
+                self.done = true;
+                return Some(Err(err));
+            }
+        }
+        self.page.pop_front().map(Ok)
     }
 }
 
@@ -198,7 +239,10 @@ impl Store {
                 });
             }
         }
-        let db = match Database::builder(dir.join(FJALL_DIR)).open() {
+        let db = match Database::builder(dir.join(FJALL_DIR))
+            .cache_size(BLOCK_CACHE_BYTES)
+            .open()
+        {
             Ok(db) => db,
             Err(fjall::Error::Locked) => {
                 return Err(StoreError::Locked {
@@ -207,7 +251,11 @@ impl Store {
             }
             Err(error) => return Err(error.into()),
         };
-        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let keyspace = |name: &str| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
+        };
         let ks = Keyspaces {
             meta: keyspace("meta")?,
             repos: keyspace("repos")?,
@@ -465,20 +513,19 @@ impl Store {
     }
 
     /// Streams `(collection, rkey, cid)` of `did` in MST key order (`collection/rkey`
-    /// bytewise), from a snapshot of this moment, one entry in memory at a time: what a
-    /// backfill merge-joins against the repo it downloads.
+    /// bytewise), a page at a time: what a backfill merge-joins against the repo it downloads.
+    ///
+    /// Each page reads the state of its moment, not a snapshot of the first: a snapshot held
+    /// for a whole backfill keeps every memtable written meanwhile alive (hundreds of MB for a
+    /// large repo). The merge only writes keys at or before the one it last read, so later
+    /// pages see exactly what a snapshot would have.
     pub fn record_keys(&self, did: &Did) -> RecordKeys {
-        let prefix = codec::did_prefix(did);
-        let prefix_len = prefix.len();
-        let iter = self
-            .inner
-            .db
-            .snapshot()
-            .prefix(&self.inner.ks.records, prefix);
         RecordKeys {
-            iter,
-            prefix_len,
-            _store: self.inner.clone(),
+            store: self.inner.clone(),
+            prefix: codec::did_prefix(did),
+            after: None,
+            page: std::collections::VecDeque::new(),
+            done: false,
         }
     }
 
