@@ -176,11 +176,12 @@ impl Iterator for RecordKeys {
     type Item = Result<(String, String, Cid), StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.page.is_empty() && !self.done {
-            if let Err(err) = self.next_page() {
-                self.done = true;
-                return Some(Err(err));
-            }
+        if self.page.is_empty()
+            && !self.done
+            && let Err(err) = self.next_page()
+        {
+            self.done = true;
+            return Some(Err(err));
         }
         self.page.pop_front().map(Ok)
     }
