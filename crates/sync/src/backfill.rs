@@ -146,6 +146,54 @@ async fn claim(inner: &Inner) -> Result<Option<RepoEntry>, StoreError> {
     Ok(None)
 }
 
+/// Keeps the progress of unfinished backfill runs current until shutdown.
+///
+/// A run's work is the repos it marked; their states are the checkpoint, so a run resumes by
+/// itself after a restart and is done when none is left to sync.
+pub(crate) async fn track_runs(inner: Arc<Inner>) -> Result<(), SyncError> {
+    loop {
+        update_runs(&inner)?;
+        tokio::select! {
+            () = inner.shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(inner.config.cursor_interval) => {}
+        }
+    }
+}
+
+fn update_runs(inner: &Inner) -> Result<(), StoreError> {
+    let mut unfinished = inner
+        .store
+        .runs()?
+        .into_iter()
+        .filter(|run| run.finished_us.is_none())
+        .peekable();
+    if unfinished.peek().is_none() {
+        return Ok(());
+    }
+    let remaining = inner.store.count_in_state(RepoState::Pending)?
+        + inner.store.count_in_state(RepoState::Desynchronized)?
+        + inner.store.count_in_state(RepoState::Syncing)?;
+    let errors = inner.store.count_in_state(RepoState::Error)?;
+    let mut batch = inner.store.batch();
+    for mut run in unfinished {
+        let done = run.total.saturating_sub(remaining + errors);
+        if done == run.done && errors == run.errors && remaining > 0 {
+            continue;
+        }
+        run.done = done;
+        run.errors = errors;
+        if remaining == 0 {
+            run.finished_us = Some(now_us());
+            tracing::info!(run = run.id, kind = %run.kind, done, errors, "backfill.run_finished");
+        }
+        batch.put_run(&run);
+    }
+    if !batch.is_empty() {
+        batch.commit()?;
+    }
+    Ok(())
+}
+
 /// Syncs one claimed repo, recording a failure on the repo.
 async fn sync_repo(inner: &Arc<Inner>, entry: RepoEntry) -> Result<(), SyncError> {
     let did = entry.did.clone();

@@ -224,6 +224,10 @@ impl Engine {
             let inner = self.inner.clone();
             tasks.spawn(async move { ("firehose", firehose::run(inner).await) });
         }
+        {
+            let inner = self.inner.clone();
+            tasks.spawn(async move { ("backfill runs", backfill::track_runs(inner).await) });
+        }
         if !matches!(self.inner.config.mode, Mode::Manual) {
             let inner = self.inner.clone();
             tasks.spawn(async move { ("crawler", crawler::run(inner).await) });
