@@ -47,9 +47,11 @@ enum Op {
     PutRecord {
         key: Vec<u8>,
         value: Vec<u8>,
+        existed: Option<bool>,
     },
     DeleteRecord {
         key: Vec<u8>,
+        existed: Option<bool>,
     },
     DeleteRecordsOf(Did),
     Push(Vec<u8>),
@@ -97,6 +99,17 @@ impl Batch {
 
     /// Inserts or replaces a record.
     pub fn put_record(&mut self, record: &Record) {
+        self.push_record(record, None);
+    }
+
+    /// [`Batch::put_record`] for a caller that knows whether the record is stored now (a
+    /// backfill's merge-join, an op of a commit proven against the stored root): the commit
+    /// then skips the point read it needs to keep the counts exact. A wrong claim miscounts.
+    pub fn put_record_known(&mut self, record: &Record, existed: bool) {
+        self.push_record(record, Some(existed));
+    }
+
+    fn push_record(&mut self, record: &Record, existed: Option<bool>) {
         self.ops.push(Op::PutRecord {
             key: codec::record_key(
                 record.did(),
@@ -104,6 +117,7 @@ impl Batch {
                 record.rkey().as_str(),
             ),
             value: codec::record_value(&record.cid(), record.bytes()),
+            existed,
         });
     }
 
@@ -111,6 +125,16 @@ impl Batch {
     pub fn delete_record(&mut self, did: &Did, collection: &str, rkey: &str) {
         self.ops.push(Op::DeleteRecord {
             key: codec::record_key(did, collection, rkey),
+            existed: None,
+        });
+    }
+
+    /// [`Batch::delete_record`] of a record the caller knows is stored (see
+    /// [`Batch::put_record_known`]); the record is removed either way.
+    pub fn delete_record_known(&mut self, did: &Did, collection: &str, rkey: &str) {
+        self.ops.push(Op::DeleteRecord {
+            key: codec::record_key(did, collection, rkey),
+            existed: Some(true),
         });
     }
 
@@ -283,8 +307,12 @@ impl Plan {
                 self.delete_prefix(Target::Buffer, inner, &codec::did_prefix(&did))?;
                 self.repos.insert(did, None);
             }
-            Op::PutRecord { key, value } => set(&mut self.records, key, Some(value)),
-            Op::DeleteRecord { key } => set(&mut self.records, key, None),
+            Op::PutRecord {
+                key,
+                value,
+                existed,
+            } => set(&mut self.records, key, Some(value), existed),
+            Op::DeleteRecord { key, existed } => set(&mut self.records, key, None, existed),
             Op::DeleteRecordsOf(did) => {
                 self.delete_prefix(Target::Records, inner, &codec::did_prefix(&did))?;
             }
@@ -315,7 +343,7 @@ impl Plan {
             Op::BufferRemove { did, seq } => {
                 let mut key = codec::did_prefix(&did);
                 key.extend_from_slice(&seq.to_be_bytes());
-                set(&mut self.buffer, key, None);
+                set(&mut self.buffer, key, None, None);
             }
             Op::BufferClear(did) => {
                 self.delete_prefix(Target::Buffer, inner, &codec::did_prefix(&did))?;
@@ -494,18 +522,18 @@ enum Target {
     Buffer,
 }
 
-/// Records the final write of `key`, keeping what is known about its prior existence.
-fn set(map: &mut BTreeMap<Vec<u8>, Slot>, key: Vec<u8>, value: Option<Vec<u8>>) {
+/// Records the final write of `key`, keeping what is known about its prior existence (an
+/// earlier write in the batch knows better than a caller's claim about this one).
+fn set(
+    map: &mut BTreeMap<Vec<u8>, Slot>,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    existed: Option<bool>,
+) {
     match map.get_mut(&key) {
         Some(slot) => slot.value = value,
         None => {
-            map.insert(
-                key,
-                Slot {
-                    value,
-                    existed: None,
-                },
-            );
+            map.insert(key, Slot { value, existed });
         }
     }
 }

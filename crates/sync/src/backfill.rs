@@ -413,7 +413,10 @@ fn apply_snapshot(
         let record = found.to_record().map_err(|err| {
             Failure::Repo(format!("record {}/{}: {err}", found.collection, found.rkey))
         })?;
-        writer.batch.put_record(&record);
+        // The merge knows what is stored: the commit need not look.
+        writer
+            .batch
+            .put_record_known(&record, action == Action::Update);
         writer.batch.push(Event::Record(RecordEvent {
             live: false,
             did: did.clone(),
@@ -461,7 +464,7 @@ impl<'a> ChunkWriter<'a> {
         live: bool,
         time_us: u64,
     ) -> Result<(), Failure> {
-        self.batch.delete_record(did, &collection, &rkey);
+        self.batch.delete_record_known(did, &collection, &rkey);
         self.batch.push(Event::Record(RecordEvent {
             live,
             did: did.clone(),

@@ -503,8 +503,17 @@ pub(crate) fn apply_commit(
             OpAction::Update => Action::Update,
             OpAction::Delete => Action::Delete,
         };
+        // A proven commit's ops were inverted onto the stored root, so they say exactly what
+        // is stored (creates are new, updates and deletes exist): the store need not look.
+        let proven = verified.is_proven();
         match (&action, record) {
+            (Action::Delete, _) if proven => {
+                batch.delete_record_known(&entry.did, collection, rkey)
+            }
             (Action::Delete, _) => batch.delete_record(&entry.did, collection, rkey),
+            (_, Some(record)) if proven => {
+                batch.put_record_known(&record, action == Action::Update);
+            }
             (_, Some(record)) => batch.put_record(&record),
             (_, None) => continue,
         }

@@ -208,6 +208,11 @@ fn assert_mirror(harness: &Harness, truth: &Truth) -> TestResult {
             &stored, records,
             "stored records of {did} differ from its PDS"
         );
+        assert_eq!(
+            harness.engine.store().record_count_of(did)?,
+            records.len() as u64,
+            "the record count of {did}"
+        );
     }
     let rebuilt = harness.replay_outbox()?;
     for (did, records) in truth {

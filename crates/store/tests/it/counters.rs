@@ -224,3 +224,40 @@ fn buffer_keys_count_and_order() -> TestResult {
     check_counters(&store, &[alice, al])?;
     Ok(())
 }
+
+#[test]
+fn known_existence_counts_without_reading_and_deletes_always() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    let a = did("did:plc:a")?;
+    // A first backfill: the caller knows nothing is stored.
+    let mut batch = store.batch();
+    for rkey in ["1", "2", "3"] {
+        batch.put_record_known(&record(&a, "a.b.c", rkey, rkey)?, false);
+    }
+    batch.commit()?;
+    assert_eq!(store.record_count_of(&a)?, 3);
+    // An update and a delete it knows exist.
+    let mut batch = store.batch();
+    batch.put_record_known(&record(&a, "a.b.c", "1", "changed")?, true);
+    batch.delete_record_known(&a, "a.b.c", "2");
+    batch.commit()?;
+    assert_eq!(store.record_count_of(&a)?, 2);
+    assert_eq!(
+        store.record(&a, "a.b.c", "2")?,
+        None,
+        "a known delete removes"
+    );
+    assert_eq!(
+        store.record(&a, "a.b.c", "1")?,
+        Some(record(&a, "a.b.c", "1", "changed")?)
+    );
+    // Within one batch, an earlier write knows better than a later claim.
+    let mut batch = store.batch();
+    batch.put_record(&record(&a, "a.b.c", "9", "9")?);
+    batch.put_record_known(&record(&a, "a.b.c", "9", "again")?, true);
+    batch.commit()?;
+    assert_eq!(store.record_count_of(&a)?, 3);
+    check_counters(&store, &[a])?;
+    Ok(())
+}
