@@ -64,7 +64,7 @@ impl SpillArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("keys_from").required(true).args(["key", "keys"])))]
+#[command(group(clap::ArgGroup::new("keys_from").required(true).args(["key", "keys", "plc"])))]
 pub(crate) struct VerifyArgs {
     /// The DID every commit must name.
     #[arg(long)]
@@ -76,6 +76,16 @@ pub(crate) struct VerifyArgs {
     /// the key of the DID its commit names.
     #[arg(long, value_name = "FILE")]
     keys: Option<PathBuf>,
+    /// Resolve each commit's DID to its `#atproto` key: did:plc from this directory
+    /// (e.g. https://plc.directory), did:web from its host.
+    #[arg(long, value_name = "URL")]
+    plc: Option<String>,
+    /// With --plc: allow loopback and private addresses (a devnet).
+    #[arg(long, requires = "plc")]
+    allow_private_network: bool,
+    /// With --plc: fetch did:web documents over plain http (a test network).
+    #[arg(long, requires = "plc")]
+    did_web_http: bool,
     /// Also print one JSON line per record.
     #[arg(long)]
     records: bool,
@@ -150,12 +160,38 @@ fn parse_key(text: &str) -> Result<PublicKey> {
 enum Keys {
     One(PublicKey),
     ByDid(HashMap<Did, PublicKey>),
+    /// Looked up per DID; `block_on` may be called from every worker thread at once.
+    Resolve {
+        runtime: tokio::runtime::Runtime,
+        resolver: atpdb_identity::Resolver,
+    },
 }
 
 impl Keys {
     fn from_args(args: &VerifyArgs) -> Result<Keys> {
         if let Some(text) = &args.key {
             return Ok(Keys::One(parse_key(text).context("--key")?));
+        }
+        if let Some(plc_url) = &args.plc {
+            let http = atpdb_net::Http::new(&atpdb_net::HttpConfig {
+                allow_private_network: args.allow_private_network,
+                ..atpdb_net::HttpConfig::default()
+            })?;
+            let resolver = atpdb_identity::Resolver::new(
+                atpdb_identity::IdentityConfig {
+                    plc_url: plc_url.clone(),
+                    did_web_scheme: if args.did_web_http { "http" } else { "https" }.to_owned(),
+                    ..atpdb_identity::IdentityConfig::default()
+                },
+                http,
+            )
+            .context("--plc")?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            return Ok(Keys::Resolve { runtime, resolver });
         }
         let Some(path) = &args.keys else {
             anyhow::bail!("give --key or --keys");
@@ -175,10 +211,19 @@ impl Keys {
         Ok(Keys::ByDid(keys))
     }
 
-    fn get(&self, did: &Did) -> Option<&PublicKey> {
+    fn get(&self, did: &Did) -> Result<PublicKey> {
         match self {
-            Keys::One(key) => Some(key),
-            Keys::ByDid(keys) => keys.get(did),
+            Keys::One(key) => Ok(key.clone()),
+            Keys::ByDid(keys) => keys
+                .get(did)
+                .cloned()
+                .with_context(|| format!("no key for {did} in --keys")),
+            Keys::Resolve { runtime, resolver } => {
+                let identity = runtime
+                    .block_on(resolver.resolve(did))
+                    .with_context(|| format!("resolving {did}"))?;
+                Ok(identity.key.clone())
+            }
         }
     }
 }
@@ -316,11 +361,11 @@ impl Job<'_> {
             line["did"] = json!(commit.did.as_str());
             line["rev"] = json!(commit.rev.as_str());
             line["commit"] = json!(car.root().to_string());
-            let key = self
-                .keys
-                .get(&commit.did)
-                .with_context(|| format!("no key for {} in --keys", commit.did))?;
-            let repo = car.verify(Expected { did: self.did, key })?;
+            let key = self.keys.get(&commit.did)?;
+            let repo = car.verify(Expected {
+                did: self.did,
+                key: &key,
+            })?;
             let mut walker = repo.records();
             while let Some(record) = walker.next_record()? {
                 records += 1;

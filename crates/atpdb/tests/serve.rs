@@ -525,3 +525,130 @@ async fn a_large_repo_backfills_in_bounded_memory() -> TestResult {
     server.kill()?;
     Ok(())
 }
+
+/// Serves a did:web document on a new loopback port naming `multikey`; returns the DID.
+async fn did_web_host(
+    multikey: impl Fn(&str) -> String,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let did = format!("did:web:127.0.0.1%3A{}", listener.local_addr()?.port());
+    let document = json!({
+        "id": did,
+        "verificationMethod": [{
+            "id": format!("{did}#atproto"),
+            "type": "Multikey",
+            "controller": did,
+            "publicKeyMultibase": multikey(&did),
+        }],
+        "service": [{
+            "id": "#atproto_pds",
+            "type": "AtprotoPersonalDataServer",
+            "serviceEndpoint": "http://127.0.0.1:9",
+        }],
+    });
+    let router = axum::Router::new().route(
+        "/.well-known/did.json",
+        axum::routing::get(move || {
+            let document = document.clone();
+            async move { axum::Json(document) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(did)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn car_verify_resolves_each_dids_key() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // The same seed gives the same key, so the honest host can name it before the CAR exists.
+    let sample_key =
+        |seed: &str, did: &str, out: &Path| -> Result<String, Box<dyn std::error::Error>> {
+            let output = Command::new(env!("CARGO_BIN_EXE_atpdb"))
+                .args([
+                    "car",
+                    "sample",
+                    "--records",
+                    "20",
+                    "--seed",
+                    seed,
+                    "--did",
+                    did,
+                    "--out",
+                ])
+                .arg(out)
+                .output()?;
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let summary: Json = serde_json::from_slice(&output.stdout)?;
+            Ok(summary["key"]
+                .as_str()
+                .and_then(|key| key.strip_prefix("did:key:"))
+                .ok_or("no key")?
+                .to_owned())
+        };
+    let probe = dir.path().join("probe.car");
+    let key_of_seed_5 = sample_key("5", "did:web:example.com", &probe)?;
+    let key_of_seed_6 = sample_key("6", "did:web:example.com", &probe)?;
+    let honest = did_web_host(|_| key_of_seed_5.clone()).await?;
+    let lying = did_web_host(|_| key_of_seed_6.clone()).await?;
+    let good = dir.path().join("good.car");
+    let bad = dir.path().join("bad.car");
+    sample_key("5", &honest, &good)?;
+    sample_key("5", &lying, &bad)?;
+
+    let verify = |file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_atpdb"))
+            .args([
+                "car",
+                "verify",
+                "--plc",
+                "http://127.0.0.1:9",
+                "--allow-private-network",
+                "--did-web-http",
+            ])
+            .arg(file)
+            .output()
+    };
+    let output = verify(&good)?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let line: Json = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(line["signature"], "valid");
+    assert_eq!(line["did"], honest);
+    let output = verify(&bad)?;
+    assert!(
+        !output.status.success(),
+        "a key the document does not name must fail"
+    );
+    let line: Json = serde_json::from_slice(&output.stdout)?;
+    assert!(
+        line["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("signature")),
+        "{line}"
+    );
+    // Without --allow-private-network the loopback host is refused.
+    let output = Command::new(env!("CARGO_BIN_EXE_atpdb"))
+        .args([
+            "car",
+            "verify",
+            "--plc",
+            "http://127.0.0.1:9",
+            "--did-web-http",
+        ])
+        .arg(&good)
+        .output()?;
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("private"),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    Ok(())
+}
