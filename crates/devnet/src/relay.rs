@@ -266,14 +266,6 @@ impl SeenSeqs {
     }
 }
 
-fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
-        })
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -676,7 +668,7 @@ impl Relay {
                 rev,
                 data: stored_data,
             };
-            match verified.chain(head, now_micros()) {
+            match verified.chain(head, crate::pds::unix_micros()) {
                 Chain::Next => {}
                 Chain::Stale => {
                     bump(&self.inner.counters.stale_revs);

@@ -123,7 +123,7 @@ async fn claim(inner: &Inner) -> Result<Option<RepoEntry>, StoreError> {
     ] {
         for candidate in inner.store.repos_in_state(state, 256)? {
             if candidate.retry_after_us > now
-                || !Inner::is_active(&candidate)
+                || !candidate.status.is_active()
                 || inner.claims.is_claimed(&candidate.did)
             {
                 continue;
@@ -334,7 +334,7 @@ pub(crate) fn identity_event(entry: &RepoEntry) -> Event {
             .handle
             .clone()
             .unwrap_or_else(|| "handle.invalid".to_owned()),
-        is_active: Inner::is_active(entry),
+        is_active: entry.status.is_active(),
         status: entry.status.as_str().to_owned(),
         time_us: now_us(),
     })
@@ -425,7 +425,7 @@ fn apply_snapshot(
             rkey: found.rkey.to_owned(),
             action,
             cid: Some(found.cid),
-            record: Some(found.bytes.to_vec()),
+            record: Some(record.into_bytes()),
             time_us,
         }));
         writer.count()?;

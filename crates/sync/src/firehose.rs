@@ -352,7 +352,7 @@ async fn process_commit(inner: &Inner, event: CommitEvent) -> Result<(), StoreEr
         }
         return Ok(());
     };
-    if !Inner::is_active(&entry) {
+    if !entry.status.is_active() {
         return Ok(());
     }
     match entry.state {
@@ -486,6 +486,9 @@ pub(crate) fn apply_commit(
     let rev = commit.rev.to_string();
     let records: Vec<Record> = proof.records()?;
     let mut records = records.into_iter().peekable();
+    // A proven commit's ops were inverted onto the stored root, so they say exactly what is
+    // stored (creates are new, updates and deletes exist): the store need not look.
+    let proven = verified.is_proven();
     let mut changes = 0;
     for op in proof.ops() {
         let (collection, rkey) = op.path.split_once('/').unwrap_or((op.path.as_str(), ""));
@@ -503,28 +506,24 @@ pub(crate) fn apply_commit(
             OpAction::Update => Action::Update,
             OpAction::Delete => Action::Delete,
         };
-        // A proven commit's ops were inverted onto the stored root, so they say exactly what
-        // is stored (creates are new, updates and deletes exist): the store need not look.
-        let proven = verified.is_proven();
-        match (&action, record) {
-            (Action::Delete, _) if proven => {
-                batch.delete_record_known(&entry.did, collection, rkey)
+        let (cid, bytes) = match (&action, record) {
+            (Action::Delete, _) => {
+                if proven {
+                    batch.delete_record_known(&entry.did, collection, rkey);
+                } else {
+                    batch.delete_record(&entry.did, collection, rkey);
+                }
+                (None, None)
             }
-            (Action::Delete, _) => batch.delete_record(&entry.did, collection, rkey),
-            (_, Some(record)) if proven => {
-                batch.put_record_known(&record, action == Action::Update);
+            (_, Some(record)) => {
+                if proven {
+                    batch.put_record_known(&record, action == Action::Update);
+                } else {
+                    batch.put_record(&record);
+                }
+                (Some(record.cid()), Some(record.into_bytes()))
             }
-            (_, Some(record)) => batch.put_record(&record),
             (_, None) => continue,
-        }
-        let (cid, bytes) = match action {
-            Action::Delete => (None, None),
-            _ => (
-                op.cid,
-                op.cid
-                    .and_then(|cid| proof.blocks().get(&cid))
-                    .map(<[u8]>::to_vec),
-            ),
         };
         batch.push(Event::Record(RecordEvent {
             live: true,
@@ -569,7 +568,7 @@ async fn process_sync(inner: &Inner, event: SyncEvent) -> Result<(), StoreError>
         }
         return Ok(());
     };
-    if !Inner::is_active(&entry) || entry.state != RepoState::Synced {
+    if !entry.status.is_active() || entry.state != RepoState::Synced {
         return Ok(());
     }
     let Some(head) = Head::stored(&entry) else {
@@ -694,7 +693,7 @@ async fn process_account(inner: &Inner, event: AccountEvent) -> Result<(), Store
     if status == entry.status {
         return Ok(());
     }
-    let was_active = Inner::is_active(&entry);
+    let was_active = entry.status.is_active();
     entry.status = status.clone();
     let mut batch = inner.store.batch();
     if status == AccountStatus::Deleted {

@@ -35,7 +35,7 @@ use atpdb_identity::Resolver;
 use atpdb_net::Xrpc;
 use atpdb_repo::syntax::Did;
 use atpdb_repo::verify::VerifyOptions;
-use atpdb_store::{AccountStatus, Event, RepoEntry, RepoState, RepoStateEvent, Store, StoreError};
+use atpdb_store::{Event, RepoEntry, RepoState, RepoStateEvent, Store, StoreError};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -370,10 +370,5 @@ impl Inner {
         }));
         batch.commit()?;
         Ok(())
-    }
-
-    /// Whether a repo's records may change: an inactive account's commits are ignored.
-    pub(crate) fn is_active(entry: &RepoEntry) -> bool {
-        entry.status == AccountStatus::Active
     }
 }
