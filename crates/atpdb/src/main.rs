@@ -28,7 +28,7 @@ enum Command {
     /// Run a PLC directory, PDS hosts and a relay on 127.0.0.1, with traffic and faults.
     Devnet(devnet::DevnetArgs),
     /// Keep a verified mirror of the repos in scope and serve it over HTTP.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Car(command) => car::run(command),
         Command::Devnet(args) => devnet::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use atpdb_deliver::{Delivery, DeliveryConfig, Mode as DeliveryMode, WebhookConfig};
 use atpdb_identity::{IdentityConfig, Resolver};
 use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
 use atpdb_store::Store;
@@ -74,6 +75,38 @@ pub(crate) struct ServeArgs {
     /// the data directory.
     #[arg(long, env = "ATPDB_MEMORY_BUDGET_MB", default_value_t = 32)]
     memory_budget_mb: usize,
+    /// Acknowledge an event as soon as it is written to a socket [TAP_DISABLE_ACKS].
+    #[arg(long, env = "ATPDB_DISABLE_ACKS")]
+    disable_acks: Option<bool>,
+    /// POST events to this URL instead of serving them on /channel [TAP_WEBHOOK_URL].
+    #[arg(long, env = "ATPDB_WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// Sign webhook bodies with HMAC-SHA256 under this secret (header `x-atpdb-signature`).
+    #[arg(long, env = "ATPDB_WEBHOOK_SECRET")]
+    webhook_secret: Option<String>,
+    /// Events per webhook request; above 1 the body is a JSON array.
+    #[arg(long, env = "ATPDB_WEBHOOK_BATCH", default_value_t = 1)]
+    webhook_batch: usize,
+    /// Re-send an event not acknowledged for this long, e.g. `60s`, `500ms`, `2m`
+    /// [TAP_RETRY_TIMEOUT].
+    #[arg(long, env = "ATPDB_RETRY_TIMEOUT")]
+    retry_timeout: Option<String>,
+    /// Outbox events held in memory for delivery at once [TAP_OUTBOX_CAPACITY].
+    #[arg(long, env = "ATPDB_OUTBOX_CAPACITY")]
+    outbox_capacity: Option<usize>,
+    /// Only deliver what the outbox holds: no firehose, backfill or crawler
+    /// [TAP_OUTBOX_ONLY].
+    #[arg(long, env = "ATPDB_OUTBOX_ONLY")]
+    outbox_only: Option<bool>,
+    /// Events one /channel socket may hold unacknowledged (0: no limit). Set 1 for
+    /// `@atproto/tap` 0.3.x clients that must survive a server crash: they hang when their
+    /// socket drops while they hold more than the event in hand.
+    #[arg(long, env = "ATPDB_CHANNEL_WINDOW", default_value_t = 0)]
+    channel_window: usize,
+    /// Also deliver repo-state events (`"type":"repo"`: errored, desynchronized, resynced)
+    /// on /channel; Tap's own clients refuse them, so they are off by default.
+    #[arg(long, env = "ATPDB_REPO_EVENTS")]
+    repo_events: bool,
     /// Log format: human or json.
     #[arg(long, env = "ATPDB_LOG_FORMAT", default_value = "human")]
     log_format: String,
@@ -158,8 +191,74 @@ fn engine_config(args: &ServeArgs) -> anyhow::Result<EngineConfig> {
     Ok(config)
 }
 
+/// A Go-style duration as Tap's settings take it (`60s`, `500ms`, `1m30s`, `1h`); a bare
+/// number is seconds.
+fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(|| anyhow::anyhow!("{text:?}: a number needs a unit (h, m, s, ms)"))?;
+        let (number, tail) = rest.split_at(digits);
+        let number: f64 = number
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{text:?}: not a duration"))?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let seconds = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            "us" | "µs" => 0.000_001,
+            _ => anyhow::bail!("{text:?}: unknown unit {unit:?} (h, m, s, ms)"),
+        };
+        total += Duration::try_from_secs_f64(number * seconds)
+            .map_err(|_| anyhow::anyhow!("{text:?}: out of range"))?;
+        rest = tail;
+    }
+    Ok(total)
+}
+
+fn delivery_config(args: &ServeArgs) -> anyhow::Result<DeliveryConfig> {
+    let mut config = DeliveryConfig {
+        repo_events: args.repo_events,
+        window: args.channel_window,
+        ..DeliveryConfig::default()
+    };
+    if let Some(text) = tap_env(args.retry_timeout.clone(), "TAP_RETRY_TIMEOUT") {
+        config.retry_timeout = parse_duration(&text).context("--retry-timeout")?;
+    }
+    if let Some(capacity) = tap_env_parsed(args.outbox_capacity, "TAP_OUTBOX_CAPACITY")? {
+        config.capacity = capacity.max(1);
+    }
+    let disable_acks = tap_env_parsed(args.disable_acks, "TAP_DISABLE_ACKS")?.unwrap_or(false);
+    config.mode = match tap_env(args.webhook_url.clone(), "TAP_WEBHOOK_URL") {
+        // As Tap: a webhook takes precedence over disabled acks.
+        Some(url) => {
+            let mut webhook = WebhookConfig::new(url);
+            webhook.admin_password = tap_env(args.admin_password.clone(), "TAP_ADMIN_PASSWORD");
+            webhook.secret = args.webhook_secret.clone().map(String::into_bytes);
+            webhook.batch = args.webhook_batch.max(1);
+            DeliveryMode::Webhook(webhook)
+        }
+        None if disable_acks => DeliveryMode::FireAndForget,
+        None => DeliveryMode::Ack,
+    };
+    Ok(config)
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = engine_config(&args)?;
+    let delivery_config = delivery_config(&args)?;
+    let outbox_only = tap_env_parsed(args.outbox_only, "TAP_OUTBOX_ONLY")?.unwrap_or(false);
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let store = Store::open(&args.data_dir)
@@ -181,7 +280,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     )?;
     let xrpc = Xrpc::new(http.clone(), XrpcConfig::default());
     let engine = Engine::new(config, store.clone(), identity, xrpc, http);
-    let mut tasks = engine.start()?;
+    let mut tasks = if outbox_only {
+        tracing::info!("serve.outbox_only");
+        atpdb_sync::EngineTasks::new()
+    } else {
+        engine.start()?
+    };
+    // Delivery stops with the engine; its sockets are dropped without a close frame, so
+    // Tap's clients reconnect to the next run.
+    let mode = delivery_config.mode.name();
+    let (delivery, delivery_task) =
+        Delivery::start(store.clone(), delivery_config, engine.shutdown_token())?;
+    tasks.spawn(async move {
+        let ended = match delivery_task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(err) => Err(format!("panicked: {err}")),
+        };
+        let ended = ended.map_err(|reason| atpdb_sync::SyncError::Task {
+            task: "delivery",
+            reason,
+        });
+        ("delivery", ended)
+    });
+    tracing::info!(mode, "delivery.started");
 
     let bind =
         tap_env(args.bind.clone(), "TAP_BIND").unwrap_or_else(|| "127.0.0.1:2480".to_owned());
@@ -196,6 +318,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let address = listener.local_addr().context("reading the bound address")?;
     let router = atpdb_server::router(
         engine.clone(),
+        delivery,
         atpdb_server::ServerConfig {
             admin_password: tap_env(args.admin_password.clone(), "TAP_ADMIN_PASSWORD"),
         },

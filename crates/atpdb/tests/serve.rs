@@ -27,15 +27,26 @@ impl Server {
         devnet: &Devnet,
         extra: &[&str],
     ) -> Result<Server, Box<dyn std::error::Error>> {
+        Server::start_on(data_dir, devnet, "127.0.0.1:0", extra)
+    }
+
+    /// On a fixed address, so that clients can reconnect to a restarted server.
+    fn start_on(
+        data_dir: &Path,
+        devnet: &Devnet,
+        bind: &str,
+        extra: &[&str],
+    ) -> Result<Server, Box<dyn std::error::Error>> {
         let relay = devnet.relay().ok_or("no relay")?.url().to_owned();
         let dns = devnet.dns_addr().to_string();
         let mut args = vec!["--dns-nameserver", dns.as_str()];
         args.extend_from_slice(extra);
-        Server::start_with(data_dir, &relay, devnet.plc_url(), &args)
+        Server::start_with(data_dir, bind, &relay, devnet.plc_url(), &args)
     }
 
     fn start_with(
         data_dir: &Path,
+        bind: &str,
         relay: &str,
         plc: &str,
         extra: &[&str],
@@ -46,7 +57,7 @@ impl Server {
                 "--data-dir",
                 &data_dir.display().to_string(),
                 "--bind",
-                "127.0.0.1:0",
+                bind,
                 "--relay-url",
                 relay,
                 "--plc-url",
@@ -130,17 +141,27 @@ async fn converge(
     devnet: &Devnet,
     timeout: Duration,
 ) -> TestResult {
+    converge_as(http, server, devnet, None, timeout).await
+}
+
+/// [`converge`], with the admin password when the server requires one.
+async fn converge_as(
+    http: &reqwest::Client,
+    server: &Server,
+    devnet: &Devnet,
+    password: Option<&str>,
+    timeout: Duration,
+) -> TestResult {
     let deadline = Instant::now() + timeout;
     loop {
         let mut lagging = Vec::new();
         for account in devnet.accounts() {
             let rev = devnet.hosts()[account.pds].account_info(&account.did)?.rev;
-            let info: Json = http
-                .get(format!("{}/info/{}", server.url, account.did))
-                .send()
-                .await?
-                .json()
-                .await?;
+            let mut request = http.get(format!("{}/info/{}", server.url, account.did));
+            if let Some(password) = password {
+                request = request.basic_auth("admin", Some(password));
+            }
+            let info: Json = request.send().await?.json().await?;
             if info["state"] != "active" || info["rev"] != rev.as_str() {
                 lagging.push(info);
             }
@@ -476,6 +497,7 @@ async fn a_large_repo_backfills_in_bounded_memory() -> TestResult {
     let data = dir.path().join("data");
     let server = Server::start_with(
         &data,
+        "127.0.0.1:0",
         "http://127.0.0.1:9",
         "http://127.0.0.1:9",
         &["--no-firehose", "--did-web-http"],
@@ -650,5 +672,227 @@ async fn car_verify_resolves_each_dids_key() -> TestResult {
         "{}",
         String::from_utf8_lossy(&output.stdout)
     );
+    Ok(())
+}
+
+/// The interop directory with Node and the npm packages, or `None` after saying why.
+fn interop_dir() -> Option<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../devnet/interop");
+    if dir.join("node_modules/.bin/node").exists() && dir.join("node_modules/@atproto/tap").exists()
+    {
+        return Some(dir);
+    }
+    let message = "Tap client interop did not run: run crates/devnet/interop/setup.sh";
+    assert!(
+        std::env::var("ATPDB_REQUIRE_INTEROP").as_deref() != Ok("1"),
+        "{message} (ATPDB_REQUIRE_INTEROP=1 requires it)"
+    );
+    println!("{message}");
+    None
+}
+
+/// `tap-consumer.mjs`: `@atproto/tap`'s `Tap` + `SimpleIndexer`, driven by JSON lines.
+struct TapConsumer {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl TapConsumer {
+    fn spawn(
+        dir: &Path,
+        url: &str,
+        password: &str,
+    ) -> Result<TapConsumer, Box<dyn std::error::Error>> {
+        let mut child = tokio::process::Command::new(dir.join("node_modules/.bin/node"))
+            .arg(dir.join("tap-consumer.mjs"))
+            .arg(url)
+            .env("TAP_ADMIN_PASSWORD", password)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        use tokio::io::AsyncBufReadExt;
+        Ok(TapConsumer {
+            child,
+            stdin,
+            stdout: tokio::io::BufReader::new(stdout).lines(),
+        })
+    }
+
+    async fn call(&mut self, command: Json) -> Result<Json, Box<dyn std::error::Error>> {
+        use tokio::io::AsyncWriteExt;
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await?;
+        let line = tokio::time::timeout(Duration::from_secs(30), self.stdout.next_line())
+            .await
+            .map_err(|_| format!("no answer to {command}"))??
+            .ok_or("the consumer exited")?;
+        let answer: Json = serde_json::from_str(&line)?;
+        if let Some(failed) = answer.get("failed") {
+            return Err(format!("{command}: {failed}").into());
+        }
+        Ok(answer)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_typescript_client_rebuilds_the_devnet_across_a_sigkill() -> TestResult {
+    let Some(node_dir) = interop_dir() else {
+        return Ok(());
+    };
+    let mut devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 2,
+        accounts: 20,
+        records: 40,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    // `@atproto/tap` 0.3.12 hangs if its socket drops while it holds events it has not
+    // acknowledged (fixed upstream after that release); a window of one is what such a
+    // client needs to survive the server's crash.
+    let extra = [
+        "--admin-password",
+        "hunter2",
+        "--retry-timeout",
+        "3s",
+        "--channel-window",
+        "1",
+    ];
+    let mut server = Server::start_on(dir.path(), &devnet, &bind, &extra)?;
+    let http = reqwest::Client::new();
+
+    let mut consumer = TapConsumer::spawn(&node_dir, &server.url, "hunter2")?;
+    let all = dids(&devnet);
+    let added = consumer.call(json!({"cmd": "add", "dids": all})).await?;
+    assert_eq!(added["added"], all.len());
+    devnet.start_traffic(20.0);
+
+    // Kill the server once the consumer is part-way through the backfill.
+    let seeded: usize = truth(&devnet)?.values().map(BTreeMap::len).sum();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let before_kill = loop {
+        let dump = consumer.call(json!({"cmd": "dump"})).await?;
+        let records = dump["counts"]["records"].as_u64().unwrap_or(0);
+        if records >= (seeded / 3) as u64 {
+            break records;
+        }
+        assert!(Instant::now() < deadline, "no progress: {}", dump["counts"]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    server.kill()?;
+    assert!(
+        before_kill < seeded as u64,
+        "killed mid-stream ({before_kill} of {seeded} records had arrived)"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server = Server::start_on(dir.path(), &devnet, &bind, &extra)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    devnet.stop_traffic();
+    converge_as(
+        &http,
+        &server,
+        &devnet,
+        Some("hunter2"),
+        Duration::from_secs(90),
+    )
+    .await?;
+
+    // The client reconnected by itself; what it rebuilt must equal every PDS's repos.
+    let truth = truth(&devnet)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dump = loop {
+        let dump = consumer.call(json!({"cmd": "dump"})).await?;
+        let mut differs = Vec::new();
+        for account in devnet.accounts() {
+            let did = account.did.to_string();
+            let rebuilt: BTreeMap<String, String> =
+                serde_json::from_value(dump["dump"][&did]["records"].clone()).unwrap_or_default();
+            let expected: BTreeMap<String, String> = truth[&account.did]
+                .iter()
+                .map(|(path, cid)| (path.clone(), cid.to_string()))
+                .collect();
+            let handle = devnet.hosts()[account.pds]
+                .account_info(&account.did)?
+                .handle
+                .to_string();
+            if rebuilt != expected || dump["dump"][&did]["handle"] != handle.as_str() {
+                differs.push(did);
+            }
+        }
+        if differs.is_empty() {
+            break dump;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} repos differ, e.g. {}; consumer: {} {} ended={}",
+            differs.len(),
+            differs[0],
+            dump["counts"],
+            dump["errors"],
+            dump["ended"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "tap consumer: {} (killed after {before_kill})",
+        dump["counts"]
+    );
+    assert!(
+        dump["ended"].is_null(),
+        "the channel never ended: {}",
+        dump["ended"]
+    );
+    assert_eq!(dump["counts"]["errors"], 0, "{}", dump["errors"]);
+    assert!(
+        dump["counts"]["live"].as_u64().unwrap_or(0) > 0,
+        "live events arrived"
+    );
+
+    // Every event was acknowledged: the outbox drains.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let outbox: Json = http
+            .get(format!("{}/stats/outbox-buffer", server.url))
+            .basic_auth("admin", Some("hunter2"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if outbox["outbox_buffer"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "outbox not drained: {outbox}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The client's other calls: getRepoInfo and resolveDid (null for an unknown DID).
+    let did = devnet.accounts()[0].did.to_string();
+    let info = consumer.call(json!({"cmd": "info", "did": did})).await?;
+    assert_eq!(info["info"]["did"], did.as_str());
+    assert_eq!(info["info"]["state"], "active");
+    assert_eq!(
+        info["info"]["records"],
+        truth[&devnet.accounts()[0].did].len()
+    );
+    let resolved = consumer.call(json!({"cmd": "resolve", "did": did})).await?;
+    assert_eq!(resolved["resolve"]["id"], did.as_str());
+    let unknown = consumer
+        .call(json!({"cmd": "resolve", "did": "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"}))
+        .await?;
+    assert!(unknown["resolve"].is_null(), "{unknown}");
+    let stopped = consumer.call(json!({"cmd": "stop"})).await?;
+    assert_eq!(stopped["stopped"]["ended"], "clean", "{stopped}");
+    let _ = consumer.child.wait().await;
     Ok(())
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use atpdb_repo::Record;
 use atpdb_repo::syntax::{Did, Nsid};
 
+use atpdb_deliver::Delivery;
 use atpdb_sync::Engine;
 use axum::Router;
 use axum::body::Bytes;
@@ -25,6 +26,8 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+mod channel;
+
 /// Settings of the HTTP API.
 #[derive(Debug, Clone, Default)]
 pub struct ServerConfig {
@@ -35,17 +38,21 @@ pub struct ServerConfig {
 #[derive(Clone)]
 struct App {
     engine: Engine,
+    delivery: Delivery,
     config: Arc<ServerConfig>,
 }
 
-/// The router over a running engine.
-pub fn router(engine: Engine, config: ServerConfig) -> Router {
+/// The router over a running engine and its delivery.
+pub fn router(engine: Engine, delivery: Delivery, config: ServerConfig) -> Router {
     let app = App {
         engine,
+        delivery,
         config: Arc::new(config),
     };
     Router::new()
         .route("/health", get(health))
+        .route("/channel", get(channel::channel))
+        .route("/resolve/{did}", get(resolve))
         .route("/repos/add", post(repos_add))
         .route("/repos/remove", post(repos_remove))
         .route("/info/{did}", get(info))
@@ -253,6 +260,36 @@ async fn info(State(app): State<App>, Path(did): Path<String>) -> Result<Respons
         "status": entry.status.as_str(),
     }))
     .into_response())
+}
+
+/// The DID document, as the directory serves it (Tap's client parses it with
+/// `@atproto/common`'s `didDocument`; a 404 is its `null`).
+async fn resolve(State(app): State<App>, Path(did): Path<String>) -> Response {
+    use atpdb_identity::IdentityError;
+    let Ok(did) = did.parse::<Did>() else {
+        return message(StatusCode::BAD_REQUEST, "improperly formatted DID");
+    };
+    match app.engine.identity().resolve(&did).await {
+        Ok(identity) => axum::Json(identity.document.clone()).into_response(),
+        Err(IdentityError::NotFound { .. } | IdentityError::Unsupported { .. }) => {
+            message(StatusCode::NOT_FOUND, "DID not found")
+        }
+        Err(err @ IdentityError::Invalid { .. }) => message(
+            StatusCode::BAD_GATEWAY,
+            &format!("unusable DID document: {err}"),
+        ),
+        Err(err) => {
+            tracing::warn!(%did, %err, "api.resolve_failed");
+            message(
+                StatusCode::BAD_GATEWAY,
+                &format!("failed to resolve DID: {err}"),
+            )
+        }
+    }
+}
+
+fn message(status: StatusCode, text: &str) -> Response {
+    (status, axum::Json(json!({ "message": text }))).into_response()
 }
 
 async fn repo_count(State(app): State<App>) -> Result<axum::Json<Value>, ApiError> {

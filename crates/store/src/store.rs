@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     pub(crate) commit: Mutex<Counters>,
     /// A copy of the counters for readers, so they never wait for a commit.
     pub(crate) published: RwLock<Counters>,
+    /// The last event id committed, for delivery to wait on instead of polling.
+    events: tokio::sync::watch::Sender<u64>,
     dir: PathBuf,
     /// Held for the life of the store; declared last so it is released after fjall closed.
     _lock: File,
@@ -294,6 +296,7 @@ impl Store {
                 ks,
                 commit: Mutex::new(counters),
                 published: RwLock::new(counters),
+                events: tokio::sync::watch::Sender::new(counters.last_event_id),
                 dir: dir.to_path_buf(),
                 _lock: lock,
             }),
@@ -643,6 +646,12 @@ impl Store {
         self.counters().last_event_id
     }
 
+    /// Follows the last committed event id: it changes after every commit that pushed
+    /// events, so delivery wakes when there is something new rather than polling.
+    pub fn watch_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.events.subscribe()
+    }
+
     /// How many events the outbox holds (a counter kept by every commit, no scan).
     pub fn outbox_len(&self) -> u64 {
         self.counters().outbox_len
@@ -711,6 +720,9 @@ impl Store {
             .published
             .write()
             .unwrap_or_else(PoisonError::into_inner) = *counters;
+        if counters.last_event_id != before.last_event_id {
+            self.inner.events.send_replace(counters.last_event_id);
+        }
         Ok(())
     }
 

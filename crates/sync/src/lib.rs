@@ -240,6 +240,11 @@ impl Engine {
         self.inner.shutdown.cancel();
     }
 
+    /// Fires when shutdown is asked for: tasks beside the engine (delivery) stop with it.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
     /// Whether shutdown was asked for.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutdown.is_cancelled()
