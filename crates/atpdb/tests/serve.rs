@@ -896,3 +896,268 @@ async fn tap_typescript_client_rebuilds_the_devnet_across_a_sigkill() -> TestRes
     let _ = consumer.child.wait().await;
     Ok(())
 }
+
+/// GET `path` with the admin password; the status and the JSON body (Null when not JSON).
+async fn get_as(
+    http: &reqwest::Client,
+    server: &Server,
+    path: &str,
+) -> Result<(u16, Json), Box<dyn std::error::Error>> {
+    let response = http
+        .get(format!("{}{path}", server.url))
+        .basic_auth("admin", Some("pw"))
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let text = response.text().await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Json::Null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_beyond_tap_answer_and_refuse_bad_input() -> TestResult {
+    let devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 1,
+        accounts: 3,
+        records: 12,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path(), &devnet, &["--admin-password", "pw"])?;
+    let http = reqwest::Client::new();
+
+    // Every route wants the password, with Tap's exact 401.
+    for path in [
+        "/health",
+        "/repos",
+        "/metrics",
+        "/config",
+        "/channel",
+        "/query?uri=x",
+    ] {
+        let response = http.get(format!("{}{path}", server.url)).send().await?;
+        assert_eq!(response.status(), 401, "{path}");
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            "Basic realm=\"admin\", charset=\"UTF-8\""
+        );
+        assert_eq!(
+            response.json::<Json>().await?,
+            json!({"error": "Unauthorized", "message": "atproto admin auth required, but missing or incorrect password"})
+        );
+    }
+    let wrong = http
+        .get(format!("{}/health", server.url))
+        .basic_auth("admin", Some("nope"))
+        .send()
+        .await?;
+    assert_eq!(wrong.status(), 401);
+
+    let all = dids(&devnet);
+    let response = http
+        .post(format!("{}/repos/add", server.url))
+        .basic_auth("admin", Some("pw"))
+        .json(&json!({ "dids": all }))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    converge_as(&http, &server, &devnet, Some("pw"), Duration::from_secs(60)).await?;
+    let truth = truth(&devnet)?;
+
+    // /repos pages in DID order; the cursor of a full page leads to the rest.
+    let (status, first) = get_as(&http, &server, "/repos?limit=2").await?;
+    assert_eq!(status, 200);
+    let cursor = first["cursor"].as_str().ok_or("a full page has a cursor")?;
+    let (_, rest) = get_as(&http, &server, &format!("/repos?limit=2&cursor={cursor}")).await?;
+    let mut listed: Vec<String> = first["repos"]
+        .as_array()
+        .into_iter()
+        .chain(rest["repos"].as_array())
+        .flatten()
+        .filter_map(|repo| repo["did"].as_str().map(str::to_owned))
+        .collect();
+    assert!(rest.get("cursor").is_none(), "the last page has no cursor");
+    let mut expected = all.clone();
+    expected.sort();
+    listed.sort();
+    assert_eq!(listed, expected);
+    let (_, active) = get_as(&http, &server, "/repos?state=active").await?;
+    assert_eq!(active["repos"].as_array().map(Vec::len), Some(3));
+    let (_, errors) = get_as(&http, &server, "/repos/errors").await?;
+    assert_eq!(errors["repos"], json!([]));
+    for bad in [
+        "/repos?state=bogus",
+        "/repos?limit=0",
+        "/repos?limit=many",
+        "/repos?cursor=not-a-did",
+        "/repos/not-a-did",
+        "/query?uri=https://x",
+        "/query?uri=at://did:plc:x",
+        "/query?uri=at://*/app.bsky.feed.post/abc",
+        "/query?uri=at://did:plc:aaaaaaaaaaaaaaaaaaaaaaaa/bad/x",
+        "/query?uri=at://a/b/c/d",
+        "/resolve/not-a-did",
+    ] {
+        let (status, body) = get_as(&http, &server, bad).await?;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["message"].is_string(), "{bad}: {body}");
+    }
+
+    // One repo in full, with its collections.
+    let account = &devnet.accounts()[0];
+    let did = account.did.to_string();
+    let (status, repo) = get_as(&http, &server, &format!("/repos/{did}")).await?;
+    assert_eq!(status, 200);
+    assert_eq!(repo["state"], "active");
+    assert_eq!(repo["records"], truth[&account.did].len());
+    let mut collections: Vec<&str> = truth[&account.did]
+        .keys()
+        .filter_map(|path| path.split_once('/').map(|(c, _)| c))
+        .collect();
+    collections.dedup();
+    assert_eq!(repo["collections"], json!(collections));
+    let (status, _) = get_as(&http, &server, "/repos/did:plc:aaaaaaaaaaaaaaaaaaaaaaaa").await?;
+    assert_eq!(status, 404);
+    let (_, described) = get_as(
+        &http,
+        &server,
+        &format!("/xrpc/com.atproto.repo.describeRepo?repo={did}"),
+    )
+    .await?;
+    assert_eq!(described["collections"], json!(collections));
+    assert_eq!(described["handle"], account.handle.to_string());
+    assert_eq!(described["handleIsCorrect"], true);
+    assert_eq!(described["didDoc"]["id"], did.as_str());
+
+    // at:// queries: one record, one repo's collection, a collection across repos (paged).
+    let (path, cid) = truth[&account.did].iter().next().ok_or("an empty repo")?;
+    let (collection, _) = path.split_once('/').ok_or("a path")?;
+    let (status, record) = get_as(&http, &server, &format!("/query?uri=at://{did}/{path}")).await?;
+    assert_eq!(status, 200);
+    assert_eq!(record["cid"], cid.to_string());
+    let (status, _) = get_as(
+        &http,
+        &server,
+        &format!("/query?uri=at://{did}/{collection}/nope"),
+    )
+    .await?;
+    assert_eq!(status, 404);
+    let (_, listing) = get_as(
+        &http,
+        &server,
+        &format!("/query?uri=at://{did}/{collection}/*"),
+    )
+    .await?;
+    let uris: Vec<&str> = listing["records"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uri"].as_str())
+        .collect();
+    let want: Vec<String> = truth[&account.did]
+        .keys()
+        .filter(|p| p.starts_with(&format!("{collection}/")))
+        .map(|p| format!("at://{did}/{p}"))
+        .collect();
+    assert_eq!(uris, want);
+    let mut across = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/query?uri=at://*/{collection}/*&limit=3");
+        if let Some(cursor) = &cursor {
+            path.push_str(&format!("&cursor={cursor}"));
+        }
+        let (status, page) = get_as(&http, &server, &path).await?;
+        assert_eq!(status, 200, "{page}");
+        across.extend(
+            page["records"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["uri"].as_str().map(str::to_owned)),
+        );
+        match page["cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let mut want_across: Vec<String> = truth
+        .iter()
+        .flat_map(|(did, records)| {
+            records
+                .keys()
+                .filter(|p| p.starts_with(&format!("{collection}/")))
+                .map(move |p| format!("at://{did}/{p}"))
+        })
+        .collect();
+    want_across.sort();
+    across.sort();
+    assert_eq!(across, want_across, "every record of the collection, once");
+
+    // Resync: named DIDs, all errored ones; bad bodies refused.
+    let post = |path: &str, body: &str| {
+        http.post(format!("{}{path}", server.url))
+            .basic_auth("admin", Some("pw"))
+            .body(body.to_owned())
+            .send()
+    };
+    let response = post("/repos/resync", &json!({ "dids": [did] }).to_string()).await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Json>().await?, json!({"resyncing": 1}));
+    let response = post("/repos/resync", r#"{"errors": true}"#).await?;
+    assert_eq!(response.json::<Json>().await?, json!({"resyncing": 0}));
+    for bad in [r#"{"dids": ["nope"]}"#, r#"{"dids": 5}"#, "{"] {
+        let response = post("/repos/resync", bad).await?;
+        assert_eq!(response.status(), 400, "{bad}");
+    }
+    converge_as(&http, &server, &devnet, Some("pw"), Duration::from_secs(60)).await?;
+
+    let (_, runs) = get_as(&http, &server, "/runs").await?;
+    assert!(runs["runs"].is_array(), "{runs}");
+    let (_, config) = get_as(&http, &server, "/config").await?;
+    assert_eq!(config["mode"], "manual");
+    assert_eq!(config["delivery"], "websocket-ack");
+    let (status, document) = get_as(&http, &server, &format!("/resolve/{did}")).await?;
+    assert_eq!(status, 200);
+    assert_eq!(document["id"], did.as_str());
+    let (status, _) = get_as(&http, &server, "/resolve/did:plc:aaaaaaaaaaaaaaaaaaaaaaaa").await?;
+    assert_eq!(status, 404);
+
+    let metrics = http
+        .get(format!("{}/metrics", server.url))
+        .basic_auth("admin", Some("pw"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("atpdb_repos{state=\"active\"} 3"),
+        "{metrics}"
+    );
+    let total: usize = truth.values().map(BTreeMap::len).sum();
+    assert!(
+        metrics.contains(&format!("\natpdb_records {total}\n")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("atpdb_host_requests_total{host=\"http://127.0.0.1:"),
+        "{metrics}"
+    );
+    server.kill()?;
+
+    // In webhook mode there is no /channel (Tap's 400).
+    let server = Server::start(
+        dir.path(),
+        &devnet,
+        &["--webhook-url", "http://127.0.0.1:9/hook"],
+    )?;
+    let ws_url = format!("{}/channel", server.url.replacen("http", "ws", 1));
+    match tokio_tungstenite::connect_async(ws_url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 400);
+        }
+        other => return Err(format!("expected a 400, got {:?}", other.map(|_| ())).into()),
+    }
+    server.kill()?;
+    Ok(())
+}

@@ -26,7 +26,9 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+mod admin;
 mod channel;
+mod metrics;
 
 /// Settings of the HTTP API.
 #[derive(Debug, Clone, Default)]
@@ -55,6 +57,15 @@ pub fn router(engine: Engine, delivery: Delivery, config: ServerConfig) -> Route
         .route("/resolve/{did}", get(resolve))
         .route("/repos/add", post(repos_add))
         .route("/repos/remove", post(repos_remove))
+        .route("/repos", get(admin::list))
+        .route("/repos/errors", get(admin::errors))
+        .route("/repos/resync", post(admin::resync))
+        .route("/repos/{did}", get(admin::show))
+        .route("/runs", get(admin::runs))
+        .route("/config", get(admin::config))
+        .route("/query", get(admin::query))
+        .route("/metrics", get(metrics::metrics))
+        .route("/xrpc/com.atproto.repo.describeRepo", get(describe_repo))
         .route("/info/{did}", get(info))
         .route("/stats/repo-count", get(repo_count))
         .route("/stats/record-count", get(record_count))
@@ -288,6 +299,16 @@ async fn resolve(State(app): State<App>, Path(did): Path<String>) -> Response {
     }
 }
 
+/// Runs a blocking store read off the async threads.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, atpdb_store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)
+}
+
 fn message(status: StatusCode, text: &str) -> Response {
     (status, axum::Json(json!({ "message": text }))).into_response()
 }
@@ -410,6 +431,53 @@ async fn list_records(
         object.insert("cursor".to_owned(), Value::String(cursor));
     }
     Ok(axum::Json(body))
+}
+
+#[derive(Deserialize)]
+struct DescribeRepoParams {
+    repo: String,
+}
+
+/// `com.atproto.repo.describeRepo` from the mirror: the handle atpdb verified, the DID
+/// document, and the collections the stored records are in.
+async fn describe_repo(
+    State(app): State<App>,
+    Query(params): Query<DescribeRepoParams>,
+) -> Result<axum::Json<Value>, XrpcError> {
+    let did = parse_repo(&params.repo)?;
+    let store = app.engine.store().clone();
+    let lookup = did.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let Some(entry) = store.repo(&lookup)? else {
+            return Ok(None);
+        };
+        Ok::<_, atpdb_store::StoreError>(Some((entry, store.collections(&lookup, 1000)?)))
+    })
+    .await
+    .map_err(|err| XrpcError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        error: "InternalServerError",
+        message: err.to_string(),
+    })??;
+    let Some((entry, collections)) = found else {
+        return Err(XrpcError {
+            status: StatusCode::BAD_REQUEST,
+            error: "RepoNotFound",
+            message: format!("could not find repo: {did}"),
+        });
+    };
+    let document = match app.engine.identity().resolve(&did).await {
+        Ok(identity) => identity.document.clone(),
+        Err(_) => Value::Null,
+    };
+    let handle = entry.handle.clone();
+    Ok(axum::Json(json!({
+        "handle": handle.clone().unwrap_or_else(|| "handle.invalid".to_owned()),
+        "did": did.as_str(),
+        "didDoc": document,
+        "collections": collections,
+        "handleIsCorrect": handle.is_some_and(|handle| handle != "handle.invalid"),
+    })))
 }
 
 #[derive(Deserialize)]

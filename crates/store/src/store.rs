@@ -516,6 +516,40 @@ impl Store {
             .collect()
     }
 
+    /// The collections `did` has records in, in byte order, at most `limit`: one seek per
+    /// collection (past its last key), not a scan of the records.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::record`].
+    pub fn collections(&self, did: &Did, limit: usize) -> Result<Vec<String>> {
+        let records = &self.inner.ks.records;
+        let prefix = codec::did_prefix(did);
+        let Some(end) = prefix_end(&prefix) else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        let mut start = prefix.clone();
+        while found.len() < limit {
+            let Some(guard) = records
+                .range((Bound::Included(start), Bound::Excluded(end.clone())))
+                .next()
+            else {
+                break;
+            };
+            let key = guard.key()?;
+            let (collection, _) = codec::split_path(&key, prefix.len())?;
+            // `collection ‖ '0'` sorts after every `collection/…` key ('/' + 1 = '0') and
+            // before any longer collection name that starts with this one.
+            start = codec::collection_prefix(did, collection);
+            if let Some(slash) = start.last_mut() {
+                *slash = b'/' + 1;
+            }
+            found.push(collection.to_owned());
+        }
+        Ok(found)
+    }
+
     /// Streams `(collection, rkey, cid)` of `did` in MST key order (`collection/rkey`
     /// bytewise), a page at a time: what a backfill merge-joins against the repo it downloads.
     ///

@@ -260,6 +260,11 @@ impl Engine {
         &self.inner.identity
     }
 
+    /// The XRPC client (its per-host counters feed `/metrics`).
+    pub fn xrpc(&self) -> &Xrpc {
+        &self.inner.xrpc
+    }
+
     /// The configuration.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config

@@ -187,3 +187,21 @@ fn record_keys_survive_writes_behind_the_reader() -> TestResult {
     assert_eq!(store.record_count_of(&z)?, count as u64 / 2);
     Ok(())
 }
+
+#[test]
+fn collections_are_listed_once_each_in_key_order_by_seeking() -> TestResult {
+    let (_dir, store) = filled()?;
+    // `a.b.c-d.e` and `a.b.c.d` sort before `a.b.c`, and `a.b.cd` after it: a seek past
+    // `a.b.c/` must land on `a.b.cd`, not skip it.
+    assert_eq!(
+        store.collections(&did("did:plc:a")?, 10)?,
+        ["a.b.c-d.e", "a.b.c.d", "a.b.c", "a.b.cd"]
+    );
+    assert_eq!(
+        store.collections(&did("did:plc:a")?, 2)?,
+        ["a.b.c-d.e", "a.b.c.d"]
+    );
+    assert_eq!(store.collections(&did("did:plc:ab")?, 10)?, ["a.b.c"]);
+    assert!(store.collections(&did("did:plc:none")?, 10)?.is_empty());
+    Ok(())
+}
