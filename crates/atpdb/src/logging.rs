@@ -5,7 +5,12 @@ use anyhow::Context;
 use tracing_subscriber::EnvFilter;
 
 pub(crate) fn init(format: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with(format, "info")
+}
+
+/// [`init`] with another default level (the demo's screen is its progress, not its logs).
+pub(crate) fn init_with(format: &str, default: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

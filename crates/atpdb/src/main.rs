@@ -1,6 +1,7 @@
 //! The `atpdb` command: thin glue over the library crates.
 
 mod car;
+mod demo;
 mod devnet;
 mod logging;
 mod serve;
@@ -25,6 +26,8 @@ enum Command {
     /// Repository CAR files: verify, inspect, generate samples.
     #[command(subcommand)]
     Car(car::CarCommand),
+    /// A network on 127.0.0.1 with live traffic, synced end to end before your eyes.
+    Demo(demo::DemoArgs),
     /// Run a PLC directory, PDS hosts and a relay on 127.0.0.1, with traffic and faults.
     Devnet(devnet::DevnetArgs),
     /// Keep a verified mirror of the repos in scope and serve it over HTTP.
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Car(command) => car::run(command),
+        Command::Demo(args) => demo::run(args),
         Command::Devnet(args) => devnet::run(args),
         Command::Serve(args) => serve::run(*args),
     };

@@ -256,6 +256,15 @@ fn delivery_config(args: &ServeArgs) -> anyhow::Result<DeliveryConfig> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    serve_with(args, |_, _| {}).await
+}
+
+/// `atpdb serve`, calling `on_ready` with the engine and the API's URL once the API
+/// listens (`atpdb demo` shows progress from there).
+pub(crate) async fn serve_with(
+    args: ServeArgs,
+    on_ready: impl FnOnce(&Engine, &str),
+) -> anyhow::Result<ExitCode> {
     let config = engine_config(&args)?;
     let delivery_config = delivery_config(&args)?;
     let outbox_only = tap_env_parsed(args.outbox_only, "TAP_OUTBOX_ONLY")?.unwrap_or(false);
@@ -335,6 +344,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         serde_json::json!({ "url": format!("http://{address}"), "data_dir": args.data_dir })
     );
     tracing::info!(url = %format!("http://{address}"), "serve.ready");
+    on_ready(&engine, &format!("http://{address}"));
 
     let mut failed = false;
     while let Some(ended) = tasks.join_next().await {

@@ -1,4 +1,4 @@
-//! The `atpdb car` commands, run as a user runs them.
+//! The `atpdb car` and `atpdb demo` commands, run as a user runs them.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -375,5 +375,52 @@ fn issue_11_many_tiny_blocks_stay_within_the_bound() -> TestResult {
         big_bytes > bound,
         "the CAR ({big_bytes} bytes) should not fit the bound"
     );
+    Ok(())
+}
+
+/// README's run command: `atpdb demo` starts a network, syncs every repo and serves the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_syncs_its_network_and_serves_the_api() -> TestResult {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_atpdb"))
+        .args(["demo", "--accounts", "8", "--records", "5", "--pds", "2"])
+        .args(["--rate", "5", "--bind", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let ready: Json = serde_json::from_str(line.trim())?;
+    let url = ready["url"].as_str().ok_or("no url")?.to_owned();
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let announced = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left.min(std::time::Duration::from_millis(100))) {
+            Ok(line) if line.contains("repos verified and synced") => break line,
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                if std::time::Instant::now() < deadline => {}
+            _ => {
+                let _ = child.kill();
+                return Err("the demo never reported every repo synced".into());
+            }
+        }
+    };
+    assert!(announced.contains("all 8 repos"), "{announced}");
+    // The API it serves answers: every seeded repo is there and active.
+    let repos: Json = reqwest::get(format!("{url}/repos?state=active"))
+        .await?
+        .json()
+        .await?;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(repos["repos"].as_array().map(Vec::len), Some(8), "{repos}");
     Ok(())
 }
