@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 mod admin;
 mod channel;
 mod metrics;
+mod status;
 
 /// Settings of the HTTP API.
 #[derive(Debug, Clone, Default)]
@@ -65,6 +66,8 @@ pub fn router(engine: Engine, delivery: Delivery, config: ServerConfig) -> Route
         .route("/config", get(admin::config))
         .route("/query", get(admin::query))
         .route("/metrics", get(metrics::metrics))
+        .route("/", get(status::page))
+        .route("/status.json", get(status::figures))
         .route("/xrpc/com.atproto.repo.describeRepo", get(describe_repo))
         .route("/info/{did}", get(info))
         .route("/stats/repo-count", get(repo_count))
