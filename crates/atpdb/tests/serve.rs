@@ -1117,6 +1117,36 @@ async fn routes_beyond_tap_answer_and_refuse_bad_input() -> TestResult {
     let (_, config) = get_as(&http, &server, "/config").await?;
     assert_eq!(config["mode"], "manual");
     assert_eq!(config["delivery"], "websocket-ack");
+    let put = |body: &str| {
+        http.put(format!("{}/config", server.url))
+            .basic_auth("admin", Some("pw"))
+            .body(body.to_owned())
+            .send()
+    };
+    for bad in [
+        r#"{"mode": "everything"}"#,
+        r#"{"collection_filters": ["app.bsky*"]}"#,
+        r#"{"resync_parallelism": 9}"#,
+        r#"{"mode": "signal"}"#,
+        "nope",
+    ] {
+        let response = put(bad).await?;
+        assert_eq!(response.status(), 400, "{bad}");
+        assert!(response.json::<Json>().await?["message"].is_string());
+    }
+    let response = put(r#"{"collection_filters": ["app.bsky.feed.*"]}"#).await?;
+    assert_eq!(response.status(), 200);
+    let changed: Json = response.json().await?;
+    assert_eq!(changed["collection_filters"], json!(["app.bsky.feed.*"]));
+    assert_eq!(changed["resyncing"], 0, "narrowing from everything resyncs nothing");
+    let (_, config) = get_as(&http, &server, "/config").await?;
+    assert_eq!(config["collection_filters"], json!(["app.bsky.feed.*"]));
+    let unauthorized = http
+        .put(format!("{}/config", server.url))
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(unauthorized.status(), 401);
     let (status, document) = get_as(&http, &server, &format!("/resolve/{did}")).await?;
     assert_eq!(status, 200);
     assert_eq!(document["id"], did.as_str());

@@ -206,30 +206,52 @@ pub(crate) async fn runs(State(app): State<App>) -> Result<axum::Json<Value>, Ap
 
 /// `GET /config`: the scope and settings the engine runs with.
 pub(crate) async fn config(State(app): State<App>) -> axum::Json<Value> {
+    axum::Json(config_json(&app))
+}
+
+fn config_json(app: &App) -> Value {
     let config = app.engine.config();
-    let (mode, signals) = match &config.mode {
-        atpdb_sync::Mode::Manual => ("manual", Vec::new()),
-        atpdb_sync::Mode::Full => ("full", Vec::new()),
-        atpdb_sync::Mode::Signal(patterns) => (
-            "signal",
-            patterns.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        ),
-    };
-    axum::Json(json!({
-        "mode": mode,
-        "signal_collections": signals,
-        "collection_filters": config
-            .filters
-            .patterns()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
-        "relay_url": config.relay_url,
-        "resync_parallelism": config.resync_parallelism,
-        "firehose_parallelism": config.firehose_parallelism,
-        "follow_firehose": config.follow_firehose,
-        "delivery": app.delivery.mode().name(),
-    }))
+    let mut value = app.engine.scope().to_json();
+    if let Some(object) = value.as_object_mut() {
+        object.insert("relay_url".to_owned(), config.relay_url.clone().into());
+        object.insert(
+            "resync_parallelism".to_owned(),
+            config.resync_parallelism.into(),
+        );
+        object.insert(
+            "firehose_parallelism".to_owned(),
+            config.firehose_parallelism.into(),
+        );
+        object.insert("follow_firehose".to_owned(), config.follow_firehose.into());
+        object.insert("delivery".to_owned(), app.delivery.mode().name().into());
+    }
+    value
+}
+
+/// `PUT /config` with any of `mode`, `signal_collections`, `collection_filters`: changes
+/// the scope of the running engine and of later runs. A change that keeps more records
+/// resyncs the synced repos (a `scope` run, see `GET /runs`); the answer says how many.
+pub(crate) async fn set_config(
+    State(app): State<App>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let change: Value = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::bad_request(format!("body must be a JSON object: {err}")))?;
+    let scope = app
+        .engine
+        .scope()
+        .updated(&change)
+        .map_err(ApiError::bad_request)?;
+    let resyncing = app
+        .engine
+        .set_scope(scope)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut value = config_json(&app);
+    if let Some(object) = value.as_object_mut() {
+        object.insert("resyncing".to_owned(), resyncing.into());
+    }
+    Ok(axum::Json(value))
 }
 
 #[derive(Deserialize)]

@@ -63,7 +63,7 @@ pub fn router(engine: Engine, delivery: Delivery, config: ServerConfig) -> Route
         .route("/repos/resync", post(admin::resync))
         .route("/repos/{did}", get(admin::show))
         .route("/runs", get(admin::runs))
-        .route("/config", get(admin::config))
+        .route("/config", get(admin::config).put(admin::set_config))
         .route("/query", get(admin::query))
         .route("/metrics", get(metrics::metrics))
         .route("/", get(status::page))
@@ -345,7 +345,7 @@ async fn cursors(State(app): State<App>) -> Result<axum::Json<Value>, ApiError> 
         .counters()
         .firehose_cursor
         .load(std::sync::atomic::Ordering::Relaxed);
-    let listing = match &app.engine.config().mode {
+    let listing = match &app.engine.scope().mode {
         atpdb_sync::Mode::Manual => None,
         atpdb_sync::Mode::Full => Some("listRepos".to_owned()),
         atpdb_sync::Mode::Signal(patterns) => patterns

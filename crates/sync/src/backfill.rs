@@ -260,8 +260,11 @@ async fn fetch_and_apply(inner: &Arc<Inner>, entry: RepoEntry) -> Result<u64, Fa
         .map_err(|err| Failure::Repo(format!("resolving {did}: {err}")))?;
     record_identity(inner, &identity).await?;
 
-    // A repo stored before and unchanged since needs no CAR: most repos in a catch-up.
+    // A repo stored before and unchanged since needs no CAR: most repos in a catch-up. Not
+    // when the filters widened since its last sync: it lacks records they now keep.
+    let widened_us = inner.widened_us.load(std::sync::atomic::Ordering::Relaxed);
     if let Some(stored_rev) = entry.rev.as_deref()
+        && entry.last_sync_us > widened_us
         && let Ok(latest) = inner.xrpc.get_latest_commit(&identity.pds, &did).await
         && latest.rev.as_str() == stored_rev
     {
@@ -280,7 +283,7 @@ async fn fetch_and_apply(inner: &Arc<Inner>, entry: RepoEntry) -> Result<u64, Fa
         .await
         .map_err(|err| Failure::Repo(format!("getRepo from {}: {err}", identity.pds)))?;
     let store = inner.store.clone();
-    let filters = inner.config.filters.clone();
+    let filters = inner.scope().filters.clone();
     let key = identity.key.clone();
     let applied =
         tokio::task::spawn_blocking(move || apply_snapshot(&store, &filters, loaded, &did, &key))
@@ -645,7 +648,7 @@ async fn finish(
                     &mut batch,
                     &mut entry,
                     &verified,
-                    &inner.config.filters,
+                    &inner.scope().filters,
                     now_us(),
                 )
                 .map_err(|err: RepoError| Failure::Repo(format!("buffered commit: {err}")))?;

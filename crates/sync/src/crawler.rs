@@ -35,8 +35,10 @@ pub(crate) async fn run(inner: Arc<Inner>) -> Result<(), SyncError> {
                 inner.config.crawl_interval.min(Duration::from_secs(60))
             }
         };
+        // A scope change (PUT /config) starts the next pass at once.
         tokio::select! {
             () = inner.shutdown.cancelled() => return Ok(()),
+            () = inner.scope_changed.notified() => {}
             () = tokio::time::sleep(pause) => {}
         }
     }
@@ -60,7 +62,8 @@ pub fn crawler_cursor_name(relay_url: &str, listing: &str) -> String {
 }
 
 async fn crawl_once(inner: &Inner) -> Result<u64, Stop> {
-    match &inner.config.mode {
+    let scope = inner.scope();
+    match &scope.mode {
         Mode::Manual => Ok(0),
         Mode::Full => crawl_listing(inner, None).await,
         Mode::Signal(patterns) => {

@@ -123,7 +123,7 @@ fn decide_start(inner: &Inner) -> Result<Start, StoreError> {
 
 /// Marks every synced repo for a resync (cheap for the unchanged ones: `getLatestCommit`
 /// shows the stored rev) and records the run.
-pub(crate) fn catch_up(inner: &Inner, reason: &str) -> Result<u64, StoreError> {
+pub(crate) fn catch_up(inner: &Inner, kind: &str, reason: &str) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
         let page = inner.store.repos_in_state(RepoState::Synced, 1000)?;
@@ -142,7 +142,7 @@ pub(crate) fn catch_up(inner: &Inner, reason: &str) -> Result<u64, StoreError> {
     let mut batch = inner.store.batch();
     batch.put_run(&BackfillRun {
         id: 0,
-        kind: "catch-up".to_owned(),
+        kind: kind.to_owned(),
         started_us: now_us(),
         finished_us: None,
         done: 0,
@@ -154,8 +154,9 @@ pub(crate) fn catch_up(inner: &Inner, reason: &str) -> Result<u64, StoreError> {
     batch.commit()?;
     tracing::warn!(
         reason,
+        kind,
         repos = total,
-        "backfill.decision: catching up by resync"
+        "backfill.decision: resyncing every synced repo"
     );
     inner.work.notify_waiters();
     Ok(total)
@@ -169,7 +170,7 @@ pub(crate) async fn run(inner: Arc<Inner>) -> Result<(), SyncError> {
         Start::Replay(cursor) => Some(cursor),
         Start::Live => None,
         Start::CatchUp => {
-            catch_up(&inner, "no cursor within the replay window")?;
+            catch_up(&inner, "catch-up", "no cursor within the replay window")?;
             None
         }
     };
@@ -244,7 +245,7 @@ pub(crate) async fn run(inner: Arc<Inner>) -> Result<(), SyncError> {
             }
             FirehoseEvent::OutdatedCursor { message } => {
                 tracing::warn!(relay = %relay, message = ?message, "firehose.outdated_cursor");
-                catch_up(&inner, "the relay says the cursor is outdated")?;
+                catch_up(&inner, "catch-up", "the relay says the cursor is outdated")?;
             }
             FirehoseEvent::FutureCursor { message } => {
                 tracing::warn!(relay = %relay, message = ?message, "firehose.future_cursor: reconnecting live");
@@ -344,7 +345,7 @@ async fn process_commit(inner: &Inner, event: CommitEvent) -> Result<(), StoreEr
     let _guard = inner.locks.lock(&did).await;
     let Some(mut entry) = inner.store.repo(&did)? else {
         if inner
-            .config
+            .scope()
             .mode
             .tracks_commit(event.ops.iter().map(|op| collection_of(&op.path)))
         {
@@ -399,7 +400,7 @@ async fn process_commit(inner: &Inner, event: CommitEvent) -> Result<(), StoreEr
                 &mut batch,
                 &mut entry,
                 &verified,
-                &inner.config.filters,
+                &inner.scope().filters,
                 now_us(),
             ) {
                 bump(&inner.counters.commits_invalid);
@@ -563,7 +564,7 @@ async fn process_sync(inner: &Inner, event: SyncEvent) -> Result<(), StoreError>
     let did = event.did.clone();
     let _guard = inner.locks.lock(&did).await;
     let Some(mut entry) = inner.store.repo(&did)? else {
-        if inner.config.mode.tracks_any_event() {
+        if inner.scope().mode.tracks_any_event() {
             track(inner, &did)?;
         }
         return Ok(());
@@ -632,7 +633,7 @@ async fn process_identity(inner: &Inner, event: WireIdentity) -> Result<(), Stor
     // Resolve before taking the lock: a slow directory must not hold up the DID's stripe.
     let tracked = inner.store.repo(&did)?.is_some();
     if !tracked {
-        if inner.config.mode.tracks_any_event() {
+        if inner.scope().mode.tracks_any_event() {
             let _guard = inner.locks.lock(&did).await;
             if inner.store.repo(&did)?.is_none() {
                 track(inner, &did)?;
@@ -673,7 +674,7 @@ async fn process_account(inner: &Inner, event: AccountEvent) -> Result<(), Store
     let did = event.did.clone();
     let _guard = inner.locks.lock(&did).await;
     let Some(mut entry) = inner.store.repo(&did)? else {
-        if event.active && inner.config.mode.tracks_any_event() {
+        if event.active && inner.scope().mode.tracks_any_event() {
             track(inner, &did)?;
         }
         return Ok(());

@@ -40,7 +40,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use scope::{Filters, Mode, Pattern, PatternError};
+pub use scope::{Filters, Mode, Pattern, PatternError, Scope};
 
 /// What can stop the engine (per-repo problems are recorded on the repo, not returned).
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +167,15 @@ pub(crate) struct Inner {
     pub(crate) http: atpdb_net::Http,
     pub(crate) locks: locks::DidLocks,
     pub(crate) shutdown: CancellationToken,
+    /// The scope now: the configuration's, or the last `set_scope` (stored, so it outlives a
+    /// restart).
+    scope: std::sync::RwLock<Arc<Scope>>,
+    /// Wakes the crawler when the scope changed.
+    pub(crate) scope_changed: Notify,
+    /// When the filters last widened (µs): a repo last synced before then lacks records
+    /// they now keep, so its resync fetches the snapshot even if its rev did not move.
+    /// Derived from the stored `scope` runs, so it survives a restart.
+    pub(crate) widened_us: AtomicU64,
     /// Wakes idle resync workers when repos become claimable.
     pub(crate) work: Notify,
     pub(crate) claims: backfill::Claims,
@@ -177,7 +186,7 @@ impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("relay_url", &self.inner.config.relay_url)
-            .field("mode", &self.inner.config.mode)
+            .field("mode", &self.inner.scope().mode)
             .finish_non_exhaustive()
     }
 }
@@ -191,9 +200,40 @@ impl Engine {
         xrpc: Xrpc,
         http: atpdb_net::Http,
     ) -> Engine {
+        let mut scope = Scope {
+            mode: config.mode.clone(),
+            filters: config.filters.clone(),
+        };
+        match store.config(SCOPE_KEY) {
+            Ok(Some(stored)) => match scope.updated(&stored) {
+                Ok(stored) => {
+                    tracing::warn!(
+                        scope = %stored.to_json(),
+                        "config.scope_from_store: a runtime change (PUT /config) overrides the flags"
+                    );
+                    scope = stored;
+                }
+                Err(reason) => tracing::warn!(%reason, "config.stored_scope_ignored"),
+            },
+            Ok(None) => {}
+            Err(err) => tracing::warn!(%err, "config.stored_scope_unreadable"),
+        }
+        let widened_us = store
+            .runs()
+            .map(|runs| {
+                runs.iter()
+                    .filter(|run| run.kind == SCOPE_RUN)
+                    .map(|run| run.started_us)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
         Engine {
             inner: Arc::new(Inner {
                 config,
+                scope: std::sync::RwLock::new(Arc::new(scope)),
+                scope_changed: Notify::new(),
+                widened_us: AtomicU64::new(widened_us),
                 store,
                 identity,
                 xrpc,
@@ -228,7 +268,9 @@ impl Engine {
             let inner = self.inner.clone();
             tasks.spawn(async move { ("backfill runs", backfill::track_runs(inner).await) });
         }
-        if !matches!(self.inner.config.mode, Mode::Manual) {
+        {
+            // Always running: a runtime scope change can turn a manual engine into one that
+            // crawls; in manual mode it waits for such a change.
             let inner = self.inner.clone();
             tasks.spawn(async move { ("crawler", crawler::run(inner).await) });
         }
@@ -258,6 +300,84 @@ impl Engine {
     /// The identity resolver the engine uses.
     pub fn identity(&self) -> &Resolver {
         &self.inner.identity
+    }
+
+    /// What the engine tracks and keeps now.
+    pub fn scope(&self) -> Arc<Scope> {
+        self.inner.scope()
+    }
+
+    /// Changes what the engine tracks and keeps, at once and for later runs (stored in the
+    /// store's config). A change that keeps records the old filters did not resyncs every
+    /// synced repo, recorded as a `scope` backfill run; returns how many repos that marked.
+    /// A narrower filter stops storing and emitting what it excludes from the next event on;
+    /// records already stored are left as they are.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn set_scope(&self, scope: Scope) -> Result<u64, SyncError> {
+        let before = self.inner.scope();
+        let mut batch = self.inner.store.batch();
+        batch.set_config(SCOPE_KEY, &scope.to_json());
+        batch.commit()?;
+        let widens = scope.widens(&before);
+        tracing::info!(scope = %scope.to_json(), widens, "config.scope_changed");
+        *self
+            .inner
+            .scope
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(scope);
+        self.inner.scope_changed.notify_waiters();
+        if !widens {
+            return Ok(0);
+        }
+        let started_us = now_us();
+        self.inner.widened_us.store(started_us, Ordering::Relaxed);
+        // Synced repos, and those mid-snapshot (fetched under the old filters: marking them
+        // makes their snapshot end without being taken, and a new one start).
+        let mut marked = 0;
+        for state in [RepoState::Synced, RepoState::Syncing] {
+            let mut after: Option<Did> = None;
+            loop {
+                let page = self
+                    .inner
+                    .store
+                    .repos_in_state_after(state, after.as_ref(), 1000)?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.did.clone());
+                for listed in page {
+                    let _guard = self.inner.locks.lock(&listed.did).await;
+                    let Some(mut entry) = self.inner.store.repo(&listed.did)? else {
+                        continue;
+                    };
+                    if !matches!(entry.state, RepoState::Synced | RepoState::Syncing) {
+                        continue;
+                    }
+                    entry.state = RepoState::Desynchronized;
+                    entry.retry_after_us = 0;
+                    let mut batch = self.inner.store.batch();
+                    batch.put_repo(&entry);
+                    batch.commit()?;
+                    marked += 1;
+                }
+            }
+        }
+        let mut batch = self.inner.store.batch();
+        batch.put_run(&atpdb_store::BackfillRun {
+            id: 0,
+            kind: SCOPE_RUN.to_owned(),
+            started_us,
+            total: marked,
+            ..atpdb_store::BackfillRun::default()
+        });
+        batch.commit()?;
+        tracing::warn!(
+            repos = marked,
+            "backfill.decision: the collection filters keep more; resyncing every synced repo"
+        );
+        self.inner.work.notify_waiters();
+        Ok(marked)
     }
 
     /// The XRPC client (its per-host counters feed `/metrics`).
@@ -359,7 +479,21 @@ impl Engine {
     }
 }
 
+/// The store's config key for a scope set at runtime.
+const SCOPE_KEY: &str = "scope";
+
+/// The kind of backfill run a widening scope change records.
+const SCOPE_RUN: &str = "scope";
+
 impl Inner {
+    /// The scope now (cheap: an `Arc` clone under a read lock).
+    pub(crate) fn scope(&self) -> Arc<Scope> {
+        self.scope
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Moves a repo to `state` with `reason`, recording it and emitting a repo-state event in
     /// the same batch. Callers hold the DID's lock.
     pub(crate) fn set_state(

@@ -208,9 +208,160 @@ impl Mode {
     }
 }
 
+/// What the engine tracks and keeps, changeable while it runs ([`crate::Engine::set_scope`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// Which repos are tracked.
+    pub mode: Mode,
+    /// Which records are kept and emitted.
+    pub filters: Filters,
+}
+
+impl Scope {
+    /// Whether `self` keeps records that `before` did not: then the stored repos lack them
+    /// and need a fresh snapshot. A change counts as widening unless every new pattern was
+    /// already there (dropping patterns only narrows).
+    pub fn widens(&self, before: &Scope) -> bool {
+        if before.filters.is_all() {
+            return false;
+        }
+        self.filters.is_all()
+            || self
+                .filters
+                .patterns()
+                .iter()
+                .any(|pattern| !before.filters.patterns().contains(pattern))
+    }
+
+    /// The stored form (`config` key `scope`): names and pattern texts.
+    pub fn to_json(&self) -> serde_json::Value {
+        let signals: Vec<String> = match &self.mode {
+            Mode::Signal(patterns) => patterns.iter().map(ToString::to_string).collect(),
+            _ => Vec::new(),
+        };
+        serde_json::json!({
+            "mode": self.mode.name(),
+            "signal_collections": signals,
+            "collection_filters": self
+                .filters
+                .patterns()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        })
+    }
+
+    /// `self` with the fields `change` names replaced (`mode`, `signal_collections`,
+    /// `collection_filters`); unknown fields are refused, so a typo is not silently ignored.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the field that is wrong.
+    pub fn updated(&self, change: &serde_json::Value) -> Result<Scope, String> {
+        let object = change.as_object().ok_or("the body must be a JSON object")?;
+        for key in object.keys() {
+            if !matches!(
+                key.as_str(),
+                "mode" | "signal_collections" | "collection_filters"
+            ) {
+                return Err(format!(
+                    "{key:?} cannot be changed at runtime (mode, signal_collections and \
+                     collection_filters can)"
+                ));
+            }
+        }
+        let patterns = |key: &str| -> Result<Option<Vec<Pattern>>, String> {
+            let Some(value) = object.get(key) else {
+                return Ok(None);
+            };
+            let texts: Vec<&str> = match value {
+                serde_json::Value::String(text) => text.split(',').map(str::trim).collect(),
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|item| item.as_str().ok_or(format!("{key}: expected strings")))
+                    .collect::<Result<_, _>>()?,
+                _ => return Err(format!("{key}: expected a list of NSID patterns")),
+            };
+            texts
+                .into_iter()
+                .filter(|text| !text.is_empty())
+                .map(|text| {
+                    text.parse::<Pattern>()
+                        .map_err(|err| format!("{key}: {err}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some)
+        };
+        let signals = patterns("signal_collections")?;
+        let filters =
+            patterns("collection_filters")?.map_or_else(|| self.filters.clone(), Filters::new);
+        let current_signals = match &self.mode {
+            Mode::Signal(patterns) => patterns.clone(),
+            _ => Vec::new(),
+        };
+        let mode_name = match object.get("mode") {
+            None => self.mode.name(),
+            Some(serde_json::Value::String(name)) => name.as_str(),
+            Some(_) => return Err("mode: expected \"manual\", \"signal\" or \"full\"".into()),
+        };
+        let mode = match mode_name {
+            "manual" => Mode::Manual,
+            "full" => Mode::Full,
+            "signal" => {
+                let signals = signals.unwrap_or(current_signals);
+                if signals.is_empty() {
+                    return Err("mode signal needs signal_collections".into());
+                }
+                Mode::Signal(signals)
+            }
+            other => {
+                return Err(format!(
+                    "mode: {other:?} is not one of \"manual\", \"signal\", \"full\""
+                ));
+            }
+        };
+        Ok(Scope { mode, filters })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scope_updates_validate_and_know_when_they_widen() -> Result<(), String> {
+        let before = Scope {
+            mode: Mode::Manual,
+            filters: Filters::parse_list("app.bsky.feed.post").map_err(|e| e.to_string())?,
+        };
+        let after = before.updated(&serde_json::json!({
+            "mode": "signal",
+            "signal_collections": ["fm.teal.*"],
+            "collection_filters": ["app.bsky.feed.post", "fm.teal.*"],
+        }))?;
+        assert_eq!(after.mode.name(), "signal");
+        assert!(after.widens(&before), "a new pattern widens");
+        let narrower = after.updated(&serde_json::json!({"collection_filters": "fm.teal.*"}))?;
+        assert!(!narrower.widens(&after), "dropping a pattern narrows");
+        let all = narrower.updated(&serde_json::json!({"collection_filters": []}))?;
+        assert!(all.widens(&narrower), "no filter keeps everything");
+        assert!(!narrower.widens(&all));
+        for bad in [
+            serde_json::json!({"mode": "everything"}),
+            serde_json::json!({"mode": "signal", "signal_collections": []}),
+            serde_json::json!({"collection_filters": ["app.bsky*"]}),
+            serde_json::json!({"resync_parallelism": 3}),
+            serde_json::json!([1]),
+        ] {
+            assert!(before.updated(&bad).is_err(), "{bad}");
+        }
+        let round = Scope {
+            mode: Mode::Full,
+            filters: Filters::all(),
+        };
+        assert_eq!(round.updated(&round.to_json())?, round);
+        Ok(())
+    }
 
     #[test]
     fn wildcards_only_at_segment_boundaries() {

@@ -869,3 +869,126 @@ async fn a_cursor_older_than_the_replay_window_catches_up_in_a_recorded_run() ->
     harness.engine.shutdown();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_change_at_runtime_backfills_what_it_adds_and_stops_what_it_drops() -> TestResult {
+    let posts = Filters::parse_list("app.bsky.feed.post")?;
+    let mut harness = start(
+        DevnetConfig {
+            pds_hosts: 2,
+            accounts: 6,
+            records: 30,
+            ..DevnetConfig::default()
+        },
+        Mode::Manual,
+        posts.clone(),
+    )
+    .await?;
+    let dids: Vec<Did> = harness
+        .devnet
+        .accounts()
+        .iter()
+        .map(|a| a.did.clone())
+        .collect();
+    harness.engine.add_repos(&dids[..4]).await?;
+    let store = harness.engine.store().clone();
+    eventually("four repos synced", Duration::from_secs(60), || {
+        Ok(store.count_in_state(RepoState::Synced)? == 4)
+    })
+    .await?;
+    for did in &dids[..4] {
+        assert!(
+            harness
+                .stored(did)?
+                .keys()
+                .all(|p| p.starts_with("app.bsky.feed.post/")),
+            "only posts before the change"
+        );
+    }
+
+    // Wider filters and the full network: the synced repos are snapshotted again (a
+    // recorded `scope` run) and the crawler finds the two repos nobody added.
+    let wider = atpdb_sync::Scope {
+        mode: Mode::Full,
+        filters: Filters::parse_list("app.bsky.feed.post,app.bsky.feed.like")?,
+    };
+    let resyncing = harness.engine.set_scope(wider.clone()).await?;
+    assert_eq!(resyncing, 4);
+    assert_eq!(
+        store.config("scope")?,
+        Some(wider.to_json()),
+        "stored for restarts"
+    );
+    assert!(
+        store.runs()?.iter().any(|run| run.kind == "scope"),
+        "the resync is a recorded run"
+    );
+    harness.devnet.start_traffic(20.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    harness.devnet.stop_traffic();
+    harness.converge(Duration::from_secs(60)).await?;
+    let truth = harness.truth(&wider.filters)?;
+    assert!(
+        truth
+            .values()
+            .flat_map(|r| r.keys())
+            .any(|p| p.starts_with("app.bsky.feed.like/")),
+        "the devnet has likes"
+    );
+    assert_mirror(&harness, &truth)?;
+
+    // Narrower: posts are no longer stored or emitted; likes still are.
+    let narrow_from = store.last_event_id();
+    let likes = Filters::parse_list("app.bsky.feed.like")?;
+    let resyncing = harness
+        .engine
+        .set_scope(atpdb_sync::Scope {
+            mode: Mode::Full,
+            filters: likes.clone(),
+        })
+        .await?;
+    assert_eq!(resyncing, 0, "narrowing needs no snapshot");
+    let before: BTreeMap<Did, BTreeMap<String, Cid>> = dids
+        .iter()
+        .map(|did| Ok((did.clone(), harness.stored(did)?)))
+        .collect::<Result<_, Box<dyn std::error::Error>>>()?;
+    harness.devnet.start_traffic(20.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    harness.devnet.stop_traffic();
+    harness.converge(Duration::from_secs(60)).await?;
+    let mut emitted = 0;
+    for (_, event) in store.events_after(narrow_from, usize::MAX)? {
+        if let Event::Record(record) = event {
+            assert_eq!(
+                record.collection, "app.bsky.feed.like",
+                "only likes are emitted"
+            );
+            emitted += 1;
+        }
+    }
+    assert!(emitted > 0, "likes kept flowing");
+    let truth_likes = harness.truth(&likes)?;
+    for did in &dids {
+        let stored = harness.stored(did)?;
+        let stored_likes: BTreeMap<String, Cid> = stored
+            .iter()
+            .filter(|(p, _)| p.starts_with("app.bsky.feed.like/"))
+            .map(|(p, c)| (p.clone(), *c))
+            .collect();
+        assert_eq!(&stored_likes, &truth_likes[did], "likes of {did}");
+        let stored_posts: Vec<&String> = stored
+            .keys()
+            .filter(|p| p.starts_with("app.bsky.feed.post/"))
+            .collect();
+        let posts_before: Vec<&String> = before[did]
+            .keys()
+            .filter(|p| p.starts_with("app.bsky.feed.post/"))
+            .collect();
+        assert_eq!(
+            stored_posts, posts_before,
+            "posts of {did} are left as they were"
+        );
+    }
+    harness.engine.shutdown();
+    Ok(())
+}
