@@ -98,6 +98,11 @@ pub(crate) struct ServeArgs {
     /// [TAP_OUTBOX_ONLY].
     #[arg(long, env = "ATPDB_OUTBOX_ONLY")]
     outbox_only: Option<bool>,
+    /// Undelivered events the outbox may hold before the firehose and backfills pause for
+    /// consumers to catch up (0: no limit; the outbox then grows on disk while nobody
+    /// consumes).
+    #[arg(long, env = "ATPDB_OUTBOX_LIMIT", default_value_t = 1_000_000)]
+    outbox_limit: u64,
     /// Events one /channel socket may hold unacknowledged (0: no limit). Set 1 for
     /// `@atproto/tap` 0.3.x clients that must survive a server crash: they hang when their
     /// socket drops while they hold more than the event in hand.
@@ -175,6 +180,7 @@ fn engine_config(args: &ServeArgs) -> anyhow::Result<EngineConfig> {
         backoff_min: Duration::from_secs(args.min_backoff_secs),
         backoff_max: Duration::from_secs(args.max_backoff_secs),
         follow_firehose: !args.no_firehose,
+        outbox_limit: args.outbox_limit,
         ..EngineConfig::default()
     };
     if let Some(parallelism) = tap_env_parsed(args.resync_parallelism, "TAP_RESYNC_PARALLELISM")? {

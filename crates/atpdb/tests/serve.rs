@@ -1138,7 +1138,10 @@ async fn routes_beyond_tap_answer_and_refuse_bad_input() -> TestResult {
     assert_eq!(response.status(), 200);
     let changed: Json = response.json().await?;
     assert_eq!(changed["collection_filters"], json!(["app.bsky.feed.*"]));
-    assert_eq!(changed["resyncing"], 0, "narrowing from everything resyncs nothing");
+    assert_eq!(
+        changed["resyncing"], 0,
+        "narrowing from everything resyncs nothing"
+    );
     let (_, config) = get_as(&http, &server, "/config").await?;
     assert_eq!(config["collection_filters"], json!(["app.bsky.feed.*"]));
     let unauthorized = http

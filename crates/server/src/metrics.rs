@@ -97,6 +97,18 @@ pub(crate) async fn metrics(State(app): State<App>) -> Response {
     }
     metric(
         &mut out,
+        "atpdb_intake_paused",
+        "gauge",
+        "Intake tasks paused because the outbox holds --outbox-limit undelivered events.",
+        load(&counters.intake_paused),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP atpdb_intake_paused_seconds_total Time intake spent paused for a full outbox.\n# TYPE atpdb_intake_paused_seconds_total counter\natpdb_intake_paused_seconds_total {:.3}",
+        load(&counters.intake_paused_us) as f64 / 1e6
+    );
+    metric(
+        &mut out,
         "atpdb_firehose_cursor",
         "gauge",
         "The firehose low-water mark a restart resumes from.",

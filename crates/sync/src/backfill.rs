@@ -92,6 +92,7 @@ pub(crate) async fn run_worker(inner: Arc<Inner>) -> Result<(), SyncError> {
         if inner.shutdown.is_cancelled() {
             return Ok(());
         }
+        inner.outbox_room().await;
         match claim(&inner).await? {
             Some(entry) => {
                 let did = entry.did.clone();

@@ -201,6 +201,7 @@ pub(crate) async fn run(inner: Arc<Inner>) -> Result<(), SyncError> {
     save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let result = loop {
+        inner.outbox_room().await;
         let event = tokio::select! {
             () = inner.shutdown.cancelled() => break Ok(()),
             _ = save_tick.tick() => {

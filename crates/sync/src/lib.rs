@@ -88,6 +88,10 @@ pub struct EngineConfig {
     pub crawl_interval: Duration,
     /// How often the firehose cursor is saved.
     pub cursor_interval: Duration,
+    /// Events the outbox may hold undelivered before intake (firehose, backfill) pauses
+    /// until consumers catch up; 0: no limit. Nothing is dropped either way: this bounds the
+    /// disk a consumer that stays away can cost.
+    pub outbox_limit: u64,
 }
 
 impl Default for EngineConfig {
@@ -106,6 +110,7 @@ impl Default for EngineConfig {
             idle_poll: Duration::from_secs(1),
             crawl_interval: Duration::from_secs(24 * 3600),
             cursor_interval: Duration::from_secs(1),
+            outbox_limit: 1_000_000,
         }
     }
 }
@@ -138,6 +143,10 @@ pub struct Counters {
     pub backfill_records: AtomicU64,
     /// The firehose low-water mark (the cursor a restart resumes from).
     pub firehose_cursor: AtomicU64,
+    /// Tasks paused now because the outbox is full (`EngineConfig::outbox_limit`).
+    pub intake_paused: AtomicU64,
+    /// Time intake spent paused for a full outbox, in microseconds.
+    pub intake_paused_us: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -486,6 +495,34 @@ const SCOPE_KEY: &str = "scope";
 const SCOPE_RUN: &str = "scope";
 
 impl Inner {
+    /// Waits while the outbox holds `outbox_limit` events or more: intake slows to what
+    /// consumers take instead of dropping anything. Returns at once when there is room.
+    pub(crate) async fn outbox_room(&self) {
+        let limit = self.config.outbox_limit;
+        if limit == 0 || self.store.outbox_len() < limit {
+            return;
+        }
+        let started = std::time::Instant::now();
+        if self.counters.intake_paused.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                outbox = self.store.outbox_len(),
+                limit,
+                "intake.paused: the outbox is full; waiting for consumers to acknowledge"
+            );
+        }
+        while self.store.outbox_len() >= limit && !self.shutdown.is_cancelled() {
+            tokio::select! {
+                () = self.shutdown.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        self.counters.intake_paused.fetch_sub(1, Ordering::Relaxed);
+        self.counters.intake_paused_us.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
     /// The scope now (cheap: an `Arc` clone under a read lock).
     pub(crate) fn scope(&self) -> Arc<Scope> {
         self.scope
