@@ -1194,3 +1194,164 @@ async fn routes_beyond_tap_answer_and_refuse_bad_input() -> TestResult {
     server.kill()?;
     Ok(())
 }
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next text frame as JSON.
+async fn next_json(socket: &mut Socket) -> Result<Json, Box<dyn std::error::Error>> {
+    next_json_within(socket, Duration::from_secs(20))
+        .await?
+        .ok_or_else(|| "no frame within 20 s".into())
+}
+
+/// The next text frame as JSON, or `None` when none comes within `wait`.
+async fn next_json_within(
+    socket: &mut Socket,
+    wait: Duration,
+) -> Result<Option<Json>, Box<dyn std::error::Error>> {
+    use futures_util::StreamExt;
+    loop {
+        let Ok(message) = tokio::time::timeout(wait, socket.next()).await else {
+            return Ok(None);
+        };
+        if let tokio_tungstenite::tungstenite::Message::Text(text) =
+            message.ok_or("the stream ended")??
+        {
+            return Ok(Some(serde_json::from_str(text.as_str())?));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_replays_from_any_cursor_to_every_client_and_follows_live() -> TestResult {
+    use futures_util::SinkExt;
+    let mut devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 1,
+        accounts: 4,
+        records: 10,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path(), &devnet, &[])?;
+    let http = reqwest::Client::new();
+    http.post(format!("{}/repos/add", server.url))
+        .json(&json!({ "dids": dids(&devnet) }))
+        .send()
+        .await?;
+    converge(&http, &server, &devnet, Duration::from_secs(60)).await?;
+    let ws = server.url.replacen("http", "ws", 1);
+    let status: Json = http
+        .get(format!("{}/status.json", server.url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let newest = status["last_event_id"].as_u64().ok_or("last_event_id")?;
+
+    // Two clients from the start each get every event, in id order.
+    let all_events = format!("{ws}/stream?cursor=0&repo_events=true");
+    let (mut first, _) = tokio_tungstenite::connect_async(all_events.as_str()).await?;
+    let (mut second, _) = tokio_tungstenite::connect_async(all_events.as_str()).await?;
+    let mut rebuilt: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut previous = 0;
+    let mut last_tap_event = 0;
+    let mut seen = Vec::new();
+    // Nothing is being written: the replay ends when the stream goes quiet.
+    while let Some(event) = next_json_within(&mut first, Duration::from_secs(1)).await? {
+        let again = next_json(&mut second).await?;
+        assert_eq!(event, again, "both clients get the same events");
+        let id = event["id"].as_u64().ok_or("id")?;
+        assert!(id > previous, "ids grow: {id} after {previous}");
+        previous = id;
+        seen.push(id);
+        if event["type"] == "record" {
+            let record = &event["record"];
+            let repo = rebuilt
+                .entry(record["did"].as_str().unwrap_or_default().to_owned())
+                .or_default();
+            let path = format!(
+                "{}/{}",
+                record["collection"].as_str().unwrap_or_default(),
+                record["rkey"].as_str().unwrap_or_default()
+            );
+            match record["cid"].as_str() {
+                Some(cid) => repo.insert(path, cid.to_owned()),
+                None => repo.remove(&path),
+            };
+        }
+        if event["type"] != "repo" {
+            last_tap_event = id;
+        }
+    }
+    let last = previous;
+    assert!(last <= newest && last > 0);
+    // Without asking, a client gets Tap's event types only.
+    let (mut plain, _) = tokio_tungstenite::connect_async(format!("{ws}/stream?cursor=0")).await?;
+    loop {
+        let event = next_json(&mut plain).await?;
+        assert_ne!(event["type"], "repo", "repo-state events are opt-in");
+        if event["id"].as_u64() >= Some(last_tap_event) {
+            break;
+        }
+    }
+    let truth = truth(&devnet)?;
+    for (did, records) in &truth {
+        let expected: BTreeMap<String, String> = records
+            .iter()
+            .map(|(path, cid)| (path.clone(), cid.to_string()))
+            .collect();
+        assert_eq!(rebuilt.get(&did.to_string()), Some(&expected), "{did}");
+    }
+
+    // A cursor resumes right after it; live events follow the replay.
+    let middle = last / 2;
+    let (mut resumed, _) =
+        tokio_tungstenite::connect_async(format!("{ws}/stream?cursor={middle}")).await?;
+    let expected = seen.iter().find(|id| **id > middle).copied();
+    assert_eq!(next_json(&mut resumed).await?["id"].as_u64(), expected);
+    devnet.start_traffic(10.0);
+    let live = next_json(&mut first).await?;
+    assert!(
+        live["id"].as_u64().unwrap_or(0) > last,
+        "a live event: {live}"
+    );
+    assert_eq!(live["record"]["live"], true);
+    devnet.stop_traffic();
+
+    // Events acknowledged on /channel leave the outbox: an older cursor is told so.
+    let (mut channel, _) = tokio_tungstenite::connect_async(format!("{ws}/channel")).await?;
+    for _ in 0..5 {
+        let event = next_json(&mut channel).await?;
+        let ack = json!({"type": "ack", "id": event["id"]}).to_string();
+        channel
+            .send(tokio_tungstenite::tungstenite::Message::Text(ack.into()))
+            .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mut late, _) =
+            tokio_tungstenite::connect_async(format!("{ws}/stream?cursor=1")).await?;
+        let first_frame = next_json(&mut late).await?;
+        if first_frame["type"] == "info" {
+            assert_eq!(first_frame["name"], "OutdatedCursor");
+            break;
+        }
+        assert!(Instant::now() < deadline, "acks never deleted events");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for bad in ["cursor=-1", "cursor=x", "repo_events=maybe"] {
+        let response = http
+            .get(format!("{}/stream?{bad}", server.url))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .send()
+            .await?;
+        assert_eq!(response.status(), 400, "{bad}");
+    }
+    server.kill()?;
+    Ok(())
+}

@@ -28,6 +28,7 @@
 
 mod dispatch;
 mod schedule;
+mod tail;
 mod webhook;
 
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use bytes::Bytes;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+pub use tail::Tail;
 pub use webhook::{SIGNATURE_HEADER, WebhookConfig, sign};
 
 /// What stops delivery (a consumer's failures never do).

@@ -30,6 +30,7 @@ mod admin;
 mod channel;
 mod metrics;
 mod status;
+mod stream;
 
 /// Settings of the HTTP API.
 #[derive(Debug, Clone, Default)]
@@ -55,6 +56,7 @@ pub fn router(engine: Engine, delivery: Delivery, config: ServerConfig) -> Route
     Router::new()
         .route("/health", get(health))
         .route("/channel", get(channel::channel))
+        .route("/stream", get(stream::stream))
         .route("/resolve/{did}", get(resolve))
         .route("/repos/add", post(repos_add))
         .route("/repos/remove", post(repos_remove))
