@@ -103,6 +103,13 @@ pub(crate) struct ServeArgs {
     /// consumes).
     #[arg(long, env = "ATPDB_OUTBOX_LIMIT", default_value_t = 1_000_000)]
     outbox_limit: u64,
+    /// Events /stream (and /subscribe) can replay whatever delivery did with them: the
+    /// newest this many (0: no retention; streams then replay what the outbox still holds).
+    #[arg(long, env = "ATPDB_RETAIN_EVENTS", default_value_t = 100_000)]
+    retain_events: u64,
+    /// ... and none older than this many hours.
+    #[arg(long, env = "ATPDB_RETAIN_HOURS", default_value_t = 24)]
+    retain_hours: u64,
     /// Events one /channel socket may hold unacknowledged (0: no limit). Set 1 for
     /// `@atproto/tap` 0.3.x clients that must survive a server crash: they hang when their
     /// socket drops while they hold more than the event in hand.
@@ -306,19 +313,16 @@ pub(crate) async fn serve_with(
     let mode = delivery_config.mode.name();
     let (delivery, delivery_task) =
         Delivery::start(store.clone(), delivery_config, engine.shutdown_token())?;
-    tasks.spawn(async move {
-        let ended = match delivery_task.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(err) => Err(format!("panicked: {err}")),
-        };
-        let ended = ended.map_err(|reason| atpdb_sync::SyncError::Task {
-            task: "delivery",
-            reason,
-        });
-        ("delivery", ended)
-    });
+    tasks.spawn(beside_engine("delivery", delivery_task));
     tracing::info!(mode, "delivery.started");
+    if args.retain_events > 0 {
+        let retention = atpdb_deliver::Retention {
+            max_events: args.retain_events,
+            max_age: Duration::from_secs(args.retain_hours.saturating_mul(3600)),
+        };
+        let trimmer = atpdb_deliver::retain(store.clone(), retention, engine.shutdown_token());
+        tasks.spawn(beside_engine("event retention", trimmer));
+    }
 
     let bind =
         tap_env(args.bind.clone(), "TAP_BIND").unwrap_or_else(|| "127.0.0.1:2480".to_owned());
@@ -385,6 +389,23 @@ pub(crate) async fn serve_with(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A task that runs beside the engine's, reported the way the engine's are, so that its
+/// failure stops the process like theirs.
+async fn beside_engine(
+    task: &'static str,
+    handle: tokio::task::JoinHandle<Result<(), atpdb_deliver::DeliveryError>>,
+) -> (&'static str, Result<(), atpdb_sync::SyncError>) {
+    let ended = match handle.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(err) => Err(format!("panicked: {err}")),
+    };
+    (
+        task,
+        ended.map_err(|reason| atpdb_sync::SyncError::Task { task, reason }),
+    )
 }
 
 async fn shutdown_signal(engine: &Engine) {

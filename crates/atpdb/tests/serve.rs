@@ -1320,26 +1320,77 @@ async fn stream_replays_from_any_cursor_to_every_client_and_follows_live() -> Te
     assert_eq!(live["record"]["live"], true);
     devnet.stop_traffic();
 
-    // Events acknowledged on /channel leave the outbox: an older cursor is told so.
+    // Events acknowledged on /channel leave the outbox but stay in the retained log: a
+    // stream from the start still gets them.
+    let outbox_of = |http: reqwest::Client, url: String| async move {
+        let stats: Json = http
+            .get(format!("{url}/stats/outbox-buffer"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok::<_, Box<dyn std::error::Error>>(stats["outbox_buffer"].as_u64().unwrap_or(0))
+    };
+    let before_acks = outbox_of(http.clone(), server.url.clone()).await?;
     let (mut channel, _) = tokio_tungstenite::connect_async(format!("{ws}/channel")).await?;
+    let mut acked = Vec::new();
     for _ in 0..5 {
         let event = next_json(&mut channel).await?;
+        acked.push(event["id"].as_u64().ok_or("id")?);
         let ack = json!({"type": "ack", "id": event["id"]}).to_string();
         channel
             .send(tokio_tungstenite::tungstenite::Message::Text(ack.into()))
             .await?;
     }
     let deadline = Instant::now() + Duration::from_secs(10);
+    while outbox_of(http.clone(), server.url.clone()).await? + 5 > before_acks {
+        assert!(Instant::now() < deadline, "the acks never removed events");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut from_start, _) =
+        tokio_tungstenite::connect_async(format!("{ws}/stream?cursor=0&repo_events=true")).await?;
+    assert_eq!(
+        next_json(&mut from_start).await?["id"].as_u64(),
+        seen.first().copied(),
+        "the log still holds acknowledged events"
+    );
+    drop(channel);
+    server.kill()?;
+
+    // Without retention, streams replay what the outbox holds: an older cursor is told so.
+    let server = Server::start(dir.path(), &devnet, &["--retain-events", "0"])?;
+    let (mut late, _) = tokio_tungstenite::connect_async(format!(
+        "{ws_of}/stream?cursor=1",
+        ws_of = server.url.replacen("http", "ws", 1)
+    ))
+    .await?;
+    let first_frame = next_json(&mut late).await?;
+    assert_eq!(first_frame["type"], "info", "{first_frame}");
+    assert_eq!(first_frame["name"], "OutdatedCursor");
+    server.kill()?;
+
+    // A window of 5 events: the log is trimmed to the newest 5.
+    let server = Server::start(dir.path(), &devnet, &["--retain-events", "5"])?;
+    let ws = server.url.replacen("http", "ws", 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (mut late, _) =
-            tokio_tungstenite::connect_async(format!("{ws}/stream?cursor=1")).await?;
-        let first_frame = next_json(&mut late).await?;
+        let (mut trimmed, _) =
+            tokio_tungstenite::connect_async(format!("{ws}/stream?cursor=1&repo_events=true"))
+                .await?;
+        let first_frame = next_json(&mut trimmed).await?;
         if first_frame["type"] == "info" {
-            assert_eq!(first_frame["name"], "OutdatedCursor");
+            let mut ids = Vec::new();
+            while let Some(event) =
+                next_json_within(&mut trimmed, Duration::from_millis(500)).await?
+            {
+                ids.push(event["id"].as_u64().unwrap_or(0));
+            }
+            // The newest 5 at the last trim, and whatever the restart wrote since.
+            assert!(!ids.is_empty() && ids.len() < seen.len() / 2, "{ids:?}");
             break;
         }
-        assert!(Instant::now() < deadline, "acks never deleted events");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(Instant::now() < deadline, "the log was never trimmed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for bad in ["cursor=-1", "cursor=x", "repo_events=maybe"] {
         let response = http

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-pub use tail::Tail;
+pub use tail::{Retention, Tail, retain};
 pub use webhook::{SIGNATURE_HEADER, WebhookConfig, sign};
 
 /// What stops delivery (a consumer's failures never do).

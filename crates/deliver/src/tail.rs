@@ -1,6 +1,10 @@
-//! Reading the outbox as a log from a position: what broadcast streams (`/stream`, the
+//! Reading events as a log from a position: what broadcast streams (`/stream`, the
 //! Jetstream-compatible `/subscribe`) send, each client from its own cursor, without acks
 //! and without deleting anything.
+//!
+//! With retention on ([`atpdb_store::Store::retain_events`]) the log keeps every event for
+//! a window whatever delivery did with it; without, the outbox is what there is, and an
+//! event acknowledged on `/channel` is gone.
 
 use atpdb_store::{Event, Store};
 use tokio::sync::watch;
@@ -49,7 +53,7 @@ impl Tail {
     /// The store's.
     pub async fn oldest(&self) -> Result<Option<u64>, DeliveryError> {
         let store = self.store.clone();
-        let first = blocking(move || store.events_after(0, 1)).await?;
+        let first = blocking(move || read(&store, 0, 1)).await?;
         Ok(first.first().map(|(id, _)| *id))
     }
 
@@ -64,7 +68,7 @@ impl Tail {
             if newest > self.after {
                 let store = self.store.clone();
                 let after = self.after;
-                let page = blocking(move || store.events_after(after, PAGE)).await?;
+                let page = blocking(move || read(&store, after, PAGE)).await?;
                 match page.last() {
                     Some(&(last, _)) => {
                         self.after = last;
@@ -80,4 +84,63 @@ impl Tail {
                 .map_err(|_| DeliveryError::Task("the store closed".to_owned()))?;
         }
     }
+}
+
+/// The log when events are retained, the outbox otherwise.
+fn read(store: &Store, after: u64, limit: usize) -> atpdb_store::Result<Vec<(u64, Event)>> {
+    if store.retains_events() {
+        store.log_after(after, limit)
+    } else {
+        store.events_after(after, limit)
+    }
+}
+
+/// How long the log keeps events for broadcast streams.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// At most this many of the newest events.
+    pub max_events: u64,
+    /// None older than this.
+    pub max_age: std::time::Duration,
+}
+
+/// Turns retention on in `store` and trims its log to `retention` every few seconds until
+/// `cancel` fires.
+pub fn retain(
+    store: Store,
+    retention: Retention,
+    cancel: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), DeliveryError>> {
+    /// Entries removed per store batch.
+    const BUDGET: usize = 10_000;
+    store.retain_events(true);
+    tokio::spawn(async move {
+        loop {
+            loop {
+                let now = atpdb_now_us();
+                let min_time = now.saturating_sub(
+                    u64::try_from(retention.max_age.as_micros()).unwrap_or(u64::MAX),
+                );
+                let trimmed = store.clone();
+                let removed =
+                    blocking(move || trimmed.trim_log(min_time, retention.max_events, BUDGET))
+                        .await?;
+                if removed < BUDGET as u64 {
+                    break;
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            }
+        }
+    })
+}
+
+fn atpdb_now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+        })
 }

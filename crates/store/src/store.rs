@@ -62,6 +62,8 @@ pub(crate) struct Inner {
     pub(crate) published: RwLock<Counters>,
     /// The last event id committed, for delivery to wait on instead of polling.
     events: tokio::sync::watch::Sender<u64>,
+    /// Whether commits also write events to the log (see [`Store::retain_events`]).
+    pub(crate) retain: std::sync::atomic::AtomicBool,
     dir: PathBuf,
     /// Held for the life of the store; declared last so it is released after fjall closed.
     _lock: File,
@@ -77,6 +79,9 @@ pub(crate) struct Keyspaces {
     pub(crate) cursors: Keyspace,
     pub(crate) config: Keyspace,
     pub(crate) outbox: Keyspace,
+    /// Every event again, kept for a window after delivery removed it from the outbox, when
+    /// retention is on ([`Store::retain_events`]): what broadcast streams replay.
+    pub(crate) log: Keyspace,
     pub(crate) buffer: Keyspace,
     pub(crate) runs: Keyspace,
 }
@@ -268,6 +273,7 @@ impl Store {
             cursors: keyspace("cursors")?,
             config: keyspace("config")?,
             outbox: keyspace("outbox")?,
+            log: keyspace("log")?,
             buffer: keyspace("buffer")?,
             runs: keyspace("runs")?,
         };
@@ -297,6 +303,7 @@ impl Store {
                 commit: Mutex::new(counters),
                 published: RwLock::new(counters),
                 events: tokio::sync::watch::Sender::new(counters.last_event_id),
+                retain: std::sync::atomic::AtomicBool::new(false),
                 dir: dir.to_path_buf(),
                 _lock: lock,
             }),
@@ -678,6 +685,77 @@ impl Store {
     /// after the outbox was emptied, so a consumer's ack position stays meaningful.
     pub fn last_event_id(&self) -> u64 {
         self.counters().last_event_id
+    }
+
+    /// Also keeps every event committed from now on in the log, independent of delivery
+    /// (acknowledged events leave the outbox, not the log): broadcast streams replay from it
+    /// within the window [`Store::trim_log`] keeps. Costs one more write per event.
+    pub fn retain_events(&self, on: bool) {
+        self.inner
+            .retain
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether events are kept in the log.
+    pub fn retains_events(&self) -> bool {
+        self.inner.retain.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Up to `limit` logged events with ids above `after`, ascending.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::events_after`].
+    pub fn log_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        self.inner
+            .ks
+            .log
+            .range(start.to_be_bytes()..)
+            .take(limit)
+            .map(|guard| {
+                let (key, value) = guard.into_inner()?;
+                let id = codec::decode_u64("event", &key, &key)?;
+                let event = Event::decode(&value)
+                    .map_err(|reason| StoreError::corrupt("event", &key, reason))?;
+                Ok((id, event))
+            })
+            .collect()
+    }
+
+    /// Drops logged events beyond the window: those older than `min_time_us`, and all but
+    /// the newest `max_events`. Returns how many were dropped. Each call removes at most
+    /// `budget`, so a large trim does not hold a batch of millions.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::events_after`].
+    pub fn trim_log(&self, min_time_us: u64, max_events: u64, budget: usize) -> Result<u64> {
+        let keep_from = self
+            .last_event_id()
+            .saturating_sub(max_events.saturating_sub(1));
+        let mut batch = self.inner.db.batch().durability(Some(PersistMode::Buffer));
+        let mut removed = 0;
+        for guard in self.inner.ks.log.iter().take(budget) {
+            let (key, value) = guard.into_inner()?;
+            let id = codec::decode_u64("event", &key, &key)?;
+            let old = id < keep_from
+                || Event::decode(&value)
+                    .map_err(|reason| StoreError::corrupt("event", &key, reason))?
+                    .time_us()
+                    < min_time_us;
+            if !old {
+                break;
+            }
+            batch.remove(&self.inner.ks.log, key);
+            removed += 1;
+        }
+        if removed > 0 {
+            batch.commit()?;
+        }
+        Ok(removed)
     }
 
     /// Follows the last committed event id: it changes after every commit that pushed

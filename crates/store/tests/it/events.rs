@@ -93,3 +93,28 @@ fn reading_deleting_and_trimming() -> TestResult {
     assert_eq!(push(&store, 1)?, [11]);
     Ok(())
 }
+
+#[test]
+fn the_log_keeps_events_after_delivery_and_trims_to_its_window() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    push(&store, 2)?;
+    assert!(store.log_after(0, 10)?.is_empty(), "off by default");
+    store.retain_events(true);
+    // time_us of these is 0..10.
+    let ids = push(&store, 10)?;
+    store.delete_events(&ids)?;
+    assert_eq!(store.outbox_len(), 2, "delivery emptied the outbox of them");
+    let logged: Vec<u64> = store.log_after(0, 100)?.iter().map(|(id, _)| *id).collect();
+    assert_eq!(logged, ids, "the log still has them, in order");
+    assert_eq!(store.log_after(ids[4], 2)?.len(), 2);
+    // By age: time_us below 3 goes.
+    assert_eq!(store.trim_log(3, u64::MAX, 100)?, 3);
+    // By count: the newest 4 stay; with a budget of 2 a call removes at most 2.
+    assert_eq!(store.trim_log(0, 4, 2)?, 2);
+    assert_eq!(store.trim_log(0, 4, 100)?, 1);
+    let logged: Vec<u64> = store.log_after(0, 100)?.iter().map(|(id, _)| *id).collect();
+    assert_eq!(logged, ids[6..]);
+    assert_eq!(store.trim_log(0, 4, 100)?, 0);
+    Ok(())
+}
