@@ -56,6 +56,13 @@ impl From<StoreError> for Stop {
     }
 }
 
+/// The cursor just past `cursor` when cursors are positions (a relay's numeric `listRepos`
+/// cursor): skipping exactly the entry the host cannot serve. `None` for any other cursor.
+fn skip_past(cursor: Option<&str>) -> Option<String> {
+    let position: u64 = cursor?.parse().ok()?;
+    Some(position.checked_add(1)?.to_string())
+}
+
 /// The crawler cursor name for a relay and a listing.
 pub fn crawler_cursor_name(relay_url: &str, listing: &str) -> String {
     format!("crawler:{}:{listing}", relay_url.trim_end_matches('/'))
@@ -98,6 +105,9 @@ async fn crawl_listing(
         .filter(|cursor| !cursor.is_empty());
     let mut added = 0;
     let mut failures = 0;
+    // Shrinks when a host keeps failing at one cursor (it may choke on one entry of the
+    // page), and grows back after each success.
+    let mut limit = PAGE;
     loop {
         if inner.shutdown.is_cancelled() {
             return Err(Stop::Shutdown);
@@ -105,7 +115,7 @@ async fn crawl_listing(
         let page = match collection {
             None => inner
                 .xrpc
-                .list_repos(relay, cursor.as_deref(), PAGE)
+                .list_repos(relay, cursor.as_deref(), limit)
                 .await
                 .map(|page| {
                     let dids: Vec<Did> = page
@@ -118,24 +128,48 @@ async fn crawl_listing(
                 }),
             Some(collection) => inner
                 .xrpc
-                .list_repos_by_collection(relay, collection, cursor.as_deref(), PAGE)
+                .list_repos_by_collection(relay, collection, cursor.as_deref(), limit)
                 .await
                 .map(|page| (page.dids, page.cursor)),
         };
         let (dids, next) = match page {
             Ok(page) => {
                 failures = 0;
+                limit = (limit * 2).min(PAGE);
                 page
             }
             Err(err) => {
                 failures += 1;
-                if failures >= MAX_FAILURES || !err.is_transient() {
+                if !err.is_transient() {
                     return Err(Stop::Failed(format!(
-                        "listing {name} at cursor {cursor:?} failed {failures} times: {err}"
+                        "listing {name} at cursor {cursor:?}: {err}"
                     )));
                 }
+                if failures >= MAX_FAILURES {
+                    // Five in a row at one cursor: skip ahead rather than stall the crawl.
+                    if limit > 1 {
+                        limit = (limit / 8).max(1);
+                        tracing::warn!(listing = %name, ?cursor, limit, %err, "crawler.smaller_pages");
+                    } else if let Some(next) = skip_past(cursor.as_deref()) {
+                        tracing::warn!(
+                            listing = %name,
+                            ?cursor,
+                            %next,
+                            %err,
+                            "crawler.skipped: the host keeps failing on the entry after this cursor"
+                        );
+                        cursor = Some(next);
+                    } else {
+                        return Err(Stop::Failed(format!(
+                            "listing {name} at cursor {cursor:?} failed {failures} times, even \
+                             one entry at a time, and an opaque cursor cannot be skipped: {err}"
+                        )));
+                    }
+                    failures = 0;
+                    continue;
+                }
                 let delay = crate::backfill::backoff(
-                    Duration::from_millis(500),
+                    inner.config.backoff_min.min(Duration::from_millis(500)),
                     Duration::from_secs(30),
                     failures,
                 );
@@ -163,5 +197,18 @@ async fn crawl_listing(
             return Ok(added);
         }
         cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_numeric_cursors_are_skipped_past() {
+        assert_eq!(skip_past(Some("41")).as_deref(), Some("42"));
+        assert_eq!(skip_past(Some("did:plc:abc")), None);
+        assert_eq!(skip_past(None), None);
+        assert_eq!(skip_past(Some(&u64::MAX.to_string())), None);
     }
 }

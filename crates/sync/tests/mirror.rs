@@ -60,6 +60,16 @@ fn engine_on(
     dir: &std::path::Path,
     engine_config: EngineConfig,
 ) -> Result<Engine, Box<dyn std::error::Error>> {
+    engine_with(devnet, dir, engine_config, XrpcConfig::default())
+}
+
+/// [`engine_on`] with its own XRPC client settings.
+fn engine_with(
+    devnet: &Devnet,
+    dir: &std::path::Path,
+    engine_config: EngineConfig,
+    xrpc_config: XrpcConfig,
+) -> Result<Engine, Box<dyn std::error::Error>> {
     let store = Store::open(dir)?;
     let http = Http::new(&HttpConfig {
         allow_private_network: true,
@@ -73,7 +83,7 @@ fn engine_on(
         },
         http.clone(),
     )?;
-    let xrpc = Xrpc::new(http.clone(), XrpcConfig::default());
+    let xrpc = Xrpc::new(http.clone(), xrpc_config);
     let relay = devnet
         .relay()
         .ok_or("the devnet has no relay")?
@@ -1078,6 +1088,55 @@ async fn a_full_outbox_pauses_intake_and_nothing_is_dropped() -> TestResult {
             .intake_paused_us
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
+    );
+    harness.engine.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_that_keeps_failing_at_one_cursor_is_retried_in_smaller_pages() -> TestResult {
+    // The relay answers listRepos with 500 seven times in a row: five at the full page
+    // size, then the crawler asks for smaller pages instead of giving up the pass. (The
+    // client's own retries are off, so each failure reaches the crawler.)
+    let devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 1,
+        accounts: 12,
+        records: 3,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let relay = devnet.relay().ok_or("no relay")?;
+    relay.faults().set(atpdb_devnet::faults::FaultSet {
+        status: Some(500),
+        paths: vec!["com.atproto.sync.listRepos".to_owned()],
+        times: Some(7),
+        ..atpdb_devnet::faults::FaultSet::default()
+    });
+    let dir = tempfile::tempdir()?;
+    let engine = engine_with(
+        &devnet,
+        dir.path(),
+        EngineConfig {
+            mode: Mode::Full,
+            ..EngineConfig::default()
+        },
+        XrpcConfig {
+            max_retries: 0,
+            ..XrpcConfig::default()
+        },
+    )?;
+    let tasks = engine.start()?;
+    let mut harness = Harness {
+        devnet,
+        engine,
+        _dir: dir,
+        tasks,
+    };
+    // Well before the crawler's next pass (a minute after a failed one).
+    harness.converge(Duration::from_secs(30)).await?;
+    assert_eq!(
+        harness.devnet.relay().map(|r| r.faults().get().times),
+        Some(None)
     );
     harness.engine.shutdown();
     Ok(())
