@@ -157,7 +157,31 @@ impl Dispatcher {
                 self.flush_deletes().await?;
             }
         }
+        if cancel.is_cancelled() {
+            self.drain().await;
+        }
         self.flush_deletes().await
+    }
+
+    /// At shutdown, hands out nothing more but keeps taking acks for what consumers hold,
+    /// up to `DeliveryConfig::drain`: a client that acknowledges what it has before the
+    /// connection drops is not sent it again, and `@atproto/tap` 0.3.x, which hangs when its
+    /// socket drops while it holds events, is left holding none.
+    async fn drain(&mut self) {
+        let deadline = Instant::now() + self.config.drain;
+        // What consumers reported before the stop (takes, acks) first.
+        while let Ok(command) = self.commands.try_recv() {
+            self.handle(command);
+        }
+        while self.in_flight.values().any(|flight| flight.conn.is_some()) {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => return,
+                },
+                () = tokio::time::sleep_until(deadline) => return,
+            }
+        }
     }
 
     /// Reads the next page of the outbox, makes it durable, and schedules it.

@@ -104,6 +104,9 @@ pub struct DeliveryConfig {
     /// event in its handler, so it survives a server crash; throughput is then one event a
     /// round trip.
     pub window: usize,
+    /// At shutdown, how long to keep taking acks for events consumers hold (nothing new is
+    /// sent meanwhile).
+    pub drain: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -115,6 +118,7 @@ impl Default for DeliveryConfig {
             repo_events: false,
             ack_flush: Duration::from_millis(20),
             window: 0,
+            drain: Duration::from_secs(3),
         }
     }
 }

@@ -484,3 +484,32 @@ async fn webhook_survives_receiver_outages_and_signs_every_body() {
     seen.dedup();
     assert_eq!(seen, ids, "every event arrived");
 }
+
+#[tokio::test]
+async fn at_shutdown_acks_for_what_consumers_hold_are_still_taken() {
+    let (_dir, store) = open();
+    let ids = push(&store, (0..2).map(|n| record(&did(n), n, "r", true)));
+    let (delivery, cancel) = start(&store, DeliveryConfig::default());
+    let mut consumer = delivery.consumer().unwrap_or_else(|| panic!("ack mode"));
+    assert_eq!(next(&mut consumer).await.id, ids[0]);
+    assert_eq!(next(&mut consumer).await.id, ids[1]);
+    cancel.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Nothing new goes out while draining; the acks that arrive are applied.
+    let more = push(&store, [record(&did(9), 9, "r", true)]);
+    nothing_for(&mut consumer, Duration::from_millis(100)).await;
+    delivery.ack(ids[0]);
+    delivery.ack(ids[1]);
+    until("the drained acks to delete their events", || {
+        store.outbox_len() == 1
+    })
+    .await;
+    assert_eq!(store.events_after(0, 10).map(|e| e.len()).unwrap_or(0), 1);
+    assert!(
+        store.event(more[0]).ok().flatten().is_some(),
+        "the unsent one stays"
+    );
+    // Once nothing is held, delivery ends and the consumer sees the end.
+    let ended = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await;
+    assert!(matches!(ended, Ok(None)), "delivery ended after the drain");
+}
