@@ -44,14 +44,19 @@ struct App {
     engine: Engine,
     delivery: Delivery,
     config: Arc<ServerConfig>,
+    /// `(time µs, last event id)` once a second, for the status page's chart.
+    history: status::History,
 }
 
 /// The router over a running engine and its delivery.
 pub fn router(engine: Engine, delivery: Delivery, config: ServerConfig) -> Router {
+    let history = status::History::default();
+    status::sample(&engine, &history);
     let app = App {
         engine,
         delivery,
         config: Arc::new(config),
+        history,
     };
     Router::new()
         .route("/health", get(health))

@@ -4,7 +4,9 @@
 //! machine with no internet; it polls `status.json` every second and draws events per
 //! second from successive `last_event_id`s.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use atpdb_store::RepoState;
 use axum::extract::State;
@@ -16,6 +18,37 @@ use crate::{ApiError, App};
 
 /// Errored repos shown at once.
 const ERRORS_SHOWN: usize = 20;
+/// Samples the chart keeps: two minutes at one a second.
+const HISTORY: usize = 120;
+
+/// Recent `(time µs, last event id)` samples, so the chart has a past the moment the page
+/// opens.
+pub(crate) type History = Arc<Mutex<VecDeque<(u64, u64)>>>;
+
+/// Samples the event counter once a second until the engine shuts down (when there is a
+/// runtime to do it on; without one the chart starts empty).
+pub(crate) fn sample(engine: &atpdb_sync::Engine, history: &History) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (engine, history) = (engine.clone(), history.clone());
+    runtime.spawn(async move {
+        let stop = engine.shutdown_token();
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let sample = (atpdb_sync::now_us(), engine.store().last_event_id());
+            let mut samples = history.lock().unwrap_or_else(PoisonError::into_inner);
+            samples.push_back(sample);
+            while samples.len() > HISTORY {
+                samples.pop_front();
+            }
+        }
+    });
+}
 
 pub(crate) async fn page() -> Response {
     (
@@ -47,8 +80,16 @@ pub(crate) async fn figures(State(app): State<App>) -> Result<axum::Json<Value>,
     let mut runs = runs;
     runs.sort_by_key(|run| std::cmp::Reverse(run.id));
     runs.truncate(10);
+    let history: Vec<(u64, u64)> = app
+        .history
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .copied()
+        .collect();
     Ok(axum::Json(json!({
         "time_us": atpdb_sync::now_us(),
+        "history": history,
         "repos": repos,
         "records": store.record_count(),
         "last_event_id": store.last_event_id(),
