@@ -1406,3 +1406,203 @@ async fn stream_replays_from_any_cursor_to_every_client_and_follows_live() -> Te
     server.kill()?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_client_from_npm_sees_exactly_the_matching_events_from_its_cursor() -> TestResult
+{
+    let Some(node_dir) = interop_dir() else {
+        return Ok(());
+    };
+    let mut devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 2,
+        accounts: 8,
+        records: 20,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path(), &devnet, &[])?;
+    let http = reqwest::Client::new();
+    http.post(format!("{}/repos/add", server.url))
+        .json(&json!({ "dids": dids(&devnet) }))
+        .send()
+        .await?;
+    converge(&http, &server, &devnet, Duration::from_secs(60)).await?;
+    // The cursor falls between the backfill and the live traffic.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cursor = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros(),
+    )?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    devnet.start_traffic(20.0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    devnet.stop_traffic();
+    converge(&http, &server, &devnet, Duration::from_secs(60)).await?;
+
+    let endpoint = format!("{}/subscribe", server.url.replacen("http", "ws", 1));
+    let output = tokio::process::Command::new(node_dir.join("node_modules/.bin/node"))
+        .arg(node_dir.join("jetstream-consumer.mjs"))
+        .args([
+            &endpoint,
+            &cursor.to_string(),
+            "app.bsky.feed.like,app.bsky.graph.*",
+            "1500",
+        ])
+        .current_dir(&node_dir)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output).await??;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got: Json = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(got["errors"], json!([]), "{got}");
+    server.kill()?;
+
+    // What the outbox says the client should have seen: commits of the wanted collections
+    // from the cursor on, identity and account events whatever their collection.
+    let store = Store::open(dir.path())?;
+    let mut expected = Vec::new();
+    for (_, event) in store.log_after(0, usize::MAX)? {
+        if event.time_us() < cursor {
+            continue;
+        }
+        match event {
+            Event::Record(record)
+                if record.collection == "app.bsky.feed.like"
+                    || record.collection.starts_with("app.bsky.graph.") =>
+            {
+                expected.push(json!({
+                    "kind": "commit",
+                    "did": record.did.as_str(),
+                    "time_us": record.time_us,
+                    "collection": record.collection,
+                    "rkey": record.rkey,
+                    "operation": record.action.as_str(),
+                    "cid": record.cid.map(|cid| cid.to_string()),
+                }));
+            }
+            Event::Identity(identity) => {
+                for kind in ["identity", "account"] {
+                    expected.push(json!({"kind": kind, "did": identity.did.as_str(), "time_us": identity.time_us}));
+                }
+            }
+            _ => {}
+        }
+    }
+    let seen: Vec<Json> = got["seen"]
+        .as_array()
+        .ok_or("seen")?
+        .iter()
+        .map(|event| {
+            let mut event = event.clone();
+            if let Some(object) = event.as_object_mut() {
+                object.retain(|_, value| !value.is_null());
+                if object.get("kind").and_then(Json::as_str) != Some("commit") {
+                    object.retain(|key, _| matches!(key.as_str(), "kind" | "did" | "time_us"));
+                }
+            }
+            event
+        })
+        .collect();
+    let expected: Vec<Json> = expected
+        .into_iter()
+        .map(|mut event| {
+            if let Some(object) = event.as_object_mut() {
+                object.retain(|_, value| !value.is_null());
+            }
+            event
+        })
+        .collect();
+    assert!(
+        expected.iter().any(|e| e["kind"] == "commit"),
+        "the traffic wrote matching records"
+    );
+    assert_eq!(seen, expected, "exactly the matching events, in order");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_filters_by_did_takes_option_updates_and_refuses_bad_queries() -> TestResult {
+    use futures_util::SinkExt;
+    let mut devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 1,
+        accounts: 4,
+        records: 5,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path(), &devnet, &[])?;
+    let http = reqwest::Client::new();
+    http.post(format!("{}/repos/add", server.url))
+        .json(&json!({ "dids": dids(&devnet) }))
+        .send()
+        .await?;
+    converge(&http, &server, &devnet, Duration::from_secs(60)).await?;
+    let ws = server.url.replacen("http", "ws", 1);
+    let one = devnet.accounts()[0].did.to_string();
+
+    // Live only (no cursor), one DID: only its events arrive.
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("{ws}/subscribe?wantedDids={one}")).await?;
+    devnet.start_traffic(30.0);
+    for _ in 0..3 {
+        let event = next_json(&mut socket).await?;
+        assert_eq!(event["did"], one.as_str(), "{event}");
+        assert!(event["time_us"].is_u64());
+    }
+    // requireHello: nothing until the options update, then what it asks for.
+    let (mut hello, _) = tokio_tungstenite::connect_async(format!(
+        "{ws}/subscribe?requireHello=true&wantedCollections=app.bsky.feed.like"
+    ))
+    .await?;
+    assert!(
+        next_json_within(&mut hello, Duration::from_millis(700))
+            .await?
+            .is_none(),
+        "nothing before the hello"
+    );
+    let update =
+        json!({"type": "options_update", "payload": {"wantedCollections": ["app.bsky.feed.post"]}});
+    hello
+        .send(tokio_tungstenite::tungstenite::Message::Text(
+            update.to_string().into(),
+        ))
+        .await?;
+    let mut commits = 0;
+    while commits < 2 {
+        let event = next_json(&mut hello).await?;
+        if event["kind"] == "commit" {
+            assert_eq!(
+                event["commit"]["collection"], "app.bsky.feed.post",
+                "{event}"
+            );
+            commits += 1;
+        }
+    }
+    devnet.stop_traffic();
+    for bad in [
+        "wantedCollections=app.bsky*",
+        "wantedDids=nope",
+        "cursor=soon",
+        "compress=true",
+    ] {
+        let response = http
+            .get(format!("{}/subscribe?{bad}", server.url))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .send()
+            .await?;
+        assert_eq!(response.status(), 400, "{bad}");
+        assert!(response.json::<Json>().await?["message"].is_string());
+    }
+    server.kill()?;
+    Ok(())
+}

@@ -40,6 +40,37 @@ impl Tail {
         Tail::new(store, after)
     }
 
+    /// Starts at the first event at or after `time_us` (µs since the Unix epoch): Jetstream's
+    /// time cursors. Ids follow commit order and times are taken just before commit, so a
+    /// binary search over ids finds the place; the caller drops the few events around it
+    /// whose times are out of step.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn from_time(store: Store, time_us: u64) -> Result<Tail, DeliveryError> {
+        let reader = store.clone();
+        let after = blocking(move || {
+            let first_at = |id: u64| -> atpdb_store::Result<Option<(u64, u64)>> {
+                Ok(read(&reader, id, 1)?
+                    .first()
+                    .map(|(id, event)| (*id, event.time_us())))
+            };
+            // Find the last id whose event is older than `time_us`.
+            let (mut low, mut high) = (0u64, reader.last_event_id());
+            while low < high {
+                let mid = low + (high - low).div_ceil(2);
+                match first_at(mid - 1)? {
+                    Some((id, time)) if time < time_us => low = id.max(mid),
+                    _ => high = mid - 1,
+                }
+            }
+            Ok(low)
+        })
+        .await?;
+        Ok(Tail::new(store, after))
+    }
+
     /// The id of the last event returned (the cursor to resume after).
     pub fn position(&self) -> u64 {
         self.after

@@ -31,6 +31,7 @@ mod channel;
 mod metrics;
 mod status;
 mod stream;
+mod subscribe;
 
 /// Settings of the HTTP API.
 #[derive(Debug, Clone, Default)]
@@ -62,6 +63,7 @@ pub fn router(engine: Engine, delivery: Delivery, config: ServerConfig) -> Route
         .route("/health", get(health))
         .route("/channel", get(channel::channel))
         .route("/stream", get(stream::stream))
+        .route("/subscribe", get(subscribe::subscribe))
         .route("/resolve/{did}", get(resolve))
         .route("/repos/add", post(repos_add))
         .route("/repos/remove", post(repos_remove))

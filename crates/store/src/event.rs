@@ -355,7 +355,7 @@ impl Event {
 impl RecordEvent {
     /// The record in the data model's JSON, or `None` when there is none or its bytes do not
     /// decode (Tap then omits `record` and keeps `cid`).
-    fn record_json(&self) -> Option<serde_json::Value> {
+    pub fn record_json(&self) -> Option<serde_json::Value> {
         self.record
             .as_deref()
             .and_then(|bytes| cbor_to_json(bytes).ok())
