@@ -105,7 +105,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     ])
     .context("the demo's serve options")?;
     let accounts = args.accounts as u64;
+    let data_dir = cli.serve.data_dir().to_owned();
     let code = crate::serve::serve_with(cli.serve, move |engine, url| {
+        crate::serve::announce(url, &data_dir);
         tokio::spawn(progress(engine.clone(), url.to_owned(), accounts));
     })
     .await;

@@ -4,6 +4,8 @@ mod car;
 mod demo;
 mod devnet;
 mod logging;
+mod remote;
+mod repl;
 mod serve;
 
 use std::process::ExitCode;
@@ -32,6 +34,29 @@ enum Command {
     Devnet(devnet::DevnetArgs),
     /// Keep a verified mirror of the repos in scope and serve it over HTTP.
     Serve(Box<serve::ServeArgs>),
+    /// An interactive shell: `.connect` syncs here, or `--url` attaches to a server.
+    Repl(Box<repl::ReplArgs>),
+    /// The tracked repos of a running server (`--url`).
+    Repos {
+        #[command(flatten)]
+        connection: remote::Connection,
+        #[command(subcommand)]
+        command: remote::ReposCommand,
+    },
+    /// The scope of a running server (`--url`).
+    Config {
+        #[command(flatten)]
+        connection: remote::Connection,
+        #[command(subcommand)]
+        command: remote::ConfigCommand,
+    },
+    /// Records of a running server (`--url`) by at:// URI or pattern.
+    Query {
+        #[command(flatten)]
+        connection: remote::Connection,
+        #[command(flatten)]
+        args: remote::QueryArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +66,18 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Devnet(args) => devnet::run(args),
         Command::Serve(args) => serve::run(*args),
+        Command::Repl(args) => repl::run(*args),
+        Command::Repos {
+            connection,
+            command,
+        } => remote::run_repos(&connection, command).map(|()| ExitCode::SUCCESS),
+        Command::Config {
+            connection,
+            command,
+        } => remote::run_config(&connection, command).map(|()| ExitCode::SUCCESS),
+        Command::Query { connection, args } => {
+            remote::run_query(&connection, args).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

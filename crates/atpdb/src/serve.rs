@@ -14,7 +14,7 @@ use clap::Args;
 
 /// Options of `atpdb serve`. Each has an `ATPDB_*` environment name; where Tap has a
 /// setting of the same meaning, its `TAP_*` name works too.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct ServeArgs {
     /// The data directory (one process at a time).
     #[arg(long, env = "ATPDB_DATA_DIR", default_value = "./atpdb.data")]
@@ -269,7 +269,43 @@ fn delivery_config(args: &ServeArgs) -> anyhow::Result<DeliveryConfig> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    serve_with(args, |_, _| {}).await
+    let data_dir = args.data_dir.clone();
+    serve_with(args, |_, url| announce(url, &data_dir)).await
+}
+
+/// The one line a script (or a test) can wait for: the API listens at `url`.
+pub(crate) fn announce(url: &str, data_dir: &std::path::Path) {
+    println!(
+        "{}",
+        serde_json::json!({ "url": url, "data_dir": data_dir })
+    );
+}
+
+impl ServeArgs {
+    /// These options for an engine inside another command (the REPL): following `relay`
+    /// when given, and on a free loopback port unless `--bind` chose one.
+    pub(crate) fn embedded(mut self, relay: Option<String>) -> ServeArgs {
+        if relay.is_some() {
+            self.relay_url = relay;
+        }
+        if self.bind.is_none() {
+            self.bind = Some("127.0.0.1:0".to_owned());
+        }
+        self
+    }
+
+    pub(crate) fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// The admin password, from the flag, `ATPDB_ADMIN_PASSWORD` or `TAP_ADMIN_PASSWORD`.
+    pub(crate) fn admin_password(&self) -> Option<String> {
+        tap_env(self.admin_password.clone(), "TAP_ADMIN_PASSWORD")
+    }
+
+    pub(crate) fn log_format(&self) -> &str {
+        &self.log_format
+    }
 }
 
 /// `atpdb serve`, calling `on_ready` with the engine and the API's URL once the API
@@ -348,11 +384,6 @@ pub(crate) async fn serve_with(
             .with_graceful_shutdown(async move { shutdown_signal(&shutdown).await })
             .await
     });
-    // One line a script (or a test) can wait for.
-    println!(
-        "{}",
-        serde_json::json!({ "url": format!("http://{address}"), "data_dir": args.data_dir })
-    );
     tracing::info!(url = %format!("http://{address}"), "serve.ready");
     on_ready(&engine, &format!("http://{address}"));
 

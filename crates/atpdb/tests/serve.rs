@@ -1308,7 +1308,9 @@ async fn stream_replays_from_any_cursor_to_every_client_and_follows_live() -> Te
     // A cursor resumes right after it; live events follow the replay.
     let middle = last / 2;
     let (mut resumed, _) =
-        tokio_tungstenite::connect_async(format!("{ws}/stream?cursor={middle}")).await?;
+        tokio_tungstenite::connect_async(format!("{ws}/stream?cursor={middle}&repo_events=true"))
+            .await?;
+    // `seen` holds repo-state events too, so the resumed stream asks for them as well.
     let expected = seen.iter().find(|id| **id > middle).copied();
     assert_eq!(next_json(&mut resumed).await?["id"].as_u64(), expected);
     devnet.start_traffic(10.0);
@@ -1604,5 +1606,166 @@ async fn subscribe_filters_by_did_takes_option_updates_and_refuses_bad_queries()
         assert!(response.json::<Json>().await?["message"].is_string());
     }
     server.kill()?;
+    Ok(())
+}
+
+/// `atpdb repos|config|query --url`: the CLI drives a running server, with its password,
+/// and says plainly what the server refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_commands_drive_a_running_server() -> TestResult {
+    let devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 1,
+        accounts: 3,
+        records: 12,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path(), &devnet, &["--admin-password", "pw"])?;
+    let cli = |args: &[&str]| -> Result<(bool, String, String), Box<dyn std::error::Error>> {
+        let output = Command::new(env!("CARGO_BIN_EXE_atpdb"))
+            .args(args)
+            .args(["--url", &server.url, "--password", "pw"])
+            .env_remove("ATPDB_ADMIN_PASSWORD")
+            .env_remove("TAP_ADMIN_PASSWORD")
+            .output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8(output.stdout)?,
+            String::from_utf8(output.stderr)?,
+        ))
+    };
+    let all = dids(&devnet);
+    let mut add = vec!["repos", "add"];
+    add.extend(all.iter().map(String::as_str));
+
+    tokio::task::block_in_place(|| -> TestResult {
+        // Without the password: refused, with the server's reason.
+        let output = Command::new(env!("CARGO_BIN_EXE_atpdb"))
+            .args(&add)
+            .args(["--url", &server.url])
+            .env_remove("ATPDB_ADMIN_PASSWORD")
+            .env_remove("TAP_ADMIN_PASSWORD")
+            .output()?;
+        assert!(!output.status.success());
+        let stderr = String::from_utf8(output.stderr)?;
+        assert!(
+            stderr.contains("401") && stderr.contains("admin auth required"),
+            "{stderr}"
+        );
+        let (ok, _, stderr) = cli(&["repos", "add", "did:plc:x", "not-a-did"])?;
+        assert!(
+            !ok && stderr.contains("invalid DID") && stderr.contains("not-a-did"),
+            "{stderr}"
+        );
+        let (ok, stdout, _) = cli(&add)?;
+        assert!(ok);
+        assert_eq!(stdout.trim(), "added 3 repos; they backfill now");
+        Ok(())
+    })?;
+    let http = reqwest::Client::new();
+    converge_as(&http, &server, &devnet, Some("pw"), Duration::from_secs(60)).await?;
+    let truth = truth(&devnet)?;
+    let first: Did = all[0].parse()?;
+    let records = &truth[&first];
+    let (path, cid) = records.iter().next().ok_or("no records")?;
+    let (collection, rkey) = path.split_once('/').ok_or("a path without /")?;
+
+    tokio::task::block_in_place(|| -> TestResult {
+        let (ok, stdout, _) = cli(&["repos", "list"])?;
+        assert!(ok);
+        for did in &all {
+            let line = stdout
+                .lines()
+                .find(|line| line.starts_with(did.as_str()))
+                .ok_or(format!("{did} not listed: {stdout}"))?;
+            assert!(line.contains("active"), "{line}");
+        }
+        let (_, page, _) = cli(&["repos", "list", "--limit", "2"])?;
+        let cursor = page
+            .lines()
+            .find_map(|line| line.strip_prefix("more: --cursor "))
+            .ok_or(format!("a full page names its cursor: {page}"))?;
+        let (_, rest, _) = cli(&["repos", "list", "--limit", "2", "--cursor", cursor])?;
+        assert_eq!(rest.lines().count(), 1, "{rest}");
+        let (_, rest, _) = cli(&["repos", "list", "--state", "error"])?;
+        assert_eq!(rest.trim(), "no repos");
+        let (ok, _, stderr) = cli(&["repos", "list", "--state", "happy"])?;
+        assert!(!ok && stderr.contains("happy"), "{stderr}");
+
+        let (_, status, _) = cli(&["repos", "status", &all[0]])?;
+        assert!(
+            status.contains(&format!("records     {}", records.len())),
+            "{status}"
+        );
+        assert!(status.contains(collection), "{status}");
+        let (ok, _, stderr) = cli(&["repos", "status", "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"])?;
+        assert!(!ok && stderr.contains("repo not found"), "{stderr}");
+        let (_, errors, _) = cli(&["repos", "errors"])?;
+        assert_eq!(errors.trim(), "no repos in error");
+
+        // Queries: one record as JSON, a repo's collection, and a miss.
+        let (ok, stdout, _) = cli(&[
+            "query",
+            &format!("at://{}/{collection}/{rkey}", all[0]),
+            "--json",
+        ])?;
+        assert!(ok);
+        let record: Json = serde_json::from_str(&stdout)?;
+        assert_eq!(record["cid"], cid.to_string());
+        let (_, listing, _) = cli(&["query", &format!("at://{}/{collection}/*", all[0])])?;
+        let expected = records
+            .keys()
+            .filter(|key| key.starts_with(&format!("{collection}/")))
+            .count();
+        assert_eq!(
+            listing
+                .lines()
+                .filter(|line| line.starts_with("at://"))
+                .count(),
+            expected,
+            "{listing}"
+        );
+        let (ok, _, stderr) = cli(&["query", &format!("at://{}/{collection}/nope", all[0])])?;
+        assert!(!ok && stderr.contains("record not found"), "{stderr}");
+        let (ok, _, stderr) = cli(&["query", "https://example.com"])?;
+        assert!(!ok && stderr.contains("at://"), "{stderr}");
+
+        // The scope: read, narrowed, refused when wrong, widened again (a resync).
+        let (_, config, _) = cli(&["config", "get"])?;
+        assert!(config.contains("mode                manual"), "{config}");
+        let (ok, config, _) = cli(&["config", "set", "--collection-filters", collection])?;
+        assert!(ok);
+        assert!(
+            config.contains(&format!("collection filters  {collection}")),
+            "{config}"
+        );
+        let (ok, _, stderr) = cli(&["config", "set", "--mode", "sometimes"])?;
+        assert!(!ok && stderr.contains("sometimes"), "{stderr}");
+        let (ok, _, _) = cli(&["config", "set"])?;
+        assert!(!ok, "config set without a change is a usage error");
+        let (ok, config, _) = cli(&["config", "set", "--collection-filters", "*"])?;
+        assert!(ok && config.contains("resyncing 3 repos"), "{config}");
+        let (_, json, _) = cli(&["config", "get", "--json"])?;
+        let json: Json = serde_json::from_str(&json)?;
+        assert_eq!(json["collection_filters"], json!(["*"]));
+
+        let (_, resync, _) = cli(&["repos", "resync", &all[1]])?;
+        assert_eq!(resync.trim(), "resyncing 1 repo");
+        let (ok, _, stderr) = cli(&["repos", "resync"])?;
+        assert!(!ok && stderr.contains("--errors"), "{stderr}");
+        let (_, removed, _) = cli(&["repos", "remove", &all[2]])?;
+        assert_eq!(removed.trim(), "removed 1 repo");
+        let (_, rest, _) = cli(&["repos", "list"])?;
+        assert!(!rest.contains(all[2].as_str()), "{rest}");
+        Ok(())
+    })?;
+
+    // A server that is not there: a message naming it, not a hang.
+    let output = Command::new(env!("CARGO_BIN_EXE_atpdb"))
+        .args(["repos", "list", "--url", "http://127.0.0.1:9"])
+        .output()?;
+    assert!(!output.status.success());
+    assert!(String::from_utf8(output.stderr)?.contains("no answer from http://127.0.0.1:9"));
     Ok(())
 }

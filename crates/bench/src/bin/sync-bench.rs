@@ -1,6 +1,6 @@
 //! `sync-bench`: the sync engine's throughput on a devnet, beside @atproto/sync and @atproto/repo.
 //!
-//! Two modes, each printing a human table and one JSON line of figures:
+//! Three modes, each printing a human table and one JSON line of figures:
 //!
 //! - `sync-bench firehose`: a devnet is seeded and backfilled into a store on disk, then live
 //!   traffic is written, the relay's `subscribeRepos` frames are recorded as raw bytes, and
@@ -12,12 +12,17 @@
 //! - `sync-bench backfill`: the engine backfills every seeded repo (`getRepo` → verify →
 //!   store), timed from `add_repos` until all are synced; the same CARs are then saved to
 //!   files and verified from memory by atpdb, one thread and all cores.
+//! - `sync-bench channel`: events/s over `/channel` to 1 and 4 acking clients beside the
+//!   engine's ingest rate, and both at once (see `sync-bench/channel.rs`).
 //!
 //! With `--compare-ts` the same recorded frames go through `@atproto/sync`'s `Firehose`
 //! (`crates/bench/interop/firehose.mjs`) and the same CAR files through `@atproto/repo`'s
 //! `verifyRepoCar` (`crates/bench/interop/backfill.mjs`), and the ratios are printed.
 //!
 //! Identities are resolved before any timed pass: in steady state the cache is warm.
+
+#[path = "sync-bench/channel.rs"]
+mod channel;
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
@@ -73,6 +78,9 @@ enum Mode {
     Firehose(FirehoseArgs),
     /// Time the engine backfilling every repo (getRepo → verify → store).
     Backfill(BackfillArgs),
+    /// Events/s delivered over /channel with acks to 1 and 4 clients, beside the rate the
+    /// engine writes them (and both at once).
+    Channel(ChannelArgs),
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +152,21 @@ struct BackfillArgs {
     records: usize,
 }
 
+#[derive(Debug, Args)]
+struct ChannelArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Accounts seeded and backfilled.
+    #[arg(long, default_value_t = 200)]
+    accounts: usize,
+    /// Records per seeded account (plus a profile): each becomes one event.
+    #[arg(long, default_value_t = 1000)]
+    records: usize,
+    /// Acking clients of each delivery pass.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    clients: Vec<usize>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -160,6 +183,7 @@ fn main() -> ExitCode {
         match cli.mode {
             Mode::Firehose(args) => firehose(args).await,
             Mode::Backfill(args) => backfill(args).await,
+            Mode::Channel(args) => channel::run(args).await,
         }
     });
     // The devnet's servers and the engine's idle workers are dropped with the runtime.
@@ -220,6 +244,101 @@ struct Harness {
     dids: Vec<Did>,
 }
 
+/// An engine over a fresh store in `store_dir`, wired to the devnet as `atpdb serve` wires
+/// it, with its firehose off (the passes drive it).
+fn engine_on(devnet: &Devnet, workers: usize, store_dir: &Path) -> anyhow::Result<Engine> {
+    std::fs::create_dir_all(store_dir)
+        .with_context(|| format!("creating {}", store_dir.display()))?;
+    let store = Store::open(store_dir)
+        .with_context(|| format!("opening the store in {}", store_dir.display()))?;
+    ensure!(
+        store.repo_count()? == 0,
+        "{} already holds a store; give an empty --data-dir",
+        store_dir.display()
+    );
+    let http = Http::new(&HttpConfig {
+        allow_private_network: true,
+        ..HttpConfig::default()
+    })?;
+    let identity = Resolver::new(
+        IdentityConfig {
+            plc_url: devnet.plc_url().to_owned(),
+            dns_nameserver: Some(devnet.dns_addr()),
+            ..IdentityConfig::default()
+        },
+        http.clone(),
+    )?;
+    // The per-host limits protect real PDSes; two loopback hosts would only measure them.
+    let xrpc = Xrpc::new(
+        http.clone(),
+        XrpcConfig {
+            max_concurrency_per_host: workers.max(8),
+            requests_per_second: 0.0,
+            ..XrpcConfig::default()
+        },
+    );
+    let relay_url = devnet
+        .relay()
+        .context("the devnet has no relay")?
+        .url()
+        .to_owned();
+    let engine = Engine::new(
+        EngineConfig {
+            relay_url,
+            resync_parallelism: workers,
+            firehose_parallelism: workers,
+            follow_firehose: false,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            // The default idle poll: a shorter one has idle resync workers rescan the
+            // state index (tombstones included) often enough to show in the profile.
+            ..EngineConfig::default()
+        },
+        store,
+        identity,
+        xrpc,
+        http,
+    );
+    Ok(engine)
+}
+
+/// Adds `dids` to the engine and waits until all are synced; returns the seconds it took.
+async fn backfill_into(
+    engine: &Engine,
+    tasks: &mut EngineTasks,
+    dids: &[Did],
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    engine.add_repos(dids).await?;
+    let total = dids.len() as u64;
+    let deadline = started + Duration::from_secs(1800);
+    loop {
+        if let Some(ended) = tasks.try_join_next() {
+            bail!("an engine task ended during the backfill: {ended:?}");
+        }
+        let store = engine.store();
+        if store.count_in_state(RepoState::Synced)? == total {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        let failed = store.count_in_state(RepoState::Error)?;
+        if failed > 0 {
+            let example = store.repos_in_state(RepoState::Error, 3)?;
+            bail!(
+                "{failed} repos failed to backfill, e.g. {:?}",
+                example
+                    .iter()
+                    .map(|e| (e.did.to_string(), e.error.clone()))
+                    .collect::<Vec<_>>()
+            );
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the backfill did not finish in 30 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 impl Harness {
     async fn start(
         common: &Common,
@@ -244,59 +363,7 @@ impl Harness {
         .await
         .context("starting the devnet")?;
         let seed_seconds = started.elapsed().as_secs_f64();
-        let store_dir = work.path.join("store");
-        std::fs::create_dir_all(&store_dir)
-            .with_context(|| format!("creating {}", store_dir.display()))?;
-        let store = Store::open(&store_dir)
-            .with_context(|| format!("opening the store in {}", store_dir.display()))?;
-        ensure!(
-            store.repo_count()? == 0,
-            "{} already holds a store; give an empty --data-dir",
-            store_dir.display()
-        );
-        let http = Http::new(&HttpConfig {
-            allow_private_network: true,
-            ..HttpConfig::default()
-        })?;
-        let identity = Resolver::new(
-            IdentityConfig {
-                plc_url: devnet.plc_url().to_owned(),
-                dns_nameserver: Some(devnet.dns_addr()),
-                ..IdentityConfig::default()
-            },
-            http.clone(),
-        )?;
-        // The per-host limits protect real PDSes; two loopback hosts would only measure them.
-        let xrpc = Xrpc::new(
-            http.clone(),
-            XrpcConfig {
-                max_concurrency_per_host: workers.max(8),
-                requests_per_second: 0.0,
-                ..XrpcConfig::default()
-            },
-        );
-        let relay_url = devnet
-            .relay()
-            .context("the devnet has no relay")?
-            .url()
-            .to_owned();
-        let engine = Engine::new(
-            EngineConfig {
-                relay_url,
-                resync_parallelism: workers,
-                firehose_parallelism: workers,
-                follow_firehose: false,
-                backoff_min: Duration::from_millis(100),
-                backoff_max: Duration::from_secs(1),
-                // The default idle poll: a shorter one has idle resync workers rescan the
-                // state index (tombstones included) often enough to show in the profile.
-                ..EngineConfig::default()
-            },
-            store,
-            identity,
-            xrpc,
-            http,
-        );
+        let engine = engine_on(&devnet, workers, &work.path.join("store"))?;
         let tasks = engine.start()?;
         let dids = devnet.accounts().iter().map(|a| a.did.clone()).collect();
         Ok((
@@ -319,35 +386,7 @@ impl Harness {
 
     /// Adds every account and waits until all are synced; returns the seconds it took.
     async fn backfill_all(&mut self) -> anyhow::Result<f64> {
-        let started = Instant::now();
-        self.engine.add_repos(&self.dids).await?;
-        let total = self.dids.len() as u64;
-        let deadline = started + Duration::from_secs(1800);
-        loop {
-            if let Some(ended) = self.tasks.try_join_next() {
-                bail!("an engine task ended during the backfill: {ended:?}");
-            }
-            let store = self.engine.store();
-            if store.count_in_state(RepoState::Synced)? == total {
-                return Ok(started.elapsed().as_secs_f64());
-            }
-            let failed = store.count_in_state(RepoState::Error)?;
-            if failed > 0 {
-                let example = store.repos_in_state(RepoState::Error, 3)?;
-                bail!(
-                    "{failed} repos failed to backfill, e.g. {:?}",
-                    example
-                        .iter()
-                        .map(|e| (e.did.to_string(), e.error.clone()))
-                        .collect::<Vec<_>>()
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the backfill did not finish in 30 minutes"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        backfill_into(&self.engine, &mut self.tasks, &self.dids).await
     }
 
     /// Resolves every account's identity, so timed passes find the cache warm.
