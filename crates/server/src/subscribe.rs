@@ -10,8 +10,11 @@
 //! cid on deletes), and for each identity change an `identity` and an `account` event (those
 //! pass collection filters, as Jetstream's do). `seq` is atpdb's event id.
 //!
-//! `compress=true` is refused: Jetstream compresses with a zstd dictionary of its own that
-//! clients embed; plain zstd frames would not decode in them.
+//! `compress=true` (or the header `Socket-Encoding: zstd`) sends each event as a binary
+//! message holding one independent zstd frame, as Jetstream does. Jetstream's frames use a
+//! dictionary of its own that its clients embed; ours use none (the frame header's
+//! dictionary id is 0), which every zstd decoder reads, with or without a dictionary loaded,
+//! so those clients decode them unchanged. Small events compress less well without it.
 //!
 //! Events come from the retained log (or the outbox without retention; see
 //! `atpdb_deliver::Tail`), so a cursor reaches as far back as the retention window.
@@ -91,7 +94,12 @@ struct Params {
     wanted: Wanted,
     cursor: Option<u64>,
     require_hello: bool,
+    compress: bool,
 }
+
+/// zstd's default level: Jetstream measured playback speed, not ratio, as the cost that
+/// matters.
+const ZSTD_LEVEL: i32 = 3;
 
 fn parse(query: Option<&str>) -> Result<Params, String> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or_default())
@@ -101,6 +109,7 @@ fn parse(query: Option<&str>) -> Result<Params, String> {
     let mut max_message_bytes = None;
     let mut cursor = None;
     let mut require_hello = false;
+    let mut compress = false;
     for (key, value) in pairs {
         match key.as_str() {
             "wantedCollections" => collections.push(value),
@@ -115,14 +124,7 @@ fn parse(query: Option<&str>) -> Result<Params, String> {
                     "cursor must be a time in microseconds since the Unix epoch".to_owned()
                 })?);
             }
-            "compress" if value == "true" => {
-                return Err(
-                    "compress=true is not supported: Jetstream's compression uses its own \
-                            zstd dictionary; connect without it"
-                        .to_owned(),
-                );
-            }
-            "compress" => {}
+            "compress" => compress = value == "true",
             "requireHello" => require_hello = value == "true",
             _ => {}
         }
@@ -131,15 +133,23 @@ fn parse(query: Option<&str>) -> Result<Params, String> {
         wanted: Wanted::from_lists(&collections, &dids, max_message_bytes)?,
         cursor,
         require_hello,
+        compress,
     })
 }
 
 pub(crate) async fn subscribe(
     State(app): State<App>,
     RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let params = parse(query.as_deref()).map_err(ApiError::bad_request)?;
+    let mut params = parse(query.as_deref()).map_err(ApiError::bad_request)?;
+    if headers
+        .get("socket-encoding")
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"zstd"))
+    {
+        params.compress = true;
+    }
     let store = app.engine.store().clone();
     let now = atpdb_sync::now_us();
     let tail = match params.cursor {
@@ -159,6 +169,17 @@ async fn serve(socket: WebSocket, mut tail: Tail, params: Params) {
     let mut wanted = params.wanted;
     let mut waiting_for_hello = params.require_hello;
     let from_time = params.cursor.unwrap_or(0);
+    // One context per socket, reused for every frame.
+    let mut compressor = match params.compress {
+        true => match zstd::bulk::Compressor::new(ZSTD_LEVEL) {
+            Ok(compressor) => Some(compressor),
+            Err(err) => {
+                tracing::error!(%err, "subscribe.zstd_unavailable");
+                return;
+            }
+        },
+        false => None,
+    };
     loop {
         tokio::select! {
             page = tail.next(), if !waiting_for_hello => {
@@ -171,7 +192,17 @@ async fn serve(socket: WebSocket, mut tail: Tail, params: Params) {
                         if wanted.max_message_bytes > 0 && frame.len() > wanted.max_message_bytes {
                             continue;
                         }
-                        if sink.feed(Message::Text(Utf8Bytes::from(frame))).await.is_err() {
+                        let message = match compressor.as_mut() {
+                            None => Message::Text(Utf8Bytes::from(frame)),
+                            Some(compressor) => match compressor.compress(frame.as_bytes()) {
+                                Ok(bytes) => Message::Binary(bytes.into()),
+                                Err(err) => {
+                                    tracing::error!(%err, "subscribe.compress_failed");
+                                    return;
+                                }
+                            },
+                        };
+                        if sink.feed(message).await.is_err() {
                             return;
                         }
                     }
@@ -360,7 +391,6 @@ mod tests {
             "wantedCollections=app.bsky*",
             "wantedDids=nope",
             "cursor=-1",
-            "compress=true",
             "maxMessageSizeBytes=x",
         ] {
             assert!(parse(Some(bad)).is_err(), "{bad}");
