@@ -38,7 +38,7 @@ pub(crate) struct SpillArgs {
     /// Directory for spill files (default: the system temporary directory).
     #[arg(long, env = "ATPDB_SPILL_DIR")]
     spill_dir: Option<PathBuf>,
-    /// Most blocks in one CAR; the block index costs about 62 bytes a block.
+    /// Most blocks in one CAR; the block index costs 22 bytes a block.
     #[arg(long, default_value_t = CarLimits::DEFAULT_MAX_BLOCKS)]
     max_blocks: u64,
     /// Largest CAR, in MiB.

@@ -364,7 +364,7 @@ fn issue_11_many_tiny_blocks_stay_within_the_bound() -> TestResult {
     let measured = peak(&big, big_summary["key"].as_str().ok_or("key")?)?;
     // About 1.27 blocks a record; the buffer grows to 256 KiB; 8 MiB of allocator slack.
     let blocks = 200_001 * 13 / 10;
-    let bound = (1 << 20) + 62 * blocks + (256 << 10) + (8 << 20);
+    let bound = (1 << 20) + 22 * blocks + (256 << 10) + (8 << 20);
     let growth = measured.saturating_sub(baseline);
     assert!(
         growth <= bound,

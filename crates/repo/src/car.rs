@@ -26,7 +26,7 @@ pub struct CarLimits {
     /// Largest whole CAR accepted (default 4 GiB, several times the largest repositories).
     pub max_car_size: u64,
     /// Most blocks accepted (default 8 M, a repository of about 6 M records). This bounds
-    /// the memory of a whole-repository load's block index (about 60 bytes a block).
+    /// the memory of a whole-repository load's block index (22 bytes a block).
     pub max_blocks: u64,
 }
 
@@ -127,11 +127,11 @@ impl CarParser {
             self.pos = 0;
         }
         // Start small and double up to READ_CHUNK: zeroing a large buffer would cost more
-        // than reading a small CAR.
+        // than reading a small CAR. Grow only when little room is left: a socket's short
+        // reads would otherwise grow it by every read that leaves it not quite full.
         let chunk = self.buf.len().clamp(MIN_READ_CHUNK, READ_CHUNK);
-        let want = self.filled + chunk;
-        if self.buf.len() < want {
-            self.buf.resize(want, 0);
+        if self.buf.len() - self.filled < chunk / 2 {
+            self.buf.resize(self.filled + chunk, 0);
         }
         &mut self.buf[self.filled..]
     }

@@ -26,7 +26,7 @@ use crate::syntax::{Did, Nsid, RecordKey};
 
 /// How to read and check a repository CAR.
 ///
-/// Memory while loading stays below `memory_budget` + about 60 bytes per block for the index
+/// Memory while loading stays below `memory_budget` + 22 bytes per block for the index
 /// (at most [`CarLimits::max_blocks`] blocks) + the reader's buffer (at most
 /// [`CarLimits::max_block_size`] + 256 KiB); disk below `max_spill_bytes`.
 #[derive(Debug, Clone)]
@@ -55,9 +55,13 @@ impl Default for VerifyOptions {
     }
 }
 
-/// Memory one index entry costs: a 32-byte digest and an 8-byte location, and 8-byte table
-/// slots at a load factor between 3/8 and 3/4.
-pub const INDEX_BYTES_PER_BLOCK: usize = 40 + 22;
+/// Memory one index entry costs: the digest's first 8 bytes and an 8-byte location, and a
+/// 4-byte table slot at a load factor of 3/4. The rest of the digest is not kept here: it
+/// lies beside the block (in the memory chunk, the spill file or the CAR itself), where a
+/// lookup compares it in full.
+pub const INDEX_BYTES_PER_BLOCK: usize = 16 + 6;
+/// Bytes of a digest, stored in front of each dag-cbor block's bytes.
+const DIGEST: usize = 32;
 /// In-memory blocks live in chunks of this size, so the arena never doubles and copies.
 const CHUNK_SIZE: usize = 1 << 20;
 /// Largest block the packed location can describe.
@@ -108,44 +112,58 @@ fn check_stored_len(len: usize) -> Result<()> {
 
 #[derive(Debug, Clone, Copy)]
 struct IndexEntry {
-    digest: [u8; 32],
+    /// The digest's first 8 bytes: most lookups that reach a wrong entry stop here.
+    prefix: u64,
     location: Location,
 }
 
 /// The block index: dag-cbor blocks (all of a repository's) by digest in a compact table,
 /// blocks of any other codec by full CID in a map, so every lookup is by full CID.
 ///
+/// A dag-cbor entry holds 8 bytes of the digest; the whole digest is stored in front of the
+/// block's bytes, and a lookup confirms it there (see [`BlockStore::find`]). The index of a
+/// repository of millions of blocks, which cannot spill, is then 22 bytes a block rather
+/// than 62.
+///
 /// Entries are appended while the CAR streams in (no lookups happen then) and the table is
 /// built once at the end with its final size, so memory is exact: no hash-table doubling, no
-/// copy of the entries.
-#[derive(Default)]
+/// copy of the entries. Slots are placed by the digest mixed with a per-index random key, so
+/// a CAR ground to cluster its digests cannot make probing quadratic.
 struct Index {
     chunks: Vec<Vec<IndexEntry>>,
     len: usize,
-    /// Open addressing with linear probing; a slot is `tag << 32 | (entry number + 1)`, 0 empty.
-    table: Vec<u64>,
+    /// Open addressing with linear probing; a slot is the entry number + 1, 0 empty.
+    /// Duplicate blocks each get a slot: the first in the probe order is the first stored.
+    table: Vec<u32>,
     others: CidMap<Location>,
+    key: u64,
 }
 
-fn slot_hash(digest: &[u8; 32]) -> (usize, u64) {
+fn digest_prefix(digest: &[u8; 32]) -> u64 {
     let mut word = [0u8; 8];
     word.copy_from_slice(&digest[..8]);
-    let mut tag = [0u8; 4];
-    tag.copy_from_slice(&digest[8..12]);
-    (
-        u64::from_le_bytes(word) as usize,
-        u64::from(u32::from_le_bytes(tag)),
-    )
+    u64::from_le_bytes(word)
+}
+
+impl Index {
+    /// The first slot to probe for a digest prefix: the prefix keyed and mixed, then mapped
+    /// onto the table's length by multiplication (which need not be a power of two).
+    fn home(&self, prefix: u64) -> usize {
+        let mixed = (prefix ^ self.key).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        ((u128::from(mixed) * self.table.len() as u128) >> 64) as usize
+    }
 }
 
 impl Index {
     /// An empty index that reuses `scratch`'s table.
     fn reusing(scratch: &mut Scratch) -> Index {
+        use std::hash::BuildHasher;
         Index {
             chunks: Vec::new(),
             len: 0,
             table: std::mem::take(&mut scratch.table),
             others: CidMap::default(),
+            key: std::collections::hash_map::RandomState::new().hash_one(0x0061_7470_6462_u64),
         }
     }
 
@@ -166,7 +184,7 @@ impl Index {
         }
         if let Some(chunk) = self.chunks.last_mut() {
             chunk.push(IndexEntry {
-                digest: *cid.digest(),
+                prefix: digest_prefix(cid.digest()),
                 location,
             });
             self.len += 1;
@@ -179,59 +197,56 @@ impl Index {
             .and_then(|chunk| chunk.get(number % ENTRY_CHUNK))
     }
 
-    /// Builds the table; the first of duplicate digests wins.
-    fn seal(&mut self) {
-        let capacity = (self.len * 4 / 3 + 1).next_power_of_two().max(16);
+    /// Builds the table at a load factor of 3/4. Entries are placed in the order they were
+    /// stored, so of duplicate blocks a lookup meets the first one first.
+    fn seal(&mut self) -> Result<()> {
+        if self.len >= u32::MAX as usize {
+            return Err(Error::LimitExceeded {
+                what: "CAR block count",
+                limit: u64::from(u32::MAX) - 1,
+                found: self.len as u64,
+            });
+        }
+        let capacity = (self.len * 4 / 3 + 1).max(16);
         self.table.clear();
         self.table.resize(capacity, 0);
-        let mask = capacity - 1;
         for number in 0..self.len {
             let Some(entry) = self.entry(number) else {
                 break;
             };
-            let (hash, tag) = slot_hash(&entry.digest);
-            let mut slot = hash & mask;
-            loop {
-                let value = self.table[slot];
-                if value == 0 {
-                    self.table[slot] = tag << 32 | (number as u64 + 1);
-                    break;
-                }
-                if value >> 32 == tag
-                    && self
-                        .entry((value & 0xffff_ffff) as usize - 1)
-                        .is_some_and(|other| other.digest == entry.digest)
-                {
-                    break;
-                }
-                slot = (slot + 1) & mask;
+            let mut slot = self.home(entry.prefix);
+            while self.table[slot] != 0 {
+                slot = if slot + 1 == capacity { 0 } else { slot + 1 };
             }
+            self.table[slot] = number as u32 + 1;
         }
+        Ok(())
     }
 
-    fn get(&self, cid: &Cid) -> Option<Location> {
-        if cid.codec() != DAG_CBOR {
-            return self.others.get(cid).copied();
-        }
-        if self.table.is_empty() {
-            return None;
-        }
-        let mask = self.table.len() - 1;
-        let (hash, tag) = slot_hash(cid.digest());
-        let mut slot = hash & mask;
-        loop {
-            let value = self.table[slot];
-            if value == 0 {
-                return None;
+    /// The locations whose entries match `cid`'s digest prefix, in probe order; the caller
+    /// confirms the whole digest beside each block.
+    fn candidates(&self, cid: &Cid) -> impl Iterator<Item = Location> + '_ {
+        let prefix = digest_prefix(cid.digest());
+        let capacity = self.table.len();
+        let mut slot = if capacity == 0 { 0 } else { self.home(prefix) };
+        let mut probes = 0;
+        std::iter::from_fn(move || {
+            while probes < capacity {
+                probes += 1;
+                let number = self.table[slot];
+                slot = if slot + 1 == capacity { 0 } else { slot + 1 };
+                if number == 0 {
+                    probes = capacity;
+                    return None;
+                }
+                if let Some(entry) = self.entry(number as usize - 1)
+                    && entry.prefix == prefix
+                {
+                    return Some(entry.location);
+                }
             }
-            if value >> 32 == tag
-                && let Some(entry) = self.entry((value & 0xffff_ffff) as usize - 1)
-                && entry.digest == *cid.digest()
-            {
-                return Some(entry.location);
-            }
-            slot = (slot + 1) & mask;
-        }
+            None
+        })
     }
 
     fn blocks(&self) -> usize {
@@ -249,8 +264,8 @@ impl Index {
 /// store.insert(block);
 /// # }
 /// ``` Memory is the budget plus the index
-/// ([`INDEX_BYTES_PER_BLOCK`] a block), which cannot spill: a 500 MB repository of 1.8 M
-/// blocks needs about 110 MB of index.
+/// ([`INDEX_BYTES_PER_BLOCK`] a block), which cannot spill: a 1 GB repository of 3.4 M
+/// blocks needs about 75 MB of index.
 pub struct BlockStore {
     index: Index,
     chunks: Vec<Vec<u8>>,
@@ -316,27 +331,82 @@ impl BlockStore {
     }
 
     /// Whether `cid` is stored.
-    pub fn contains(&self, cid: &Cid) -> bool {
-        self.index.get(cid).is_some()
+    ///
+    /// # Errors
+    ///
+    /// Reading the spill file failed.
+    pub fn contains(&self, cid: &Cid) -> Result<bool> {
+        Ok(self.get_block(cid)?.is_some())
+    }
+
+    /// Where `cid`'s block is, its whole digest confirmed beside the block (a dag-cbor block
+    /// stored in memory or in the CAR), or for a spilled block, its bytes read and confirmed.
+    fn find(&self, cid: &Cid) -> Result<Option<Cow<'_, [u8]>>> {
+        if cid.codec() != DAG_CBOR {
+            return match self.index.others.get(cid) {
+                Some(location) => self.read(*location, None),
+                None => Ok(None),
+            };
+        }
+        for location in self.index.candidates(cid) {
+            if let Some(bytes) = self.read(location, Some(cid.digest()))? {
+                return Ok(Some(bytes));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The bytes at `location`, if the digest in front of them is `digest` (when given).
+    fn read(&self, location: Location, digest: Option<&[u8; 32]>) -> Result<Option<Cow<'_, [u8]>>> {
+        let start = location.offset() as usize;
+        let in_memory = if let Some(whole) = &self.whole {
+            // A CAR block is `varint | CID | data`: a sha2-256 CID ends with its digest.
+            Some(whole.as_slice())
+        } else if !location.on_disk() {
+            let (chunk, offset) = (start >> 20, start & ((1 << 20) - 1));
+            let Some(chunk) = self.chunks.get(chunk) else {
+                return Ok(None);
+            };
+            return Ok(confirm(chunk, offset, location.len(), digest).map(Cow::Borrowed));
+        } else {
+            None
+        };
+        if let Some(bytes) = in_memory {
+            return Ok(confirm(bytes, start, location.len(), digest).map(Cow::Borrowed));
+        }
+        let Some(spill) = &self.spill else {
+            return Ok(None);
+        };
+        let with_digest = digest.is_some();
+        let mut bytes = spill.read(location, with_digest)?;
+        if let Some(digest) = digest {
+            if bytes.get(..DIGEST) != Some(digest.as_slice()) {
+                return Ok(None);
+            }
+            bytes.drain(..DIGEST);
+        }
+        Ok(Some(Cow::Owned(bytes)))
     }
 
     /// Adds a block the CAR reader has just hashed against `cid`.
     fn insert(&mut self, block: Block<'_>) -> Result<()> {
         let data = block.data;
         check_stored_len(data.len())?;
-        let in_memory =
-            self.in_memory + data.len() + (self.index.blocks() + 1) * INDEX_BYTES_PER_BLOCK;
+        // A dag-cbor block is stored behind its digest, which the index does not hold.
+        let digest = (block.cid.codec() == DAG_CBOR).then(|| block.cid.digest());
+        let stored = data.len() + digest.map_or(0, |_| DIGEST);
+        let in_memory = self.in_memory + stored + (self.index.blocks() + 1) * INDEX_BYTES_PER_BLOCK;
         let location = if in_memory <= self.budget {
             let fits = self.chunks.last().is_some_and(|chunk| {
-                chunk.len() + data.len() <= chunk.capacity()
-                    && chunk.len() + data.len() <= CHUNK_SIZE.max(data.len())
+                chunk.len() + stored <= chunk.capacity()
+                    && chunk.len() + stored <= CHUNK_SIZE.max(stored)
             });
             if !fits {
                 // Chunks start small and double: a small repository then never touches a
                 // fresh megabyte (a huge-page fault and 2 MiB of kernel zeroing per CAR).
                 let size = (64 << 10 << self.chunks.len().min(4))
                     .min(CHUNK_SIZE)
-                    .max(data.len());
+                    .max(stored);
                 let chunk = match self.spare_chunks.pop() {
                     Some(chunk) if chunk.capacity() >= size => chunk,
                     _ => Vec::with_capacity(size),
@@ -345,17 +415,19 @@ impl BlockStore {
             }
             let chunk_index = self.chunks.len() - 1;
             let chunk = &mut self.chunks[chunk_index];
+            if let Some(digest) = digest {
+                chunk.extend_from_slice(digest);
+            }
             let offset = chunk.len();
             chunk.extend_from_slice(data);
-            self.in_memory += data.len();
+            self.in_memory += stored;
             Location::memory(chunk_index, offset, data.len())
         } else {
             let spill = match &mut self.spill {
                 Some(spill) => spill,
                 None => self.spill.insert(Spill::create(self.spill_dir.as_deref())?),
             };
-            let offset = spill.len;
-            let found = offset + data.len() as u64;
+            let found = spill.len + stored as u64;
             if found > self.max_spill {
                 return Err(Error::LimitExceeded {
                     what: "spill file size",
@@ -363,6 +435,10 @@ impl BlockStore {
                     found,
                 });
             }
+            if let Some(digest) = digest {
+                spill.write(digest)?;
+            }
+            let offset = spill.len;
             spill.write(data)?;
             Location::disk(offset, data.len())
         };
@@ -374,7 +450,7 @@ impl BlockStore {
     /// Ends writing: builds the index table and flushes the spill file so reads see every
     /// block.
     fn seal(&mut self) -> Result<()> {
-        self.index.seal();
+        self.index.seal()?;
         if let Some(spill) = &mut self.spill
             && let Some(mut writer) = spill.writer.take()
         {
@@ -407,11 +483,17 @@ impl Spill {
         Ok(())
     }
 
+    /// The block at `location`, with the digest stored in front of it when `with_digest`.
     #[cfg(unix)]
-    fn read(&self, location: Location) -> Result<Vec<u8>> {
+    fn read(&self, location: Location, with_digest: bool) -> Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let mut buf = vec![0; location.len()];
-        self.file.read_exact_at(&mut buf, location.offset())?;
+        let before = if with_digest { DIGEST } else { 0 };
+        let start = location
+            .offset()
+            .checked_sub(before as u64)
+            .ok_or_else(|| std::io::Error::other("spill location before the start of the file"))?;
+        let mut buf = vec![0; before + location.len()];
+        self.file.read_exact_at(&mut buf, start)?;
         Ok(buf)
     }
 }
@@ -420,27 +502,24 @@ impl crate::blocks::sealed::Sealed for BlockStore {}
 
 impl BlockSource for BlockStore {
     fn get_block(&self, cid: &Cid) -> Result<Option<Cow<'_, [u8]>>> {
-        let Some(location) = self.index.get(cid) else {
-            return Ok(None);
-        };
-        if let Some(whole) = &self.whole {
-            let start = location.offset() as usize;
-            return Ok(whole.get(start..start + location.len()).map(Cow::Borrowed));
-        }
-        if !location.on_disk() {
-            let offset = location.offset();
-            let (chunk, start) = ((offset >> 20) as usize, (offset & ((1 << 20) - 1)) as usize);
-            return Ok(self
-                .chunks
-                .get(chunk)
-                .and_then(|chunk| chunk.get(start..start + location.len()))
-                .map(Cow::Borrowed));
-        }
-        match &self.spill {
-            Some(spill) => spill.read(location).map(|bytes| Some(Cow::Owned(bytes))),
-            None => Ok(None),
-        }
+        self.find(cid)
     }
+}
+
+/// `len` bytes at `start` of `bytes`, if the 32 bytes in front of them are `digest` (when
+/// given).
+fn confirm<'a>(
+    bytes: &'a [u8],
+    start: usize,
+    len: usize,
+    digest: Option<&[u8; 32]>,
+) -> Option<&'a [u8]> {
+    if let Some(digest) = digest
+        && bytes.get(start.checked_sub(DIGEST)?..start) != Some(digest.as_slice())
+    {
+        return None;
+    }
+    bytes.get(start..start.checked_add(len)?)
 }
 
 /// A CAR whose blocks have all been read and hashed; the structure is not checked yet.
@@ -595,7 +674,7 @@ pub async fn load_car_async_reusing<R: AsyncRead + Unpin>(
 pub struct Scratch {
     chunks: Vec<Vec<u8>>,
     entries: Vec<Vec<IndexEntry>>,
-    table: Vec<u64>,
+    table: Vec<u32>,
     read_buffer: Vec<u8>,
 }
 
@@ -844,5 +923,49 @@ impl Iterator for RecordWalker<'_> {
             Ok(None) => None,
             Err(err) => Some(Err(err)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Digests that share the 8 bytes the index keeps: only the digest stored beside each
+    /// block tells them apart, in memory and in the spill file alike.
+    #[test]
+    fn lookups_confirm_the_whole_digest_beside_the_block() -> Result<()> {
+        let digest = |last: u8| {
+            let mut digest = [7u8; 32];
+            digest[31] = last;
+            Cid::from_parts(DAG_CBOR, digest)
+        };
+        let (first, second, absent) = (digest(1), digest(2), digest(3));
+        for budget in [1 << 20, 0] {
+            let options = VerifyOptions {
+                memory_budget: budget,
+                ..VerifyOptions::default()
+            };
+            let mut store = BlockStore::new(&options, Scratch::default());
+            store.insert(Block {
+                cid: first,
+                data: b"first",
+            })?;
+            store.insert(Block {
+                cid: second,
+                data: b"second",
+            })?;
+            // A duplicate of the first: the first stored is the one found.
+            store.insert(Block {
+                cid: first,
+                data: b"again",
+            })?;
+            store.seal()?;
+            assert_eq!(store.spilled_bytes() > 0, budget == 0);
+            assert_eq!(store.get_block(&first)?.as_deref(), Some(&b"first"[..]));
+            assert_eq!(store.get_block(&second)?.as_deref(), Some(&b"second"[..]));
+            assert_eq!(store.get_block(&absent)?, None);
+            assert!(!store.contains(&Cid::from_parts(crate::cid::RAW, *first.digest()))?);
+        }
+        Ok(())
     }
 }
