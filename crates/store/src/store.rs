@@ -64,6 +64,10 @@ pub(crate) struct Inner {
     events: tokio::sync::watch::Sender<u64>,
     /// Whether commits also write events to the log (see [`Store::retain_events`]).
     pub(crate) retain: std::sync::atomic::AtomicBool,
+    /// No logged event below this id is left: trims start here instead of walking the
+    /// tombstones of every earlier trim (an LSM keeps them until compaction), which made
+    /// trimming a growing log quadratic.
+    log_floor: std::sync::atomic::AtomicU64,
     dir: PathBuf,
     /// Held for the life of the store; declared last so it is released after fjall closed.
     _lock: File,
@@ -304,6 +308,7 @@ impl Store {
                 published: RwLock::new(counters),
                 events: tokio::sync::watch::Sender::new(counters.last_event_id),
                 retain: std::sync::atomic::AtomicBool::new(false),
+                log_floor: std::sync::atomic::AtomicU64::new(0),
                 dir: dir.to_path_buf(),
                 _lock: lock,
             }),
@@ -738,7 +743,12 @@ impl Store {
             .saturating_sub(max_events.saturating_sub(1));
         let mut batch = self.inner.db.batch().durability(Some(PersistMode::Buffer));
         let mut removed = 0;
-        for guard in self.inner.ks.log.iter().take(budget) {
+        let floor = self
+            .inner
+            .log_floor
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut next_floor = floor;
+        for guard in self.inner.ks.log.range(floor.to_be_bytes()..).take(budget) {
             let (key, value) = guard.into_inner()?;
             let id = codec::decode_u64("event", &key, &key)?;
             let old = id < keep_from
@@ -751,9 +761,13 @@ impl Store {
             }
             batch.remove(&self.inner.ks.log, key);
             removed += 1;
+            next_floor = id.saturating_add(1);
         }
         if removed > 0 {
             batch.commit()?;
+            self.inner
+                .log_floor
+                .fetch_max(next_floor, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(removed)
     }
