@@ -337,8 +337,8 @@ impl Engine {
             .scope
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(scope);
-        self.inner.scope_changed.notify_waiters();
         if !widens {
+            self.inner.scope_changed.notify_waiters();
             return Ok(0);
         }
         let started_us = now_us();
@@ -385,6 +385,9 @@ impl Engine {
             repos = marked,
             "backfill.decision: the collection filters keep more; resyncing every synced repo"
         );
+        // Only now the crawler: repos it finds under the new scope are fetched with it, and
+        // are not among those marked (or counted) for a second snapshot.
+        self.inner.scope_changed.notify_waiters();
         self.inner.work.notify_waiters();
         Ok(marked)
     }
