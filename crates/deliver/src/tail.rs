@@ -120,7 +120,7 @@ impl Tail {
 /// The log when events are retained, the outbox otherwise.
 fn read(store: &Store, after: u64, limit: usize) -> atpdb_store::Result<Vec<(u64, Event)>> {
     if store.retains_events() {
-        store.log_after(after, limit)
+        store.retained_after(after, limit)
     } else {
         store.events_after(after, limit)
     }

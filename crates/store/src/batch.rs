@@ -499,16 +499,11 @@ impl Plan {
 
         // Outbox, cursors, config, runs.
         counters.outbox_len += self.events.len() as u64;
-        let retain = inner.retain.load(std::sync::atomic::Ordering::Relaxed);
+        // Written once: with retention on, an event moves to the log when it leaves the
+        // outbox (`Store::delete_events`), so a backfill nobody consumes yet writes each
+        // event once, not twice.
         for (id, value) in self.events {
-            if retain {
-                // The same bytes, shared: a `Slice` clone is a reference count.
-                let value = fjall::Slice::from(value);
-                batch.insert(&ks.log, id.to_be_bytes(), value.clone());
-                batch.insert(&ks.outbox, id.to_be_bytes(), value);
-            } else {
-                batch.insert(&ks.outbox, id.to_be_bytes(), value);
-            }
+            batch.insert(&ks.outbox, id.to_be_bytes(), value);
         }
         for (name, value) in self.cursors {
             batch.insert(&ks.cursors, name.into_bytes(), value);

@@ -692,9 +692,11 @@ impl Store {
         self.counters().last_event_id
     }
 
-    /// Also keeps every event committed from now on in the log, independent of delivery
-    /// (acknowledged events leave the outbox, not the log): broadcast streams replay from it
-    /// within the window [`Store::trim_log`] keeps. Costs one more write per event.
+    /// Keeps delivered events: from now on an event leaving the outbox
+    /// ([`Store::delete_events`]) moves to the log, which [`Store::trim_log`] keeps to a
+    /// window, and broadcast streams replay outbox and log together
+    /// ([`Store::retained_after`]). Costs one more write per event, at delivery rather than
+    /// at ingest.
     pub fn retain_events(&self, on: bool) {
         self.inner
             .retain
@@ -712,6 +714,44 @@ impl Store {
     ///
     /// As [`Store::events_after`].
     pub fn log_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>> {
+        self.log_page(after, limit)
+    }
+
+    /// Up to `limit` events with ids above `after` from the outbox and the log together
+    /// (everything retention keeps: delivered or not), ascending.
+    ///
+    /// The outbox is read first: an event that moves to the log between the two reads is
+    /// then seen in the log (or twice, and kept once), never missed.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::events_after`].
+    pub fn retained_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>> {
+        let pending = self.events_after(after, limit)?;
+        let logged = self.log_page(after, limit)?;
+        let mut merged = Vec::with_capacity(limit.min(pending.len() + logged.len()));
+        let (mut pending, mut logged) = (
+            pending.into_iter().peekable(),
+            logged.into_iter().peekable(),
+        );
+        while merged.len() < limit {
+            let next = match (pending.peek(), logged.peek()) {
+                (Some((a, _)), Some((b, _))) if a == b => {
+                    logged.next();
+                    pending.next()
+                }
+                (Some((a, _)), Some((b, _))) if a < b => pending.next(),
+                (Some(_), None) => pending.next(),
+                (_, Some(_)) => logged.next(),
+                (None, None) => None,
+            };
+            let Some(next) = next else { break };
+            merged.push(next);
+        }
+        Ok(merged)
+    }
+
+    fn log_page(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>> {
         let Some(start) = after.checked_add(1) else {
             return Ok(Vec::new());
         };
@@ -797,9 +837,18 @@ impl Store {
         ids.sort_unstable();
         ids.dedup();
         let mut batch = inner.db.batch().durability(Some(PersistMode::Buffer));
+        let retain = self.retains_events();
+        // Below the floor the trimmer has passed: it would never come back for it.
+        let floor = inner.log_floor.load(std::sync::atomic::Ordering::Relaxed);
         for id in ids {
             let key = id.to_be_bytes();
-            if inner.ks.outbox.contains_key(key)? {
+            if retain && id >= floor {
+                if let Some(value) = inner.ks.outbox.get(key)? {
+                    batch.remove(&inner.ks.outbox, key);
+                    batch.insert(&inner.ks.log, key, value);
+                    counters.outbox_len = counters.outbox_len.saturating_sub(1);
+                }
+            } else if inner.ks.outbox.contains_key(key)? {
                 batch.remove(&inner.ks.outbox, key);
                 counters.outbox_len = counters.outbox_len.saturating_sub(1);
             }

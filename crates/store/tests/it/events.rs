@@ -103,6 +103,32 @@ fn the_log_keeps_events_after_delivery_and_trims_to_its_window() -> TestResult {
     store.retain_events(true);
     // time_us of these is 0..10.
     let ids = push(&store, 10)?;
+    // Undelivered events are written once, to the outbox; a replay sees them there.
+    assert!(store.log_after(0, 100)?.is_empty());
+    let replay: Vec<u64> = store
+        .retained_after(0, 100)?
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(replay.len(), 12);
+    // Half delivered: the replay is one sequence across outbox and log.
+    store.delete_events(&ids[..5])?;
+    let replay: Vec<u64> = store
+        .retained_after(0, 100)?
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(replay.len(), 12);
+    assert!(
+        replay.windows(2).all(|pair| pair[0] < pair[1]),
+        "{replay:?}"
+    );
+    let page: Vec<u64> = store
+        .retained_after(ids[3], 3)?
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(page, ids[4..7]);
     store.delete_events(&ids)?;
     assert_eq!(store.outbox_len(), 2, "delivery emptied the outbox of them");
     let logged: Vec<u64> = store.log_after(0, 100)?.iter().map(|(id, _)| *id).collect();
