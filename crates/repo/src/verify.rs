@@ -20,7 +20,7 @@ use crate::cid::{Cid, CidMap, DAG_CBOR};
 use crate::commit::Commit;
 use crate::crypto::PublicKey;
 use crate::error::{Error, Result};
-use crate::mst::{BlockSource, MstRules, MstWalker, WalkStats};
+use crate::mst::{BlockSource, MstRules, MstWalker, WalkItem, WalkStats};
 use crate::record::Record;
 use crate::syntax::{Did, Nsid, RecordKey};
 
@@ -809,6 +809,43 @@ impl VerifiedRepo {
     pub fn records(&self) -> RecordWalker<'_> {
         RecordWalker::new(&self.car, &self.commit)
     }
+
+    /// Walks a CAR that holds only the blocks written since an earlier commit
+    /// (`getRepo?since=`): [`RecordWalker::next_item`] reports each subtree and record block
+    /// left out instead of failing. What it leaves out is unproven until the caller proves it
+    /// against what it holds (see [`crate::mst::SubtreeBuilder`]).
+    pub fn records_since(&self) -> RecordWalker<'_> {
+        let mut walker = RecordWalker::new(&self.car, &self.commit);
+        walker.walker =
+            MstWalker::new(&self.car.store, self.commit.data, MstRules::default()).with_gaps();
+        walker.gaps = true;
+        walker
+    }
+}
+
+/// One step of [`VerifiedRepo::records_since`].
+#[derive(Debug, Clone, Copy)]
+pub enum RecordItem<'a> {
+    /// A record and its bytes.
+    Record(RecordRef<'a>),
+    /// A record whose block the CAR left out: unchanged since the earlier commit, if the
+    /// holder's CID for the path equals `cid`.
+    Unfetched {
+        /// The collection NSID.
+        collection: &'a str,
+        /// The record key.
+        rkey: &'a str,
+        /// The record block's CID.
+        cid: Cid,
+    },
+    /// A subtree the CAR left out, covering every path between the items before and after
+    /// it; its root node is at `layer`.
+    Gap {
+        /// The subtree's root.
+        cid: Cid,
+        /// Its root node's layer.
+        layer: u32,
+    },
 }
 
 /// One record, borrowed from the walk.
@@ -853,6 +890,7 @@ pub struct RecordWalker<'a> {
     current: Option<Cow<'a, [u8]>>,
     check_encoding: bool,
     record_bytes: u64,
+    gaps: bool,
 }
 
 impl<'a> RecordWalker<'a> {
@@ -865,13 +903,37 @@ impl<'a> RecordWalker<'a> {
             current: None,
             check_encoding: car.check_record_encoding,
             record_bytes: 0,
+            gaps: false,
         }
     }
 
     /// The next record, or `None` once the whole tree has been verified.
     pub fn next_record(&mut self) -> Result<Option<RecordRef<'_>>> {
-        let Some((key, cid)) = self.walker.next_entry()? else {
-            return Ok(None);
+        match self.next_item()? {
+            None => Ok(None),
+            Some(RecordItem::Record(record)) => Ok(Some(record)),
+            Some(RecordItem::Gap { cid, .. }) => Err(Error::MissingBlock {
+                cid,
+                context: "MST node".to_owned(),
+            }),
+            Some(RecordItem::Unfetched {
+                collection,
+                rkey,
+                cid,
+            }) => Err(Error::MissingBlock {
+                cid,
+                context: format!("{collection}/{rkey}"),
+            }),
+        }
+    }
+
+    /// The next record, or on a walk of [`VerifiedRepo::records_since`] also a left-out
+    /// subtree or record block; `None` once the whole tree has been walked.
+    pub fn next_item(&mut self) -> Result<Option<RecordItem<'_>>> {
+        let (key, cid) = match self.walker.next_item()? {
+            None => return Ok(None),
+            Some(WalkItem::Gap { cid, layer }) => return Ok(Some(RecordItem::Gap { cid, layer })),
+            Some(WalkItem::Entry(key, cid)) => (key, cid),
         };
         self.key.clear();
         self.key.extend_from_slice(key);
@@ -879,28 +941,34 @@ impl<'a> RecordWalker<'a> {
             node: cid,
             reason: "key is not UTF-8".to_owned(),
         })?;
-        let bytes = self
-            .store
-            .get_block(&cid)?
-            .ok_or_else(|| Error::MissingBlock {
+        // The walker checked the path syntax, so it has exactly one slash.
+        let slash = path.bytes().position(|b| b == b'/').unwrap_or(path.len());
+        let (collection, rkey) = (&path[..slash], path.get(slash + 1..).unwrap_or(""));
+        let Some(bytes) = self.store.get_block(&cid)? else {
+            if self.gaps {
+                return Ok(Some(RecordItem::Unfetched {
+                    collection,
+                    rkey,
+                    cid,
+                }));
+            }
+            return Err(Error::MissingBlock {
                 cid,
                 context: path.to_owned(),
-            })?;
+            });
+        };
         if self.check_encoding {
             cbor::validate(&bytes).map_err(|source| Error::Block { cid, source })?;
         }
         self.record_bytes += bytes.len() as u64;
         let bytes: &[u8] = self.current.insert(bytes);
-        // The walker checked the path syntax, so it has exactly one slash.
-        let slash = path.bytes().position(|b| b == b'/').unwrap_or(path.len());
-        let (collection, rkey) = (&path[..slash], path.get(slash + 1..).unwrap_or(""));
-        Ok(Some(RecordRef {
+        Ok(Some(RecordItem::Record(RecordRef {
             did: &self.did,
             collection,
             rkey,
             cid,
             bytes,
-        }))
+        })))
     }
 
     /// Walk counters so far.

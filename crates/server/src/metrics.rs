@@ -40,7 +40,7 @@ fn label(value: &str) -> String {
 pub(crate) async fn metrics(State(app): State<App>) -> Response {
     let mut out = String::with_capacity(4096);
     let counters = app.engine.counters();
-    let engine_counters: [(&str, &str, &AtomicU64); 10] = [
+    let engine_counters: [(&str, &str, &AtomicU64); 12] = [
         (
             "atpdb_firehose_events_received_total",
             "Firehose events received.",
@@ -90,6 +90,16 @@ pub(crate) async fn metrics(State(app): State<App>) -> Response {
             "atpdb_backfill_records_total",
             "Records written by resyncs.",
             &counters.backfill_records,
+        ),
+        (
+            "atpdb_resyncs_since_total",
+            "Catch-ups applied from getRepo?since= (only the changed blocks fetched).",
+            &counters.resyncs_since,
+        ),
+        (
+            "atpdb_resyncs_since_fallback_total",
+            "getRepo?since= catch-ups that could not be proven and fetched the whole repo.",
+            &counters.resyncs_since_fallback,
         ),
     ];
     for (name, help, counter) in engine_counters {

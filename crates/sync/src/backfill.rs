@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use atpdb_identity::Identity;
 use atpdb_repo::crypto::PublicKey;
 use atpdb_repo::firehose::{self, Chain, Frame, Message, RepoHead};
+use atpdb_repo::mst::SubtreeBuilder;
 use atpdb_repo::syntax::{Did, Tid};
-use atpdb_repo::verify::{Expected, LoadedCar, load_car_async};
+use atpdb_repo::verify::{Expected, LoadedCar, RecordItem, RecordRef, load_car_async};
 use atpdb_repo::{Cid, Error as RepoError};
 use atpdb_store::{
     Action, Event, IdentityEvent, RecordEvent, RepoEntry, RepoState, Store, StoreError,
@@ -275,6 +276,31 @@ async fn fetch_and_apply(inner: &Arc<Inner>, entry: RepoEntry) -> Result<u64, Fa
         return Ok(0);
     }
 
+    // A repo synced before, whose stored records are all its records (no filter has ever
+    // left any out), catches up from only what changed since its rev.
+    if let Some(stored) = Head::stored(&entry)
+        && entry.last_sync_us > widened_us
+        && inner.scope().filters.is_all()
+    {
+        match fetch_since(inner, &identity, &entry, stored).await {
+            Ok(applied) => {
+                bump(&inner.counters.resyncs_since);
+                inner
+                    .counters
+                    .backfill_records
+                    .fetch_add(applied.changes, std::sync::atomic::Ordering::Relaxed);
+                let changes = applied.changes;
+                finish(inner, &identity, applied.head, changes).await?;
+                return Ok(changes);
+            }
+            Err(Failure::Repo(reason)) => {
+                bump(&inner.counters.resyncs_since_fallback);
+                tracing::info!(%did, reason = %reason, "backfill.since_fallback");
+            }
+            Err(failure @ Failure::Store(_)) => return Err(failure),
+        }
+    }
+
     let body = inner
         .xrpc
         .get_repo(&identity.pds, &did, None)
@@ -296,6 +322,29 @@ async fn fetch_and_apply(inner: &Arc<Inner>, entry: RepoEntry) -> Result<u64, Fa
         .fetch_add(applied.changes, std::sync::atomic::Ordering::Relaxed);
     finish(inner, &identity, applied.head, applied.changes).await?;
     Ok(applied.changes)
+}
+
+/// `getRepo?since=<stored rev>`, applied by [`apply_since`].
+async fn fetch_since(
+    inner: &Arc<Inner>,
+    identity: &Identity,
+    entry: &RepoEntry,
+    stored: Head,
+) -> Result<Applied, Failure> {
+    let did = entry.did.clone();
+    let body = inner
+        .xrpc
+        .get_repo(&identity.pds, &did, Some(&stored.rev))
+        .await
+        .map_err(|err| Failure::Repo(format!("getRepo?since from {}: {err}", identity.pds)))?;
+    let loaded = load_car_async(body, &inner.config.verify)
+        .await
+        .map_err(|err| Failure::Repo(format!("getRepo?since from {}: {err}", identity.pds)))?;
+    let store = inner.store.clone();
+    let key = identity.key.clone();
+    tokio::task::spawn_blocking(move || apply_since(&store, loaded, &did, &key, &stored))
+        .await
+        .map_err(|err| Failure::Repo(format!("catch-up task ended: {err}")))?
 }
 
 /// Stores the PDS and the verified handle, and tells consumers when the handle changed (the
@@ -406,7 +455,7 @@ fn apply_snapshot(
         if !filters.matches(found.collection) {
             continue;
         }
-        while let Some((collection, rkey)) = stored.next_before(found.collection, found.rkey)? {
+        while let Some((collection, rkey, _)) = stored.next_before(found.collection, found.rkey)? {
             writer.push_delete(did, &rev, collection, rkey, false, time_us)?;
         }
         let action = match stored.take_equal(found.collection, found.rkey)? {
@@ -414,28 +463,127 @@ fn apply_snapshot(
             Some(_) => Action::Update,
             None => Action::Create,
         };
-        let record = found.to_record().map_err(|err| {
-            Failure::Repo(format!("record {}/{}: {err}", found.collection, found.rkey))
-        })?;
-        // The merge knows what is stored: the commit need not look.
-        writer
-            .batch
-            .put_record_known(&record, action == Action::Update);
-        writer.batch.push(Event::Record(RecordEvent {
-            live: false,
-            did: did.clone(),
-            rev: rev.clone(),
-            collection: found.collection.to_owned(),
-            rkey: found.rkey.to_owned(),
-            action,
-            cid: Some(found.cid),
-            record: Some(record.into_bytes()),
-            time_us,
-        }));
-        writer.count()?;
+        writer.push_record(did, &rev, &found, action, time_us)?;
     }
-    while let Some((collection, rkey)) = stored.next_remaining()? {
+    while let Some((collection, rkey, _)) = stored.next_remaining()? {
         writer.push_delete(did, &rev, collection, rkey, false, time_us)?;
+    }
+    let changes = writer.finish()?;
+    Ok(Applied { head, changes })
+}
+
+/// Applies a CAR of the blocks written since the stored rev: the records in it are merged
+/// as a snapshot's are, each record left out must be stored with the same CID, and each
+/// subtree left out must rebuild, from the stored records of its key range, to its CID.
+///
+/// Every change written is true of the signed new commit, so a proof that fails halfway
+/// leaves nothing wrong behind: the whole snapshot that follows diffs against it.
+fn apply_since(
+    store: &Store,
+    loaded: LoadedCar,
+    did: &Did,
+    key: &PublicKey,
+    stored_head: &Head,
+) -> Result<Applied, Failure> {
+    let failed = |err: RepoError| Failure::Repo(format!("verifying the catch-up: {err}"));
+    let verified = loaded
+        .verify(Expected {
+            did: Some(did),
+            key,
+        })
+        .map_err(failed)?;
+    let commit = verified.commit();
+    if commit.rev <= stored_head.rev {
+        return Err(Failure::Repo(format!(
+            "the catch-up's rev {} does not follow the stored {}",
+            commit.rev, stored_head.rev
+        )));
+    }
+    let head = Head {
+        rev: commit.rev.clone(),
+        data: commit.data,
+    };
+    let rev = commit.rev.to_string();
+    let time_us = now_us();
+    let all = Filters::all();
+    let mut writer = ChunkWriter::new(store);
+    let mut stored = StoredKeys::new(store, did, &all);
+    let mut gap: Option<(SubtreeBuilder, Cid)> = None;
+    let mut path = Vec::new();
+    let mut walker = verified.records_since();
+    loop {
+        let item = walker.next_item().map_err(failed)?;
+        // Where the stored keys before this item go: into the open gap's proof, or deleted.
+        let bound = match &item {
+            Some(RecordItem::Record(found)) => Some((found.collection, found.rkey)),
+            Some(RecordItem::Unfetched {
+                collection, rkey, ..
+            }) => Some((*collection, *rkey)),
+            Some(RecordItem::Gap { .. }) => {
+                if gap.is_some() {
+                    return Err(Failure::Repo(
+                        "two left-out subtrees with no entry between them".to_owned(),
+                    ));
+                }
+                None
+            }
+            None => None,
+        };
+        if !matches!(item, Some(RecordItem::Gap { .. })) {
+            loop {
+                let next = match bound {
+                    Some((collection, rkey)) => stored.next_before(collection, rkey)?,
+                    None => stored.next_remaining()?,
+                };
+                let Some((collection, rkey, cid)) = next else {
+                    break;
+                };
+                match &mut gap {
+                    Some((builder, _)) => {
+                        path.clear();
+                        path.extend_from_slice(collection.as_bytes());
+                        path.push(b'/');
+                        path.extend_from_slice(rkey.as_bytes());
+                        builder.push(&path, cid).map_err(failed)?;
+                    }
+                    None => writer.push_delete(did, &rev, collection, rkey, false, time_us)?,
+                }
+            }
+            if let Some((builder, expected)) = gap.take() {
+                let rebuilt = builder.finish();
+                if rebuilt != expected {
+                    return Err(Failure::Repo(format!(
+                        "the left-out subtree {expected} is not the stored records of its range                          (they make {rebuilt})"
+                    )));
+                }
+            }
+        }
+        match item {
+            None => break,
+            Some(RecordItem::Gap { cid, layer }) => {
+                gap = Some((SubtreeBuilder::new(layer).map_err(failed)?, cid));
+            }
+            Some(RecordItem::Unfetched {
+                collection,
+                rkey,
+                cid,
+            }) => {
+                let held = stored.take_equal(collection, rkey)?;
+                if held != Some(cid) {
+                    return Err(Failure::Repo(format!(
+                        "the catch-up left out {collection}/{rkey} ({cid}), which is not stored"
+                    )));
+                }
+            }
+            Some(RecordItem::Record(found)) => {
+                let action = match stored.take_equal(found.collection, found.rkey)? {
+                    Some(cid) if cid == found.cid => continue,
+                    Some(_) => Action::Update,
+                    None => Action::Create,
+                };
+                writer.push_record(did, &rev, &found, action, time_us)?;
+            }
+        }
     }
     let changes = writer.finish()?;
     Ok(Applied { head, changes })
@@ -457,6 +605,35 @@ impl<'a> ChunkWriter<'a> {
             pending: 0,
             total: 0,
         }
+    }
+
+    /// A create or update found by a merge, which knows what is stored: the commit need not
+    /// look.
+    fn push_record(
+        &mut self,
+        did: &Did,
+        rev: &str,
+        found: &RecordRef<'_>,
+        action: Action,
+        time_us: u64,
+    ) -> Result<(), Failure> {
+        let record = found.to_record().map_err(|err| {
+            Failure::Repo(format!("record {}/{}: {err}", found.collection, found.rkey))
+        })?;
+        self.batch
+            .put_record_known(&record, action == Action::Update);
+        self.batch.push(Event::Record(RecordEvent {
+            live: false,
+            did: did.clone(),
+            rev: rev.to_owned(),
+            collection: found.collection.to_owned(),
+            rkey: found.rkey.to_owned(),
+            action,
+            cid: Some(found.cid),
+            record: Some(record.into_bytes()),
+            time_us,
+        }));
+        self.count()
     }
 
     fn push_delete(
@@ -521,7 +698,7 @@ impl<'a> StoredKeys<'a> {
         &mut self,
         collection: &str,
         rkey: &str,
-    ) -> Result<Option<(String, String)>, Failure> {
+    ) -> Result<Option<(String, String, Cid)>, Failure> {
         loop {
             if let Some(Ok((stored_collection, stored_rkey, _))) = self.keys.peek()
                 && path_cmp(stored_collection, stored_rkey, collection, rkey) != CmpOrdering::Less
@@ -531,11 +708,11 @@ impl<'a> StoredKeys<'a> {
             match self.keys.next() {
                 None => return Ok(None),
                 Some(Err(err)) => return Err(err.into()),
-                Some(Ok((stored_collection, stored_rkey, _))) => {
+                Some(Ok((stored_collection, stored_rkey, cid))) => {
                     // Records of collections now filtered out are left alone: not emitted,
                     // not deleted.
                     if self.filters.matches(&stored_collection) {
-                        return Ok(Some((stored_collection, stored_rkey)));
+                        return Ok(Some((stored_collection, stored_rkey, cid)));
                     }
                 }
             }
@@ -561,14 +738,14 @@ impl<'a> StoredKeys<'a> {
     }
 
     /// Every stored key left, after the snapshot ended.
-    fn next_remaining(&mut self) -> Result<Option<(String, String)>, Failure> {
+    fn next_remaining(&mut self) -> Result<Option<(String, String, Cid)>, Failure> {
         loop {
             match self.keys.next() {
                 None => return Ok(None),
                 Some(Err(err)) => return Err(err.into()),
-                Some(Ok((collection, rkey, _))) => {
+                Some(Ok((collection, rkey, cid))) => {
                     if self.filters.matches(&collection) {
-                        return Ok(Some((collection, rkey)));
+                        return Ok(Some((collection, rkey, cid)));
                     }
                 }
             }

@@ -141,6 +141,10 @@ pub struct Counters {
     pub resyncs_failed: AtomicU64,
     /// Records written by resyncs.
     pub backfill_records: AtomicU64,
+    /// Catch-ups applied from `getRepo?since=` (only what changed was fetched).
+    pub resyncs_since: AtomicU64,
+    /// `getRepo?since=` catch-ups that could not be proven and fell back to a whole snapshot.
+    pub resyncs_since_fallback: AtomicU64,
     /// The firehose low-water mark (the cursor a restart resumes from).
     pub firehose_cursor: AtomicU64,
     /// Tasks paused now because the outbox is full (`EngineConfig::outbox_limit`).

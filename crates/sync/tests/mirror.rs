@@ -2,13 +2,16 @@
 //! replaying its outbox must rebuild the same thing.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use atpdb_devnet::{Devnet, DevnetConfig};
 use atpdb_identity::{IdentityConfig, Resolver};
 use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
 use atpdb_repo::Cid;
-use atpdb_repo::syntax::Did;
+use atpdb_repo::repo::Write;
+use atpdb_repo::syntax::{Did, Tid};
+use atpdb_repo::value::Value;
 use atpdb_store::{Action, Event, RepoState, Store};
 use atpdb_sync::{Engine, EngineConfig, Filters, Mode};
 
@@ -169,6 +172,16 @@ impl Harness {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Every account's current rev at its PDS.
+    fn revs(&self) -> Result<BTreeMap<Did, Tid>, Box<dyn std::error::Error>> {
+        let mut revs = BTreeMap::new();
+        for account in self.devnet.accounts() {
+            let host = &self.devnet.hosts()[account.pds];
+            revs.insert(account.did.clone(), host.account_info(&account.did)?.rev);
+        }
+        Ok(revs)
     }
 
     /// Rebuilds the mirror from the outbox alone, as a consumer would.
@@ -480,6 +493,7 @@ async fn a_resync_emits_the_updates_and_deletes_it_finds() -> TestResult {
     harness.engine.add_repos(&dids).await?;
     harness.converge(Duration::from_secs(60)).await?;
     let before = harness.truth(&Filters::all())?;
+    let revs_before = harness.revs()?;
     harness.devnet.start_traffic(40.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
     harness.devnet.stop_traffic();
@@ -501,6 +515,119 @@ async fn a_resync_emits_the_updates_and_deletes_it_finds() -> TestResult {
     assert_eq!(harness.engine.resync(&dids).await?, dids.len());
     harness.converge(Duration::from_secs(60)).await?;
     assert_mirror(&harness, &after)?;
+    // Every repo that changed caught up from getRepo?since= alone.
+    let changed = harness
+        .revs()?
+        .iter()
+        .filter(|(did, rev)| revs_before.get(*did) != Some(*rev))
+        .count() as u64;
+    let counters = harness.engine.counters();
+    assert!(changed > 0);
+    assert_eq!(counters.resyncs_since.load(Ordering::Relaxed), changed);
+    assert_eq!(counters.resyncs_since_fallback.load(Ordering::Relaxed), 0);
+    harness.engine.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_proves_what_it_was_not_sent_or_fetches_everything() -> TestResult {
+    // getRepo?since= leaves out every block written before `since`. A record put back to an
+    // earlier value brings back that value's older MST node, which the CAR then leaves out
+    // too: only rebuilding the left-out subtree from the stored records shows that what is
+    // stored (the later value) is not what the tree holds.
+    let mut harness = start_with(
+        DevnetConfig {
+            pds_hosts: 1,
+            accounts: 2,
+            records: 300,
+            ..DevnetConfig::default()
+        },
+        EngineConfig {
+            follow_firehose: false,
+            ..EngineConfig::default()
+        },
+    )
+    .await?;
+    let dids: Vec<Did> = harness
+        .devnet
+        .accounts()
+        .iter()
+        .map(|a| a.did.clone())
+        .collect();
+    harness.engine.add_repos(&dids).await?;
+    harness.converge(Duration::from_secs(60)).await?;
+    let host = harness.devnet.hosts()[0].clone();
+    let did = dids[0].clone();
+    let profile = "app.bsky.actor.profile/self".to_owned();
+    let original = harness
+        .engine
+        .store()
+        .record(&did, "app.bsky.actor.profile", "self")?
+        .ok_or("the seeded account has no profile")?;
+    let changed = Value::from_json(&serde_json::json!({
+        "$type": "app.bsky.actor.profile",
+        "displayName": "changed for a while",
+    }))?
+    .to_cbor();
+    let engine = harness.engine.clone();
+    let counters = engine.counters();
+    let since = |field: &std::sync::atomic::AtomicU64| field.load(Ordering::Relaxed);
+
+    // One change in a 300-record repo: the CAR holds a few blocks, the rest is proven.
+    host.write(
+        &did,
+        &[Write::Update {
+            path: profile.clone(),
+            record: changed,
+        }],
+        None,
+    )?;
+    harness.engine.resync(std::slice::from_ref(&did)).await?;
+    harness.converge(Duration::from_secs(60)).await?;
+    assert_mirror(&harness, &harness.truth(&Filters::all())?)?;
+    assert_eq!(
+        (
+            since(&counters.resyncs_since),
+            since(&counters.resyncs_since_fallback)
+        ),
+        (1, 0)
+    );
+
+    // Back to the original value, and a new post so that the root is new: the profile's
+    // old node is left out of the CAR, and the stored records of its range do not rebuild
+    // it, so the engine fetches the whole repo.
+    let post = Value::from_json(&serde_json::json!({
+        "$type": "app.bsky.feed.post",
+        "text": "new",
+        "createdAt": "2026-01-01T00:00:00.000Z",
+    }))?
+    .to_cbor();
+    host.write(
+        &did,
+        &[
+            Write::Update {
+                path: profile.clone(),
+                record: original.bytes().to_vec(),
+            },
+            Write::Create {
+                path: format!("app.bsky.feed.post/{}", Tid::now(3)),
+                record: post,
+            },
+        ],
+        None,
+    )?;
+    harness.engine.resync(std::slice::from_ref(&did)).await?;
+    harness.converge(Duration::from_secs(60)).await?;
+    assert_eq!(
+        (
+            since(&counters.resyncs_since),
+            since(&counters.resyncs_since_fallback)
+        ),
+        (1, 1)
+    );
+    let truth = harness.truth(&Filters::all())?;
+    assert_eq!(truth[&did].get(&profile), Some(&original.cid()));
+    assert_mirror(&harness, &truth)?;
     harness.engine.shutdown();
     Ok(())
 }

@@ -23,6 +23,8 @@
 
 #[path = "sync-bench/channel.rs"]
 mod channel;
+#[path = "sync-bench/tracked.rs"]
+mod tracked;
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
@@ -138,6 +140,14 @@ struct FirehoseArgs {
     /// Only the verification pass: no store pass and no rev check.
     #[arg(long)]
     no_store: bool,
+    /// Repeat the store pass over fresh stores tracking this many repos in all (for example
+    /// `10000,100000,1000000`): the seeded accounts plus filler repos the traffic never
+    /// touches, to show how the rate holds as the store grows.
+    #[arg(long, value_delimiter = ',', conflicts_with = "no_store")]
+    tracked: Vec<u64>,
+    /// Records stored for each filler repo of `--tracked`.
+    #[arg(long, default_value_t = 10)]
+    tracked_records: usize,
 }
 
 #[derive(Debug, Args)]
@@ -391,62 +401,75 @@ impl Harness {
 
     /// Resolves every account's identity, so timed passes find the cache warm.
     async fn warm_identities(&self) -> anyhow::Result<()> {
-        for did in &self.dids {
-            self.engine
-                .identity()
-                .resolve(did)
-                .await
-                .with_context(|| format!("resolving {did}"))?;
-        }
-        Ok(())
+        warm_identities(&self.engine, &self.dids).await
     }
 
     /// Fails loudly unless every repo is synced at its PDS's rev with its PDS's records.
     fn check_mirror(&self) -> anyhow::Result<u64> {
-        let store = self.engine.store();
-        let mut records = 0;
-        for account in self.devnet.accounts() {
-            let host = self.host_of(account)?;
-            let info = host.account_info(&account.did)?;
-            let entry = store
-                .repo(&account.did)?
-                .with_context(|| format!("{} is not in the store", account.did))?;
-            ensure!(
-                entry.state == RepoState::Synced,
-                "{} is {:?} ({:?}), not synced",
-                account.did,
-                entry.state,
-                entry.error
-            );
-            ensure!(
-                entry.rev.as_deref() == Some(info.rev.as_str()),
-                "{}: stored rev {:?}, PDS rev {}",
-                account.did,
-                entry.rev,
-                info.rev
-            );
-            let truth: BTreeMap<String, atpdb_repo::Cid> =
-                host.account_records(&account.did)?.into_iter().collect();
-            let stored: BTreeMap<String, atpdb_repo::Cid> = store
-                .records(&account.did, None, None, usize::MAX, false)?
-                .into_iter()
-                .map(|record| (record.path(), record.cid()))
-                .collect();
-            if stored != truth {
-                let missing = truth.keys().filter(|k| !stored.contains_key(*k)).count();
-                let extra = stored.keys().filter(|k| !truth.contains_key(*k)).count();
-                bail!(
-                    "{}: stored records differ from the PDS's ({} stored, {} at the PDS, \
-                     {missing} missing, {extra} extra)",
-                    account.did,
-                    stored.len(),
-                    truth.len()
-                );
-            }
-            records += truth.len() as u64;
-        }
-        Ok(records)
+        check_mirror(&self.devnet, self.engine.store())
     }
+}
+
+/// Resolves every DID's identity through `engine`, so timed passes find the cache warm.
+async fn warm_identities(engine: &Engine, dids: &[Did]) -> anyhow::Result<()> {
+    for did in dids {
+        engine
+            .identity()
+            .resolve(did)
+            .await
+            .with_context(|| format!("resolving {did}"))?;
+    }
+    Ok(())
+}
+
+/// Fails loudly unless every devnet account is synced in `store` at its PDS's rev with its
+/// PDS's records; returns how many records that is.
+fn check_mirror(devnet: &Devnet, store: &Store) -> anyhow::Result<u64> {
+    let mut records = 0;
+    for account in devnet.accounts() {
+        let host = devnet
+            .hosts()
+            .get(account.pds)
+            .with_context(|| format!("{}: no PDS host {}", account.did, account.pds))?;
+        let info = host.account_info(&account.did)?;
+        let entry = store
+            .repo(&account.did)?
+            .with_context(|| format!("{} is not in the store", account.did))?;
+        ensure!(
+            entry.state == RepoState::Synced,
+            "{} is {:?} ({:?}), not synced",
+            account.did,
+            entry.state,
+            entry.error
+        );
+        ensure!(
+            entry.rev.as_deref() == Some(info.rev.as_str()),
+            "{}: stored rev {:?}, PDS rev {}",
+            account.did,
+            entry.rev,
+            info.rev
+        );
+        let truth: BTreeMap<String, atpdb_repo::Cid> =
+            host.account_records(&account.did)?.into_iter().collect();
+        let stored: BTreeMap<String, atpdb_repo::Cid> = store
+            .records(&account.did, None, None, usize::MAX, false)?
+            .into_iter()
+            .map(|record| (record.path(), record.cid()))
+            .collect();
+        if stored != truth {
+            let missing = truth.keys().filter(|k| !stored.contains_key(*k)).count();
+            let extra = stored.keys().filter(|k| !truth.contains_key(*k)).count();
+            bail!(
+                "{}: stored records differ from the PDS's ({} stored, {} at the PDS, \
+                     {missing} missing, {extra} extra)",
+                account.did,
+                stored.len(),
+                truth.len()
+            );
+        }
+        records += truth.len() as u64;
+    }
+    Ok(records)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -527,6 +550,14 @@ async fn firehose(args: FirehoseArgs) -> anyhow::Result<ExitCode> {
     );
 
     let mut store_pass = None;
+    let snapshot = if args.tracked.is_empty() {
+        None
+    } else {
+        Some(tracked::Snapshot::take(
+            harness.engine.store(),
+            &harness.dids,
+        )?)
+    };
     if !args.no_store {
         progress("pass 2: decode → verify → store → outbox (Engine::process)");
         let events_before = harness.engine.store().last_event_id();
@@ -549,6 +580,24 @@ async fn firehose(args: FirehoseArgs) -> anyhow::Result<ExitCode> {
         store_pass = Some((pass, events_written, records));
     }
     harness.engine.shutdown();
+    let mut scaled = Vec::new();
+    if let Some(snapshot) = &snapshot {
+        for (index, &repos) in args.tracked.iter().enumerate() {
+            scaled.push(
+                tracked::pass(
+                    &harness.devnet,
+                    snapshot,
+                    &work.path.join(format!("tracked-{index}")),
+                    repos,
+                    args.tracked_records,
+                    workers,
+                    &frames,
+                    n_commits,
+                )
+                .await?,
+            );
+        }
+    }
 
     let ts = if common.compare_ts {
         let dids_file = work.path.join("dids.json");
@@ -619,6 +668,7 @@ async fn firehose(args: FirehoseArgs) -> anyhow::Result<ExitCode> {
         "ts": ts.json(),
         "ratio": full_rate.zip(ts_rate).map(|(ours, theirs)| ours / theirs),
         "ratio_verify_only": ts_rate.map(|theirs| rate(verify.seconds) / theirs),
+        "tracked": scaled.iter().map(|pass| pass.json(n_commits)).collect::<Vec<_>>(),
     });
     if !common.json {
         let mut table = Table::new(&format!(
@@ -650,6 +700,13 @@ async fn firehose(args: FirehoseArgs) -> anyhow::Result<ExitCode> {
             table.note(&format!(
                 "{events} outbox events written; every repo's rev and {records} records equal its PDS's"
             ));
+            for pass_at in &scaled {
+                table.row(&pass_at.label(), pass_at.seconds(), pass_at.rate(n_commits));
+                table.note(&format!(
+                    "{:.2}× the rate over the seeded accounts alone; every seeded repo checked again",
+                    pass_at.rate(n_commits) / rate(pass.seconds)
+                ));
+            }
         }
         table.ts(
             &ts,

@@ -21,6 +21,8 @@
 //!   Loading only what an operation touches is what lets a firehose commit's partial tree be
 //!   inverted (Sync 1.1) without the rest of the repository.
 //! - [`diff`] compares two trees, skipping shared subtrees.
+//! - [`SubtreeBuilder`] rebuilds a subtree's CID from its entries in one pass: how the
+//!   subtrees a `getRepo?since=` CAR leaves out ([`WalkItem::Gap`]) are proven.
 //!
 //! # Tricky bits
 //!
@@ -30,6 +32,7 @@
 //!   without a subtree is only legal as the root of an empty tree, and the root itself is never
 //!   an empty node that only points down (it is trimmed away).
 
+mod build;
 mod check;
 mod diff;
 mod node;
@@ -38,11 +41,12 @@ mod walk;
 
 pub use crate::blocks::{BlockSource, NoBlocks};
 
+pub use build::SubtreeBuilder;
 pub use check::MstRules;
 pub use diff::{DiffEntry, TreeDiff, diff, diff_with};
 pub use node::{NodeEntry, NodeView, decode_node, encode_node};
 pub use tree::Tree;
-pub use walk::{MstWalker, WalkStats};
+pub use walk::{MstWalker, WalkItem, WalkStats};
 
 /// Deepest layer a key can have: sha256 has 256 bits, two per layer.
 pub const MAX_LAYER: u32 = 128;

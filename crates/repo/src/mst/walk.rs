@@ -25,6 +25,21 @@ struct Frame {
     next: usize,
 }
 
+/// One step of a walk over a tree whose CAR may leave subtrees out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkItem<'a> {
+    /// The next key and its value.
+    Entry(&'a [u8], Cid),
+    /// A subtree whose root block is not in the source: it covers every key between the
+    /// entry before it and the entry after it, and its root is at `layer`.
+    Gap {
+        /// The missing subtree's root.
+        cid: Cid,
+        /// Its root node's layer (one below the node that links to it).
+        layer: u32,
+    },
+}
+
 /// Streams `(key, value)` pairs of an MST in key order, verifying the tree on the way.
 ///
 /// Every node passes the shape rules of [`MstRules`] and the module's checker (the same one
@@ -41,6 +56,9 @@ pub struct MstWalker<S> {
     started: bool,
     stats: WalkStats,
     pending_root: Option<Cid>,
+    /// Report missing subtrees instead of failing (see [`MstWalker::with_gaps`]).
+    gaps: bool,
+    pending_gap: Option<(Cid, u32)>,
 }
 
 impl<S: BlockSource> MstWalker<S> {
@@ -57,7 +75,18 @@ impl<S: BlockSource> MstWalker<S> {
             started: false,
             stats: WalkStats::default(),
             pending_root: Some(root),
+            gaps: false,
+            pending_gap: None,
         }
+    }
+
+    /// A walk that reports a subtree whose root block is missing as a [`WalkItem::Gap`]
+    /// instead of failing, for a CAR that holds only what changed since an earlier commit.
+    /// The root node must still be present. Nothing in a gap is verified here: the caller
+    /// must prove it (see [`SubtreeBuilder`](super::SubtreeBuilder)).
+    pub fn with_gaps(mut self) -> MstWalker<S> {
+        self.gaps = true;
+        self
     }
 
     /// Counters so far (complete once the walk has ended).
@@ -71,9 +100,29 @@ impl<S: BlockSource> MstWalker<S> {
     }
 
     /// The next key and its value, or `None` at the end of the tree.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingBlock`] for a missing node, also on a walk [`MstWalker::with_gaps`]:
+    /// use [`MstWalker::next_item`] there.
     pub fn next_entry(&mut self) -> Result<Option<(&[u8], Cid)>> {
+        match self.next_item()? {
+            None => Ok(None),
+            Some(WalkItem::Entry(_, value)) => Ok(Some((&self.key, value))),
+            Some(WalkItem::Gap { cid, .. }) => Err(Error::MissingBlock {
+                cid,
+                context: "MST node".to_owned(),
+            }),
+        }
+    }
+
+    /// The next entry or missing subtree, in key order; `None` at the end of the tree.
+    pub fn next_item(&mut self) -> Result<Option<WalkItem<'_>>> {
         if let Some(root) = self.pending_root.take() {
             self.descend(root, None)?;
+        }
+        if let Some((cid, layer)) = self.pending_gap.take() {
+            return Ok(Some(WalkItem::Gap { cid, layer }));
         }
         loop {
             let Some(frame) = self
@@ -105,7 +154,7 @@ impl<S: BlockSource> MstWalker<S> {
             if let Some(right) = right {
                 self.descend(right, Some(layer - 1))?;
             }
-            return Ok(Some((&self.key, value)));
+            return Ok(Some(WalkItem::Entry(&self.key, value)));
         }
     }
 
@@ -124,7 +173,16 @@ impl<S: BlockSource> MstWalker<S> {
 
     /// Loads and checks one node; returns its left subtree and layer if it has one.
     fn push_node(&mut self, cid: Cid, layer: Option<u32>) -> Result<Option<(Cid, u32)>> {
-        let bytes = crate::blocks::require_block(&self.source, &cid, "MST node")?;
+        let bytes = match layer {
+            Some(layer) if self.gaps => match self.source.get_block(&cid)? {
+                Some(bytes) => bytes,
+                None => {
+                    self.pending_gap = Some((cid, layer));
+                    return Ok(None);
+                }
+            },
+            _ => crate::blocks::require_block(&self.source, &cid, "MST node")?,
+        };
         if self.depth == self.frames.len() {
             self.frames.push(Frame::default());
         }
