@@ -52,6 +52,7 @@
 
 pub mod firehose;
 pub mod guard;
+pub mod listing;
 pub mod xrpc;
 
 pub use firehose::{Firehose, FirehoseConfig, FirehoseEvent};

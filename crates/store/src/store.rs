@@ -338,6 +338,25 @@ impl Store {
         Ok(())
     }
 
+    /// Waits until no memtable flush or compaction has run for `quiet`, or `timeout` passes;
+    /// returns whether it got quiet. A bulk load leaves minutes of background work behind:
+    /// a benchmark of the store in steady state waits for it first.
+    pub fn wait_idle(&self, quiet: std::time::Duration, timeout: std::time::Duration) -> bool {
+        let started = std::time::Instant::now();
+        let mut quiet_since = std::time::Instant::now();
+        loop {
+            if self.inner.db.outstanding_flushes() > 0 || self.inner.db.active_compactions() > 0 {
+                quiet_since = std::time::Instant::now();
+            } else if quiet_since.elapsed() >= quiet {
+                return true;
+            }
+            if started.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     fn counters(&self) -> Counters {
         *self
             .inner

@@ -2,13 +2,14 @@
 //! from the relay, paging with a cursor saved per relay and collection in the same batch as
 //! the repos the page added, so a restart resumes where it stopped.
 //!
-//! A relay that fails at one cursor five times running would stall the crawl forever (rsky's
-//! enumerator looped on a 500 at one cursor); the crawler then ends the pass, says so, and
-//! tries again after its interval.
+//! A relay that keeps failing at one cursor cannot stall the crawl: `atpdb_net::listing`
+//! shrinks the page and then skips the entry, and says so; a listing it cannot go on with
+//! ends the pass, which is tried again after the crawler's interval.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use atpdb_net::listing::{Pager, Retry};
 use atpdb_repo::syntax::Did;
 use atpdb_store::{RepoEntry, StoreError};
 
@@ -17,8 +18,6 @@ use crate::{Inner, SyncError, now_us};
 
 /// Repos per listing page (the lexicon's maximum).
 const PAGE: u32 = 1000;
-/// Failures in a row at one cursor before the pass gives up on it.
-const MAX_FAILURES: u32 = 5;
 
 /// Crawls now, then again every `crawl_interval`, until shutdown.
 pub(crate) async fn run(inner: Arc<Inner>) -> Result<(), SyncError> {
@@ -54,13 +53,6 @@ impl From<StoreError> for Stop {
     fn from(err: StoreError) -> Stop {
         Stop::Store(err)
     }
-}
-
-/// The cursor just past `cursor` when cursors are positions (a relay's numeric `listRepos`
-/// cursor): skipping exactly the entry the host cannot serve. `None` for any other cursor.
-fn skip_past(cursor: Option<&str>) -> Option<String> {
-    let position: u64 = cursor?.parse().ok()?;
-    Some(position.checked_add(1)?.to_string())
 }
 
 /// The crawler cursor name for a relay and a listing.
@@ -99,23 +91,17 @@ async fn crawl_listing(
         relay,
         collection.map_or("listRepos", atpdb_repo::syntax::Nsid::as_str),
     );
-    let mut cursor = inner
-        .store
-        .cursor(&name)?
-        .filter(|cursor| !cursor.is_empty());
+    let mut pager = Pager::new(inner.store.cursor(&name)?, PAGE);
     let mut added = 0;
-    let mut failures = 0;
-    // Shrinks when a host keeps failing at one cursor (it may choke on one entry of the
-    // page), and grows back after each success.
-    let mut limit = PAGE;
     loop {
         if inner.shutdown.is_cancelled() {
             return Err(Stop::Shutdown);
         }
+        let (cursor, limit) = (pager.cursor(), pager.limit());
         let page = match collection {
             None => inner
                 .xrpc
-                .list_repos(relay, cursor.as_deref(), limit)
+                .list_repos(relay, cursor, limit)
                 .await
                 .map(|page| {
                     let dids: Vec<Did> = page
@@ -128,54 +114,31 @@ async fn crawl_listing(
                 }),
             Some(collection) => inner
                 .xrpc
-                .list_repos_by_collection(relay, collection, cursor.as_deref(), limit)
+                .list_repos_by_collection(relay, collection, cursor, limit)
                 .await
                 .map(|page| (page.dids, page.cursor)),
         };
         let (dids, next) = match page {
-            Ok(page) => {
-                failures = 0;
-                limit = (limit * 2).min(PAGE);
-                page
-            }
+            Ok(page) => page,
             Err(err) => {
-                failures += 1;
-                if !err.is_transient() {
-                    return Err(Stop::Failed(format!(
-                        "listing {name} at cursor {cursor:?}: {err}"
-                    )));
-                }
-                if failures >= MAX_FAILURES {
-                    // Five in a row at one cursor: skip ahead rather than stall the crawl.
-                    if limit > 1 {
-                        limit = (limit / 8).max(1);
-                        tracing::warn!(listing = %name, ?cursor, limit, %err, "crawler.smaller_pages");
-                    } else if let Some(next) = skip_past(cursor.as_deref()) {
-                        tracing::warn!(
-                            listing = %name,
-                            ?cursor,
-                            %next,
-                            %err,
-                            "crawler.skipped: the host keeps failing on the entry after this cursor"
-                        );
-                        cursor = Some(next);
-                    } else {
-                        return Err(Stop::Failed(format!(
-                            "listing {name} at cursor {cursor:?} failed {failures} times, even \
-                             one entry at a time, and an opaque cursor cannot be skipped: {err}"
-                        )));
+                match pager.failed(&err) {
+                    Retry::After(delay) => tokio::select! {
+                        () = inner.shutdown.cancelled() => return Err(Stop::Shutdown),
+                        () = tokio::time::sleep(delay) => {}
+                    },
+                    Retry::Smaller { limit } => {
+                        tracing::warn!(listing = %name, limit, %err, "crawler.smaller_pages");
                     }
-                    failures = 0;
-                    continue;
-                }
-                let delay = crate::backfill::backoff(
-                    inner.config.backoff_min.min(Duration::from_millis(500)),
-                    Duration::from_secs(30),
-                    failures,
-                );
-                tokio::select! {
-                    () = inner.shutdown.cancelled() => return Err(Stop::Shutdown),
-                    () = tokio::time::sleep(delay) => {}
+                    Retry::Skipped { from, to } => tracing::warn!(
+                        listing = %name,
+                        ?from,
+                        %to,
+                        %err,
+                        "crawler.skipped: the host keeps failing on the entry after this cursor"
+                    ),
+                    Retry::GiveUp(reason) => {
+                        return Err(Stop::Failed(format!("listing {name} {reason}")));
+                    }
                 }
                 continue;
             }
@@ -187,28 +150,13 @@ async fn crawl_listing(
                 added += 1;
             }
         }
-        let done = next.is_none() || next == cursor;
         if let Some(next) = &next {
             batch.set_cursor(&name, next);
         }
         batch.commit()?;
         inner.work.notify_waiters();
-        if done {
+        if pager.advance(next) {
             return Ok(added);
         }
-        cursor = next;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_numeric_cursors_are_skipped_past() {
-        assert_eq!(skip_past(Some("41")).as_deref(), Some("42"));
-        assert_eq!(skip_past(Some("did:plc:abc")), None);
-        assert_eq!(skip_past(None), None);
-        assert_eq!(skip_past(Some(&u64::MAX.to_string())), None);
     }
 }
