@@ -3,6 +3,7 @@
 mod car;
 mod demo;
 mod devnet;
+mod fleet;
 mod logging;
 mod remote;
 mod repl;
@@ -32,6 +33,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a PLC directory, PDS hosts and a relay on 127.0.0.1, with traffic and faults.
     Devnet(devnet::DevnetArgs),
+    /// The scale-out pipeline on Redis Streams: enumerate repos, backfill them verified.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
     /// Keep a verified mirror of the repos in scope and serve it over HTTP.
     Serve(Box<serve::ServeArgs>),
     /// An interactive shell: `.connect` syncs here, or `--url` attaches to a server.
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Command::Car(command) => car::run(command),
         Command::Demo(args) => demo::run(args),
         Command::Devnet(args) => devnet::run(args),
+        Command::Fleet(command) => fleet::run(command),
         Command::Serve(args) => serve::run(*args),
         Command::Repl(args) => repl::run(*args),
         Command::Repos {

@@ -441,6 +441,15 @@ async fn beside_engine(
 }
 
 async fn shutdown_signal(engine: &Engine) {
+    tokio::select! {
+        () = interrupted() => {}
+        () = async { while !engine.is_shutting_down() { tokio::time::sleep(Duration::from_millis(200)).await } } => {}
+    }
+    engine.shutdown();
+}
+
+/// Returns on Ctrl-C or SIGTERM.
+pub(crate) async fn interrupted() {
     let terminate = async {
         #[cfg(unix)]
         if let Ok(mut signal) =
@@ -454,7 +463,5 @@ async fn shutdown_signal(engine: &Engine) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
-        () = async { while !engine.is_shutting_down() { tokio::time::sleep(Duration::from_millis(200)).await } } => {}
     }
-    engine.shutdown();
 }

@@ -1,0 +1,243 @@
+//! `atpdb fleet`: the scale-out stages on Redis Streams (see `atpdb_fleet`). Each stage is
+//! one process; run as many backfill workers as the machines allow, each with its own
+//! `--consumer`. The seeds' environment names work (REDIS_URL, INGESTER_*, BACKFILLER_*).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use atpdb_fleet::backfill::{self, BackfillConfig};
+use atpdb_fleet::enumerate::{self, EnumerateConfig};
+use atpdb_identity::{IdentityConfig, Resolver};
+use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
+use atpdb_repo::verify::VerifyOptions;
+use clap::{Args, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// The fleet's stages.
+#[derive(Debug, Subcommand)]
+pub(crate) enum FleetCommand {
+    /// List every repo of the relays into `repo_backfill` (rsky's BackfillIngester).
+    Enumerate(EnumerateArgs),
+    /// Backfill the repos of `repo_backfill`, verified, into `firehose_backfill` (rsky's
+    /// RepoBackfiller); one consumer of a group, run as many as you like.
+    Backfill(BackfillArgs),
+}
+
+/// Settings every stage shares.
+#[derive(Debug, Args)]
+pub(crate) struct Common {
+    /// Redis.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// The PLC directory.
+    #[arg(long, env = "ATPDB_PLC_URL", default_value = "https://plc.directory")]
+    plc_url: String,
+    /// Allow loopback and private addresses for relays, PDSes and did:web hosts (a test
+    /// network needs it; never on a public deployment).
+    #[arg(long, env = "ATPDB_ALLOW_PRIVATE_NETWORK")]
+    allow_private_network: bool,
+    /// A DNS server for handle lookups; the system resolver otherwise.
+    #[arg(long, env = "ATPDB_DNS_NAMESERVER")]
+    dns_nameserver: Option<std::net::SocketAddr>,
+    /// Log format: human or json.
+    #[arg(long, env = "ATPDB_LOG_FORMAT", default_value = "human")]
+    log_format: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct EnumerateArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Relays to list (comma-separated): bare hostnames (https) or URLs.
+    #[arg(
+        long,
+        env = "INGESTER_RELAY_HOSTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    relay_hosts: Vec<String>,
+    /// The stream written.
+    #[arg(long, env = "INGESTER_STREAM", default_value = "repo_backfill")]
+    stream: String,
+    /// Entries per XADD batch (each page's batches and its cursor are one transaction).
+    #[arg(long, env = "INGESTER_BATCH_SIZE", default_value_t = 500)]
+    batch_size: usize,
+    /// Accepted for the seed's settings: a page's entries are written when the page
+    /// arrives, so no partial batch ever waits.
+    #[arg(long, env = "INGESTER_BATCH_TIMEOUT_MS", default_value_t = 1000)]
+    batch_timeout_ms: u64,
+    /// Pause while the stream holds this many entries.
+    #[arg(long, env = "INGESTER_HIGH_WATER_MARK", default_value_t = 1_000_000)]
+    high_water_mark: u64,
+    /// List again this long after a listing ends, for repos created since; 0: list once
+    /// and exit.
+    #[arg(long, env = "INGESTER_RECHECK_SECS", default_value_t = 300)]
+    recheck_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BackfillArgs {
+    #[command(flatten)]
+    common: Common,
+    /// This worker's name in the consumer group: unique per worker.
+    #[arg(long, env = "BACKFILLER_CONSUMER", default_value = "backfiller_1")]
+    consumer: String,
+    /// The stream read.
+    #[arg(
+        long,
+        env = "BACKFILLER_BACKFILL_STREAM",
+        default_value = "repo_backfill"
+    )]
+    backfill_stream: String,
+    /// The stream written.
+    #[arg(
+        long,
+        env = "BACKFILLER_FIREHOSE_STREAM",
+        default_value = "firehose_backfill"
+    )]
+    firehose_stream: String,
+    /// Where entries that keep failing are parked, with the reason.
+    #[arg(
+        long,
+        env = "BACKFILLER_ERRORS_STREAM",
+        default_value = "repo_backfill_errors"
+    )]
+    errors_stream: String,
+    /// The consumer group.
+    #[arg(long, env = "BACKFILLER_GROUP", default_value = "repo_backfill_group")]
+    group: String,
+    /// Repos backfilled at once.
+    #[arg(long, env = "BACKFILLER_CONCURRENCY", default_value_t = 2)]
+    concurrency: usize,
+    /// Pause while the output stream holds this many entries.
+    #[arg(
+        long,
+        env = "BACKFILLER_FIREHOSE_STREAM_HIGH_WATER_MARK",
+        default_value_t = 100_000
+    )]
+    high_water_mark: u64,
+    /// Attempts before an entry is parked.
+    #[arg(long, env = "BACKFILLER_MAX_ATTEMPTS", default_value_t = 5)]
+    max_attempts: u32,
+    /// Take over entries pending this long on a worker that stopped, in seconds.
+    #[arg(long, env = "BACKFILLER_CLAIM_IDLE_SECS", default_value_t = 60)]
+    claim_idle_secs: u64,
+    /// Exit once nothing has been pending or new for this many seconds (one-off runs).
+    #[arg(long, env = "BACKFILLER_EXIT_WHEN_IDLE_SECS")]
+    exit_when_idle_secs: Option<u64>,
+    /// Bytes of a fetched repo's blocks kept in memory, in MiB; the rest spills to a
+    /// temporary file.
+    #[arg(long, env = "ATPDB_MEMORY_BUDGET_MB", default_value_t = 16)]
+    memory_budget_mb: usize,
+}
+
+pub(crate) fn run(command: FleetCommand) -> anyhow::Result<ExitCode> {
+    let format = match &command {
+        FleetCommand::Enumerate(args) => &args.common.log_format,
+        FleetCommand::Backfill(args) => &args.common.log_format,
+    };
+    crate::logging::init(format)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            crate::serve::interrupted().await;
+            on_signal.cancel();
+        });
+        match command {
+            FleetCommand::Enumerate(args) => run_enumerate(args, &shutdown).await,
+            FleetCommand::Backfill(args) => run_backfill(args, shutdown).await,
+        }
+    })
+}
+
+fn clients(common: &Common) -> anyhow::Result<(Xrpc, Resolver)> {
+    let http = Http::new(&HttpConfig {
+        allow_private_network: common.allow_private_network,
+        ..HttpConfig::default()
+    })?;
+    let identity = Resolver::new(
+        IdentityConfig {
+            plc_url: common.plc_url.clone(),
+            dns_nameserver: common.dns_nameserver,
+            ..IdentityConfig::default()
+        },
+        http.clone(),
+    )?;
+    Ok((Xrpc::new(http, XrpcConfig::default()), identity))
+}
+
+/// `relay.example` → `https://relay.example`; URLs are kept.
+fn host_url(host: &str) -> String {
+    let host = host.trim().trim_end_matches('/');
+    if host.contains("://") {
+        host.to_owned()
+    } else {
+        format!("https://{host}")
+    }
+}
+
+async fn run_enumerate(
+    args: EnumerateArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    let (xrpc, _) = clients(&args.common)?;
+    let mut redis = atpdb_fleet::connect(&args.common.redis_url)
+        .await
+        .with_context(|| format!("connecting to {}", args.common.redis_url))?;
+    let config = EnumerateConfig {
+        relays: args
+            .relay_hosts
+            .iter()
+            .filter(|host| !host.trim().is_empty())
+            .map(|host| host_url(host))
+            .collect(),
+        stream: args.stream,
+        batch_size: args.batch_size.max(1),
+        high_water: args.high_water_mark.max(1),
+        recheck: (args.recheck_secs > 0).then(|| Duration::from_secs(args.recheck_secs)),
+    };
+    tracing::info!(relays = ?config.relays, stream = %config.stream, "enumerate.start");
+    enumerate::run(&xrpc, &mut redis, &config, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_backfill(args: BackfillArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let (xrpc, identity) = clients(&args.common)?;
+    let redis = atpdb_fleet::connect(&args.common.redis_url)
+        .await
+        .with_context(|| format!("connecting to {}", args.common.redis_url))?;
+    let config = BackfillConfig {
+        stream_in: args.backfill_stream,
+        stream_out: args.firehose_stream,
+        errors_stream: args.errors_stream,
+        group: args.group,
+        consumer: args.consumer,
+        concurrency: args.concurrency.max(1),
+        high_water: args.high_water_mark.max(1),
+        max_attempts: args.max_attempts.max(1),
+        claim_idle: Duration::from_secs(args.claim_idle_secs.max(1)),
+        exit_when_idle: args.exit_when_idle_secs.map(Duration::from_secs),
+        verify: VerifyOptions {
+            memory_budget: args.memory_budget_mb << 20,
+            ..VerifyOptions::default()
+        },
+        ..BackfillConfig::default()
+    };
+    tracing::info!(consumer = %config.consumer, group = %config.group, "backfill.start");
+    let done = backfill::run(xrpc, identity, redis, config, shutdown).await?;
+    tracing::info!(
+        repos = done.repos,
+        records = done.records,
+        failures = done.failures,
+        parked = done.parked,
+        claimed = done.claimed,
+        "backfill.stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,149 @@
+//! `atpdb fleet enumerate` and `atpdb fleet backfill` as a user runs them: separate
+//! processes on the machine's Redis, against a devnet.
+//!
+//! Needs Redis on 127.0.0.1:6379 (or `ATPDB_TEST_REDIS_URL`); without it the test says it
+//! did not run and passes, unless `ATPDB_REQUIRE_REDIS=1` (CI).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use atpdb_devnet::{Devnet, DevnetConfig};
+use atpdb_fleet::redis;
+use atpdb_fleet::{RepoJob, StreamEvent};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enumerate_then_two_backfill_workers_fill_the_stream() -> TestResult {
+    let url = std::env::var("ATPDB_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let mut redis = match tokio::time::timeout(Duration::from_secs(5), atpdb_fleet::connect(&url))
+        .await
+    {
+        Ok(Ok(redis)) => redis,
+        failed => {
+            let message = format!("the fleet CLI test did not run: no Redis at {url} ({failed:?})");
+            assert!(
+                std::env::var("ATPDB_REQUIRE_REDIS").as_deref() != Ok("1"),
+                "{message} (ATPDB_REQUIRE_REDIS=1 requires it)"
+            );
+            println!("{message}");
+            return Ok(());
+        }
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let prefix = format!("atpdb-test:cli:{}:{nanos}:", std::process::id());
+    let devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 2,
+        accounts: 25,
+        records: 12,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let relay = devnet.relay().ok_or("no relay")?.url().to_owned();
+    let stream_in = format!("{prefix}repo_backfill");
+    let stream_out = format!("{prefix}firehose_backfill");
+    let common = |command: &mut Command| {
+        command
+            .env("REDIS_URL", &url)
+            .env("ATPDB_PLC_URL", devnet.plc_url())
+            .env("ATPDB_ALLOW_PRIVATE_NETWORK", "true")
+            .env("RUST_LOG", "warn");
+    };
+
+    let mut enumerate = Command::new(env!("CARGO_BIN_EXE_atpdb"));
+    enumerate.args([
+        "fleet",
+        "enumerate",
+        "--recheck-secs",
+        "0",
+        "--stream",
+        &stream_in,
+    ]);
+    enumerate.env("INGESTER_RELAY_HOSTS", &relay);
+    common(&mut enumerate);
+    let status = tokio::task::spawn_blocking(move || enumerate.status()).await??;
+    assert!(status.success(), "enumerate exited with {status}");
+    let queued: Vec<(String, BTreeMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(&stream_in)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await?;
+    let listed: BTreeSet<String> = queued
+        .iter()
+        .map(|(_, fields)| serde_json::from_str::<RepoJob>(&fields["repo"]).map(|job| job.did))
+        .collect::<Result<_, _>>()?;
+    let truth: BTreeSet<String> = devnet
+        .accounts()
+        .iter()
+        .map(|a| a.did.to_string())
+        .collect();
+    assert_eq!(listed, truth);
+
+    let mut workers = Vec::new();
+    for name in ["cli-1", "cli-2"] {
+        let mut worker = Command::new(env!("CARGO_BIN_EXE_atpdb"));
+        worker.args(["fleet", "backfill", "--exit-when-idle-secs", "2"]);
+        worker
+            .env("BACKFILLER_CONSUMER", name)
+            .env("BACKFILLER_BACKFILL_STREAM", &stream_in)
+            .env("BACKFILLER_FIREHOSE_STREAM", &stream_out)
+            .env("BACKFILLER_ERRORS_STREAM", format!("{prefix}errors"))
+            .env("BACKFILLER_GROUP", format!("{prefix}group"));
+        common(&mut worker);
+        workers.push(tokio::task::spawn_blocking(move || worker.output()));
+    }
+    for worker in workers {
+        let output = worker.await??;
+        assert!(
+            output.status.success(),
+            "a worker failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let written: Vec<(String, BTreeMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(&stream_out)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await?;
+    let mut records: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for (_, fields) in &written {
+        if let StreamEvent::Create {
+            did,
+            collection,
+            rkey,
+            cid,
+            ..
+        } = serde_json::from_str(&fields["event"])?
+        {
+            records
+                .entry(did)
+                .or_default()
+                .insert(format!("{collection}/{rkey}"), cid);
+        }
+    }
+    for account in devnet.accounts() {
+        let expected: BTreeMap<String, String> = devnet.hosts()[account.pds]
+            .account_records(&account.did)?
+            .into_iter()
+            .map(|(path, cid)| (path, cid.to_string()))
+            .collect();
+        assert_eq!(records.get(account.did.as_str()), Some(&expected));
+    }
+    let length: u64 = redis::cmd("XLEN")
+        .arg(&stream_in)
+        .query_async(&mut redis)
+        .await?;
+    assert_eq!(length, 0, "every entry acknowledged and deleted");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut redis)
+        .await?;
+    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await?;
+    Ok(())
+}

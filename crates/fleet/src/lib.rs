@@ -1,0 +1,167 @@
+//! The fleet: rsky's pipeline on Redis Streams, with atpdb's verified core.
+//!
+//! One machine keeps a collection or a few million accounts current; the full network needs
+//! many workers. The stages pass work through Redis Streams, in the formats rsky's services
+//! use, so either side can be swapped:
+//!
+//! - [`enumerate`] (rsky's BackfillIngester): relays' `listRepos` → `repo_backfill`, one
+//!   entry per repo (field `repo`, JSON [`RepoJob`]); the cursor per relay is written in the
+//!   same transaction as the page's entries, so a restart neither loses nor repeats a page.
+//! - [`backfill`] (rsky's RepoBackfiller): a consumer group over `repo_backfill`; each repo's
+//!   `getRepo` streams through the verifier (DID, signature against the resolved key, every
+//!   block and the MST), its records go to `firehose_backfill` (field `event`, JSON
+//!   [`StreamEvent`]) in chunks, each followed by a `repo` event; then XACK + XDEL. Failures
+//!   stay pending and are retried with backoff, then parked with the reason; entries left
+//!   pending by a dead worker are taken over (XAUTOCLAIM).
+//!
+//! Every stage waits while the stream it writes is over its high-water mark, so no stream
+//! grows without bound when the next stage is slow or down.
+
+pub mod backfill;
+pub mod enumerate;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The Redis client this crate speaks through, for callers that inspect the streams.
+pub use redis;
+pub use redis::aio::ConnectionManager;
+
+/// Why a fleet stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// Redis refused a command or could not be reached.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A setting is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A relay's listing cannot go on.
+    #[error("listing {relay}: {reason}")]
+    Listing {
+        /// The relay.
+        relay: String,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// An entry of `repo_backfill` (rsky's `BackfillEvent`), JSON in the field `repo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoJob {
+    /// The account.
+    pub did: String,
+    /// The relay (or PDS) that listed it.
+    pub host: String,
+    /// The rev the listing reported.
+    pub rev: String,
+    /// The account status when it is not active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Whether the account is active.
+    pub active: bool,
+}
+
+/// An event of `firehose_backfill` (rsky's `StreamEvent`), JSON in the field `event`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum StreamEvent {
+    /// One record of a backfilled repo.
+    Create {
+        /// [`SEQ_BACKFILL`] for backfill events.
+        seq: i64,
+        /// When the event was made (RFC 3339).
+        time: String,
+        /// The account.
+        did: String,
+        /// The commit's CID.
+        commit: String,
+        /// The commit's rev.
+        rev: String,
+        /// The record's collection.
+        collection: String,
+        /// The record key.
+        rkey: String,
+        /// The record's CID.
+        cid: String,
+        /// The record in the data model's JSON.
+        record: serde_json::Value,
+    },
+    /// Written after each chunk of a repo's records: the repo as of `rev`.
+    Repo {
+        /// [`SEQ_BACKFILL`] for backfill events.
+        seq: i64,
+        /// When the event was made (RFC 3339).
+        time: String,
+        /// The account.
+        did: String,
+        /// The commit's CID.
+        commit: String,
+        /// The commit's rev.
+        rev: String,
+    },
+}
+
+/// The `seq` of events that come from a backfill rather than the live firehose.
+pub const SEQ_BACKFILL: i64 = -1;
+
+/// Connects to Redis at `url` (`redis://127.0.0.1:6379`); the connection reconnects by
+/// itself after Redis restarts.
+///
+/// # Errors
+///
+/// [`FleetError::Redis`] when the URL is malformed or Redis cannot be reached.
+///
+/// The connection is multiplexed: no stage sends a blocking command (`BLOCK`) on it, which
+/// would hold up every other command sharing it.
+pub async fn connect(url: &str) -> Result<ConnectionManager, FleetError> {
+    let client = redis::Client::open(url)?;
+    // A pipeline of a chunk's events can take longer than the client's default 500 ms on a
+    // busy server; a dead server is still noticed.
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(30)))
+        .set_connection_timeout(Some(Duration::from_secs(5)));
+    Ok(ConnectionManager::new_with_config(client, config).await?)
+}
+
+/// Waits while `stream` holds `high_water` entries or more; returns how long it waited.
+pub(crate) async fn wait_below(
+    redis: &mut ConnectionManager,
+    stream: &str,
+    high_water: u64,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<Duration, FleetError> {
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        let length: u64 = redis::cmd("XLEN").arg(stream).query_async(redis).await?;
+        if length < high_water || shutdown.is_cancelled() {
+            return Ok(started.elapsed());
+        }
+        if !said {
+            tracing::info!(
+                stream,
+                length,
+                high_water,
+                "fleet.paused: the stream is full"
+            );
+            said = true;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// Now as RFC 3339 UTC with milliseconds, as rsky writes `time`.
+pub(crate) fn now_rfc3339() -> String {
+    atpdb_repo::syntax::Datetime::now().to_string()
+}
+
+/// The host part of a relay URL (`https://relay.example` → `relay.example`), for key names.
+pub(crate) fn hostname(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.trim_end_matches('/')
+}
