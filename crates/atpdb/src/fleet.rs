@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use atpdb_fleet::backfill::{self, BackfillConfig};
 use atpdb_fleet::enumerate::{self, EnumerateConfig};
+use atpdb_fleet::index::{self, IndexConfig};
 use atpdb_identity::{IdentityConfig, Resolver};
 use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
 use atpdb_repo::verify::VerifyOptions;
@@ -22,6 +23,38 @@ pub(crate) enum FleetCommand {
     /// Backfill the repos of `repo_backfill`, verified, into `firehose_backfill` (rsky's
     /// RepoBackfiller); one consumer of a group, run as many as you like.
     Backfill(BackfillArgs),
+    /// Index the event streams into PostgreSQL (rsky's StreamIndexer); one consumer of a
+    /// group per stream, run as many as you like.
+    Index(IndexArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct IndexArgs {
+    #[command(flatten)]
+    common: Common,
+    /// PostgreSQL (`postgresql://user@host/db`); the tables are created if missing.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// The streams read (comma-separated).
+    #[arg(
+        long,
+        env = "INDEXER_STREAMS",
+        value_delimiter = ',',
+        default_value = "firehose_live,firehose_backfill"
+    )]
+    streams: Vec<String>,
+    /// The consumer group.
+    #[arg(long, env = "INDEXER_GROUP", default_value = "firehose_group")]
+    group: String,
+    /// This indexer's name in the group: unique per indexer.
+    #[arg(long, env = "INDEXER_CONSUMER", default_value = "indexer_1")]
+    consumer: String,
+    /// Entries per transaction.
+    #[arg(long, env = "INDEXER_BATCH_SIZE", default_value_t = 500)]
+    batch_size: usize,
+    /// Exit once nothing has been new for this many seconds (one-off runs).
+    #[arg(long, env = "INDEXER_EXIT_WHEN_IDLE_SECS")]
+    exit_when_idle_secs: Option<u64>,
 }
 
 /// Settings every stage shares.
@@ -136,6 +169,7 @@ pub(crate) fn run(command: FleetCommand) -> anyhow::Result<ExitCode> {
     let format = match &command {
         FleetCommand::Enumerate(args) => &args.common.log_format,
         FleetCommand::Backfill(args) => &args.common.log_format,
+        FleetCommand::Index(args) => &args.common.log_format,
     };
     crate::logging::init(format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -152,6 +186,7 @@ pub(crate) fn run(command: FleetCommand) -> anyhow::Result<ExitCode> {
         match command {
             FleetCommand::Enumerate(args) => run_enumerate(args, &shutdown).await,
             FleetCommand::Backfill(args) => run_backfill(args, shutdown).await,
+            FleetCommand::Index(args) => run_index(args, &shutdown).await,
         }
     })
 }
@@ -238,6 +273,35 @@ async fn run_backfill(args: BackfillArgs, shutdown: CancellationToken) -> anyhow
         parked = done.parked,
         claimed = done.claimed,
         "backfill.stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_index(args: IndexArgs, shutdown: &CancellationToken) -> anyhow::Result<ExitCode> {
+    let redis = atpdb_fleet::connect(&args.common.redis_url)
+        .await
+        .with_context(|| format!("connecting to {}", args.common.redis_url))?;
+    let mut postgres = atpdb_fleet::index::connect(&args.database_url)
+        .await
+        .context("connecting to PostgreSQL (DATABASE_URL)")?;
+    let config = IndexConfig {
+        streams: args
+            .streams
+            .into_iter()
+            .filter(|stream| !stream.trim().is_empty())
+            .collect(),
+        group: args.group,
+        consumer: args.consumer,
+        batch_size: args.batch_size.max(1),
+        exit_when_idle: args.exit_when_idle_secs.map(Duration::from_secs),
+    };
+    tracing::info!(streams = ?config.streams, consumer = %config.consumer, "index.start");
+    let done = index::run(redis, &mut postgres, &config, shutdown).await?;
+    tracing::info!(
+        entries = done.entries,
+        records = done.records,
+        unreadable = done.unreadable,
+        "index.stopped"
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -140,6 +140,50 @@ async fn enumerate_then_two_backfill_workers_fill_the_stream() -> TestResult {
         .query_async(&mut redis)
         .await?;
     assert_eq!(length, 0, "every entry acknowledged and deleted");
+
+    // The indexer, into a database of its own, when PostgreSQL is here.
+    let base = std::env::var("ATPDB_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432".to_owned());
+    match atpdb_fleet::index::connect(&format!("{base}/postgres")).await {
+        Err(err) => {
+            let message = format!("the fleet index CLI step did not run: {err}");
+            assert!(
+                std::env::var("ATPDB_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "{message} (ATPDB_REQUIRE_POSTGRES=1 requires it)"
+            );
+            println!("{message}");
+        }
+        Ok(admin) => {
+            let database = format!("atpdb_test_cli_{}_{nanos}", std::process::id());
+            admin
+                .batch_execute(&format!("CREATE DATABASE {database}"))
+                .await?;
+            let mut index = Command::new(env!("CARGO_BIN_EXE_atpdb"));
+            index
+                .args(["fleet", "index", "--exit-when-idle-secs", "1"])
+                .env("DATABASE_URL", format!("{base}/{database}"))
+                .env("INDEXER_STREAMS", &stream_out)
+                .env("INDEXER_GROUP", format!("{prefix}index"));
+            common(&mut index);
+            let output = tokio::task::spawn_blocking(move || index.output()).await??;
+            assert!(
+                output.status.success(),
+                "the indexer failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let postgres = atpdb_fleet::index::connect(&format!("{base}/{database}")).await?;
+            let rows: i64 = postgres
+                .query_one("SELECT count(*) FROM record WHERE NOT deleted", &[])
+                .await?
+                .get(0);
+            let expected: usize = records.values().map(BTreeMap::len).sum();
+            assert_eq!(rows, expected as i64);
+            drop(postgres);
+            admin
+                .batch_execute(&format!("DROP DATABASE {database} WITH (FORCE)"))
+                .await?;
+        }
+    }
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}*"))
         .query_async(&mut redis)

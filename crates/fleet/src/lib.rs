@@ -14,11 +14,16 @@
 //!   stay pending and are retried with backoff, then parked with the reason; entries left
 //!   pending by a dead worker are taken over (XAUTOCLAIM).
 //!
+//! - [`index`] (rsky's StreamIndexer): consumer groups over the event streams → PostgreSQL,
+//!   one transaction per batch (binary COPY into staging, one upsert in which an older rev
+//!   never overwrites a newer one, deletes kept as tombstones), acknowledged after commit.
+//!
 //! Every stage waits while the stream it writes is over its high-water mark, so no stream
 //! grows without bound when the next stage is slow or down.
 
 pub mod backfill;
 pub mod enumerate;
+pub mod index;
 
 use std::time::Duration;
 
@@ -34,6 +39,9 @@ pub enum FleetError {
     /// Redis refused a command or could not be reached.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// PostgreSQL refused a statement or could not be reached.
+    #[error("postgres: {}", postgres_message(.0))]
+    Postgres(#[from] tokio_postgres::Error),
     /// A setting is unusable.
     #[error("configuration: {0}")]
     Config(String),
@@ -45,6 +53,14 @@ pub enum FleetError {
         /// What happened.
         reason: String,
     },
+}
+
+/// The server's own message when there is one: tokio-postgres displays only "db error".
+fn postgres_message(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => err.to_string(),
+    }
 }
 
 /// An entry of `repo_backfill` (rsky's `BackfillEvent`), JSON in the field `repo`.
@@ -87,6 +103,44 @@ pub enum StreamEvent {
         cid: String,
         /// The record in the data model's JSON.
         record: serde_json::Value,
+    },
+    /// A record replaced by a live commit (same fields as `create`).
+    Update {
+        /// The firehose sequence number.
+        seq: i64,
+        /// When the event was made (RFC 3339).
+        time: String,
+        /// The account.
+        did: String,
+        /// The commit's CID.
+        commit: String,
+        /// The commit's rev.
+        rev: String,
+        /// The record's collection.
+        collection: String,
+        /// The record key.
+        rkey: String,
+        /// The record's CID.
+        cid: String,
+        /// The record in the data model's JSON.
+        record: serde_json::Value,
+    },
+    /// A record removed by a live commit.
+    Delete {
+        /// The firehose sequence number.
+        seq: i64,
+        /// When the event was made (RFC 3339).
+        time: String,
+        /// The account.
+        did: String,
+        /// The commit's CID.
+        commit: String,
+        /// The commit's rev.
+        rev: String,
+        /// The record's collection.
+        collection: String,
+        /// The record key.
+        rkey: String,
     },
     /// Written after each chunk of a repo's records: the repo as of `rev`.
     Repo {

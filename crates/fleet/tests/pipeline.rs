@@ -283,6 +283,7 @@ async fn enumerate_and_backfill_put_every_repo_verified_into_the_stream() -> Tes
             StreamEvent::Repo { did, rev, .. } => {
                 repo_events.insert(did, rev);
             }
+            other => return Err(format!("a backfill wrote a live event: {other:?}").into()),
         }
     }
     for account in devnet.accounts() {
