@@ -561,7 +561,12 @@ async fn firehose(args: FirehoseArgs) -> anyhow::Result<ExitCode> {
     if !args.no_store {
         progress("pass 2: decode → verify → store → outbox (Engine::process)");
         let events_before = harness.engine.store().last_event_id();
-        let mut perf = PerfControl::start(common.perf_ctl.as_deref())?;
+        // With --tracked, the last of those passes is the one profiled.
+        let perf_ctl = common
+            .perf_ctl
+            .as_deref()
+            .filter(|_| args.tracked.is_empty());
+        let mut perf = PerfControl::start(perf_ctl)?;
         let pass = replay(&frames, workers, Pass::Store(harness.engine.clone())).await?;
         PerfControl::stop(perf.as_mut())?;
         let events_written = harness.engine.store().last_event_id() - events_before;
@@ -583,16 +588,20 @@ async fn firehose(args: FirehoseArgs) -> anyhow::Result<ExitCode> {
     let mut scaled = Vec::new();
     if let Some(snapshot) = &snapshot {
         for (index, &repos) in args.tracked.iter().enumerate() {
+            let profiled = index + 1 == args.tracked.len();
             scaled.push(
                 tracked::pass(
                     &harness.devnet,
                     snapshot,
                     &work.path.join(format!("tracked-{index}")),
-                    repos,
-                    args.tracked_records,
+                    tracked::Sizes {
+                        repos,
+                        records_each: args.tracked_records,
+                    },
                     workers,
                     &frames,
                     n_commits,
+                    common.perf_ctl.as_deref().filter(|_| profiled),
                 )
                 .await?,
             );

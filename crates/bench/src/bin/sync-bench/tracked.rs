@@ -18,7 +18,9 @@ use atpdb_repo::syntax::{Did, RecordKey};
 use atpdb_store::{RepoEntry, RepoState, Store};
 use serde_json::{Value as Json, json};
 
-use super::{Pass, PassResult, check_mirror, engine_on, progress, replay, warm_identities};
+use super::{
+    Pass, PassResult, PerfControl, check_mirror, engine_on, progress, replay, warm_identities,
+};
 
 /// Records written per store batch while filling.
 const FILL_BATCH: usize = 20_000;
@@ -86,19 +88,28 @@ impl Scaled {
     }
 }
 
-/// Fills a fresh store in `dir` up to `tracked` repos (at least the seeded ones), replays
-/// `frames` through an engine over it and checks the mirror as the first pass does.
+/// How large a store [`pass`] fills.
+pub(crate) struct Sizes {
+    /// Repos tracked in all.
+    pub(crate) repos: u64,
+    /// Records of each filler repo.
+    pub(crate) records_each: usize,
+}
+
+/// Fills a fresh store in `dir` to `sizes`, replays `frames` through an engine over it
+/// (profiled through `perf_ctl` when given) and checks the mirror as the first pass does.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn pass(
     devnet: &Devnet,
     snapshot: &Snapshot,
     dir: &Path,
-    tracked: u64,
-    records_each: usize,
+    sizes: Sizes,
     workers: usize,
     frames: &[Vec<u8>],
     commits: u64,
+    perf_ctl: Option<&Path>,
 ) -> anyhow::Result<Scaled> {
+    let (tracked, records_each) = (sizes.repos, sizes.records_each);
     let filler = tracked.saturating_sub(snapshot.repos.len() as u64);
     progress(&format!(
         "filling a store with {filler} more repos × {records_each} records"
@@ -136,7 +147,9 @@ pub(crate) async fn pass(
     progress(&format!(
         "store pass over {repos} repos and {records} records"
     ));
+    let mut perf = PerfControl::start(perf_ctl)?;
     let pass = replay(frames, workers, Pass::Store(engine.clone())).await?;
+    PerfControl::stop(perf.as_mut())?;
     let counters = engine.counters();
     let applied = counters.commits_applied.load(Ordering::Relaxed);
     ensure!(
