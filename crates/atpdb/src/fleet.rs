@@ -93,7 +93,8 @@ pub(crate) struct EnumerateArgs {
     /// The stream written.
     #[arg(long, env = "INGESTER_STREAM", default_value = "repo_backfill")]
     stream: String,
-    /// Entries per XADD batch (each page's batches and its cursor are one transaction).
+    /// Entries per listing page (at most 1,000); a page and the cursor after it are
+    /// written in one transaction.
     #[arg(long, env = "INGESTER_BATCH_SIZE", default_value_t = 500)]
     batch_size: usize,
     /// Accepted for the seed's settings: a page's entries are written when the page

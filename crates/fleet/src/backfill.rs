@@ -278,20 +278,8 @@ async fn settle(
     let reason = match attempt {
         Attempt::Done { records } => {
             let mut pipe = redis::pipe();
-            pipe.atomic()
-                .cmd("XACK")
-                .arg(&config.stream_in)
-                .arg(&config.group)
-                .arg(id)
-                .ignore()
-                .cmd("XDEL")
-                .arg(&config.stream_in)
-                .arg(id)
-                .ignore()
-                .cmd("HDEL")
-                .arg(&attempts_key)
-                .arg(id)
-                .ignore();
+            pipe.atomic();
+            finish_entry(&mut pipe, config, &attempts_key, id);
             pipe.query_async::<()>(redis).await?;
             done.repos += 1;
             done.records += records;
@@ -341,8 +329,18 @@ async fn settle(
         .arg(original)
         .arg("reason")
         .arg(&reason)
-        .ignore()
-        .cmd("XACK")
+        .ignore();
+    finish_entry(&mut pipe, config, &attempts_key, id);
+    pipe.query_async::<()>(redis).await?;
+    retry_at.remove(id);
+    done.parked += 1;
+    Ok(())
+}
+
+/// Adds to `pipe` what ends an entry, done or parked: acknowledged, deleted, and its
+/// attempt count dropped.
+fn finish_entry(pipe: &mut redis::Pipeline, config: &BackfillConfig, attempts_key: &str, id: &str) {
+    pipe.cmd("XACK")
         .arg(&config.stream_in)
         .arg(&config.group)
         .arg(id)
@@ -352,13 +350,9 @@ async fn settle(
         .arg(id)
         .ignore()
         .cmd("HDEL")
-        .arg(&attempts_key)
+        .arg(attempts_key)
         .arg(id)
         .ignore();
-    pipe.query_async::<()>(redis).await?;
-    retry_at.remove(id);
-    done.parked += 1;
-    Ok(())
 }
 
 /// Resets the idle time of the entries this worker is on, so nobody takes them over.

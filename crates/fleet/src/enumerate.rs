@@ -29,7 +29,7 @@ pub struct EnumerateConfig {
     pub relays: Vec<String>,
     /// The stream written (`repo_backfill`).
     pub stream: String,
-    /// Entries per XADD pipeline.
+    /// Entries per listing page, and so per transaction (at most the lexicon's 1,000).
     pub batch_size: usize,
     /// Wait while the stream holds this many entries (the backfillers are behind).
     pub high_water: u64,
@@ -129,7 +129,12 @@ pub async fn list_relay(
         }
         _ => (saved, None),
     };
-    let mut pager = Pager::new(start, PAGE);
+    let mut pager = Pager::new(
+        start,
+        u32::try_from(config.batch_size)
+            .unwrap_or(PAGE)
+            .clamp(1, PAGE),
+    );
     let mut listed = Listed::default();
     loop {
         if shutdown.is_cancelled() {
@@ -199,15 +204,13 @@ pub async fn list_relay(
         // all or nothing.
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for chunk in jobs.chunks(config.batch_size.max(1)) {
-            for job in chunk {
-                pipe.cmd("XADD")
-                    .arg(&config.stream)
-                    .arg("*")
-                    .arg("repo")
-                    .arg(job)
-                    .ignore();
-            }
+        for job in &jobs {
+            pipe.cmd("XADD")
+                .arg(&config.stream)
+                .arg("*")
+                .arg("repo")
+                .arg(job)
+                .ignore();
         }
         // Where this page started, and its last entry: a re-check reads the page again
         // (the host may have appended to it) and queues only what follows that entry.

@@ -14,11 +14,10 @@ use atpdb_fleet::backfill::{self, BackfillConfig};
 use atpdb_fleet::enumerate::{self, EnumerateConfig};
 use atpdb_fleet::index::{self, IndexConfig};
 use atpdb_fleet::{ConnectionManager, StreamEvent, redis};
-use atpdb_identity::{IdentityConfig, Resolver};
-use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
 use tokio_util::sync::CancellationToken;
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+mod common;
+use common::TestResult;
 
 fn required(name: &str, message: &str) {
     assert!(
@@ -44,22 +43,9 @@ async fn pg_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres:
 }
 
 async fn services(test: &str) -> Option<Services> {
-    let redis_url = std::env::var("ATPDB_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let base = std::env::var("ATPDB_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432".to_owned());
-    let redis = match tokio::time::timeout(Duration::from_secs(5), atpdb_fleet::connect(&redis_url))
-        .await
-    {
-        Ok(Ok(redis)) => redis,
-        failed => {
-            required(
-                "ATPDB_REQUIRE_REDIS",
-                &format!("{test} did not run: no Redis at {redis_url} ({failed:?})"),
-            );
-            return None;
-        }
-    };
+    let (redis, prefix) = common::redis(test).await?;
     let admin = match pg_connect(&format!("{base}/postgres")).await {
         Ok(admin) => admin,
         Err(err) => {
@@ -80,7 +66,7 @@ async fn services(test: &str) -> Option<Services> {
         .ok()?;
     Some(Services {
         redis,
-        prefix: format!("atpdb-test:{test}:{}:{nanos}:", std::process::id()),
+        prefix,
         url: format!("{base}/{database}"),
         admin,
         database,
@@ -89,16 +75,7 @@ async fn services(test: &str) -> Option<Services> {
 
 impl Services {
     async fn clean(mut self) -> TestResult {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query_async(&mut self.redis)
-            .await?;
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut self.redis)
-                .await?;
-        }
+        common::clean(&mut self.redis, &self.prefix).await?;
         self.admin
             .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.database))
             .await?;
@@ -264,19 +241,7 @@ async fn enumerate_backfill_and_index_put_every_record_into_postgres() -> TestRe
         ..DevnetConfig::default()
     })
     .await?;
-    let http = Http::new(&HttpConfig {
-        allow_private_network: true,
-        ..HttpConfig::default()
-    })?;
-    let identity = Resolver::new(
-        IdentityConfig {
-            plc_url: devnet.plc_url().to_owned(),
-            dns_nameserver: Some(devnet.dns_addr()),
-            ..IdentityConfig::default()
-        },
-        http.clone(),
-    )?;
-    let xrpc = Xrpc::new(http, XrpcConfig::default());
+    let (xrpc, identity) = common::clients(&devnet)?;
     let relay = devnet.relay().ok_or("no relay")?.url().to_owned();
     let shutdown = CancellationToken::new();
     let stream_in = format!("{}repo_backfill", services.prefix);
