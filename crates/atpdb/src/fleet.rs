@@ -9,6 +9,7 @@ use anyhow::Context;
 use atpdb_fleet::backfill::{self, BackfillConfig};
 use atpdb_fleet::enumerate::{self, EnumerateConfig};
 use atpdb_fleet::index::{self, IndexConfig};
+use atpdb_fleet::ingest::{self, IngestConfig};
 use atpdb_identity::{IdentityConfig, Resolver};
 use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
 use atpdb_repo::verify::VerifyOptions;
@@ -23,9 +24,37 @@ pub(crate) enum FleetCommand {
     /// Backfill the repos of `repo_backfill`, verified, into `firehose_backfill` (rsky's
     /// RepoBackfiller); one consumer of a group, run as many as you like.
     Backfill(BackfillArgs),
+    /// Follow a relay's firehose, verified, into `firehose_live` (rsky's FirehoseIngester);
+    /// one per relay.
+    Ingest(IngestArgs),
     /// Index the event streams into PostgreSQL (rsky's StreamIndexer); one consumer of a
     /// group per stream, run as many as you like.
     Index(IndexArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct IngestArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The relay: a bare hostname (https) or a URL.
+    #[arg(long, env = "ATPDB_RELAY_URL", default_value = "bsky.network")]
+    relay: String,
+    /// The stream written.
+    #[arg(long, env = "FIREHOSE_STREAM", default_value = "firehose_live")]
+    stream: String,
+    /// Where repos whose chain broke are queued for a fresh snapshot.
+    #[arg(long, env = "INGESTER_STREAM", default_value = "repo_backfill")]
+    resync_stream: String,
+    /// Pause while the stream holds this many entries.
+    #[arg(
+        long,
+        env = "FIREHOSE_STREAM_HIGH_WATER_MARK",
+        default_value_t = 1_000_000
+    )]
+    high_water_mark: u64,
+    /// Events verified at once.
+    #[arg(long, env = "ATPDB_FIREHOSE_PARALLELISM", default_value_t = 64)]
+    parallelism: usize,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +199,7 @@ pub(crate) fn run(command: FleetCommand) -> anyhow::Result<ExitCode> {
     let format = match &command {
         FleetCommand::Enumerate(args) => &args.common.log_format,
         FleetCommand::Backfill(args) => &args.common.log_format,
+        FleetCommand::Ingest(args) => &args.common.log_format,
         FleetCommand::Index(args) => &args.common.log_format,
     };
     crate::logging::init(format)?;
@@ -187,12 +217,18 @@ pub(crate) fn run(command: FleetCommand) -> anyhow::Result<ExitCode> {
         match command {
             FleetCommand::Enumerate(args) => run_enumerate(args, &shutdown).await,
             FleetCommand::Backfill(args) => run_backfill(args, shutdown).await,
+            FleetCommand::Ingest(args) => run_ingest(args, &shutdown).await,
             FleetCommand::Index(args) => run_index(args, &shutdown).await,
         }
     })
 }
 
 fn clients(common: &Common) -> anyhow::Result<(Xrpc, Resolver)> {
+    let (http, identity) = identity(common)?;
+    Ok((Xrpc::new(http, XrpcConfig::default()), identity))
+}
+
+fn identity(common: &Common) -> anyhow::Result<(Http, Resolver)> {
     let http = Http::new(&HttpConfig {
         allow_private_network: common.allow_private_network,
         ..HttpConfig::default()
@@ -205,7 +241,7 @@ fn clients(common: &Common) -> anyhow::Result<(Xrpc, Resolver)> {
         },
         http.clone(),
     )?;
-    Ok((Xrpc::new(http, XrpcConfig::default()), identity))
+    Ok((http, identity))
 }
 
 /// `relay.example` → `https://relay.example`; URLs are kept.
@@ -274,6 +310,31 @@ async fn run_backfill(args: BackfillArgs, shutdown: CancellationToken) -> anyhow
         parked = done.parked,
         claimed = done.claimed,
         "backfill.stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_ingest(args: IngestArgs, shutdown: &CancellationToken) -> anyhow::Result<ExitCode> {
+    let (http, identity) = identity(&args.common)?;
+    let redis = atpdb_fleet::connect(&args.common.redis_url)
+        .await
+        .with_context(|| format!("connecting to {}", args.common.redis_url))?;
+    let config = IngestConfig {
+        relay: host_url(&args.relay),
+        stream: args.stream,
+        resync_stream: args.resync_stream,
+        high_water: args.high_water_mark.max(1),
+        parallelism: args.parallelism.max(1),
+        ..IngestConfig::default()
+    };
+    let done = ingest::run(&http, identity, redis, &config, shutdown).await?;
+    tracing::info!(
+        commits = done.commits,
+        events = done.events,
+        stale = done.stale,
+        invalid = done.invalid,
+        resyncs = done.resyncs,
+        "ingest.stopped"
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -505,10 +505,9 @@ impl Worker {
                     record: json,
                 });
             }
+            // A chunk shorter than full is the last; after a full one, the next may be empty
+            // and then carries only the `complete` event.
             let last = events.len() < self.config.chunk.max(1);
-            if events.is_empty() && records > 0 {
-                return Ok(records);
-            }
             records += events.len() as u64;
             events.push(StreamEvent::Repo {
                 seq: SEQ_BACKFILL,
@@ -516,6 +515,7 @@ impl Worker {
                 did: did.to_string(),
                 commit: commit.clone(),
                 rev: rev.clone(),
+                complete: last,
             });
             wait_below(
                 &mut redis,

@@ -9,8 +9,10 @@
 //! record back. The entries are acknowledged only after the transaction commits, so a
 //! crash redelivers them, and redelivery is harmless: an equal rev changes nothing.
 //!
-//! This slice indexes the generic tables (`record`, `repo`); the typed tables of the issue
-//! (`post`, `like`, ...) and labels come next.
+//! Every record goes to the generic `record` table; the collections AppViews count also go
+//! to a typed table with the record's own fields as columns (`post`, `like`, `repost`,
+//! `follow`, `actor`, `feed_generator`), projected in SQL from the same staged rows under
+//! the same guard, so the two never disagree.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +45,253 @@ pub const MIGRATIONS: &[&str] = &[
         commit text,
         updated_at timestamptz NOT NULL DEFAULT now()
     )",
+    // The account as the live firehose describes it; each column moves only forward in seq.
+    "ALTER TABLE repo ADD COLUMN IF NOT EXISTS handle text,
+        ADD COLUMN IF NOT EXISTS active boolean,
+        ADD COLUMN IF NOT EXISTS status text,
+        ADD COLUMN IF NOT EXISTS identity_seq bigint,
+        ADD COLUMN IF NOT EXISTS account_seq bigint,
+        ADD COLUMN IF NOT EXISTS snapshot_rev text COLLATE \"C\"",
+    // A row older than the repo's last complete snapshot says nothing the snapshot did not
+    // (a record that existed then is in it, at its rev): it is dropped.
+    "CREATE OR REPLACE FUNCTION superseded(row_did text, row_rev text) RETURNS boolean
+        LANGUAGE sql STABLE AS
+        $$ SELECT EXISTS (SELECT 1 FROM repo WHERE repo.did = row_did
+                          AND repo.snapshot_rev > row_rev COLLATE \"C\") $$",
+    // The typed tables: what AppViews count, one row per record with its own fields as
+    // columns, under the same rev guard and tombstones as `record`. `created_at` stays the
+    // record's text: a malformed datetime in one record must not fail its whole batch.
+    "CREATE TABLE IF NOT EXISTS post (
+        uri text PRIMARY KEY,
+        did text NOT NULL,
+        rkey text NOT NULL,
+        cid text,
+        rev text COLLATE \"C\" NOT NULL,
+        text text,
+        created_at text,
+        reply_root_uri text,
+        reply_parent_uri text,
+        quote_uri text,
+        langs text[],
+        deleted boolean NOT NULL DEFAULT false,
+        indexed_at timestamptz NOT NULL DEFAULT now()
+    )",
+    "CREATE INDEX IF NOT EXISTS post_did ON post (did)",
+    "CREATE INDEX IF NOT EXISTS post_reply_root ON post (reply_root_uri) WHERE NOT deleted",
+    "CREATE TABLE IF NOT EXISTS \"like\" (
+        uri text PRIMARY KEY,
+        did text NOT NULL,
+        rkey text NOT NULL,
+        cid text,
+        rev text COLLATE \"C\" NOT NULL,
+        subject_uri text,
+        subject_cid text,
+        created_at text,
+        deleted boolean NOT NULL DEFAULT false,
+        indexed_at timestamptz NOT NULL DEFAULT now()
+    )",
+    "CREATE INDEX IF NOT EXISTS like_subject ON \"like\" (subject_uri) WHERE NOT deleted",
+    "CREATE TABLE IF NOT EXISTS repost (
+        uri text PRIMARY KEY,
+        did text NOT NULL,
+        rkey text NOT NULL,
+        cid text,
+        rev text COLLATE \"C\" NOT NULL,
+        subject_uri text,
+        subject_cid text,
+        created_at text,
+        deleted boolean NOT NULL DEFAULT false,
+        indexed_at timestamptz NOT NULL DEFAULT now()
+    )",
+    "CREATE INDEX IF NOT EXISTS repost_subject ON repost (subject_uri) WHERE NOT deleted",
+    "CREATE TABLE IF NOT EXISTS follow (
+        uri text PRIMARY KEY,
+        did text NOT NULL,
+        rkey text NOT NULL,
+        cid text,
+        rev text COLLATE \"C\" NOT NULL,
+        subject_did text,
+        created_at text,
+        deleted boolean NOT NULL DEFAULT false,
+        indexed_at timestamptz NOT NULL DEFAULT now()
+    )",
+    "CREATE INDEX IF NOT EXISTS follow_subject ON follow (subject_did) WHERE NOT deleted",
+    "CREATE TABLE IF NOT EXISTS actor (
+        did text PRIMARY KEY,
+        cid text,
+        rev text COLLATE \"C\" NOT NULL,
+        display_name text,
+        description text,
+        avatar_cid text,
+        banner_cid text,
+        created_at text,
+        deleted boolean NOT NULL DEFAULT false,
+        indexed_at timestamptz NOT NULL DEFAULT now()
+    )",
+    "CREATE TABLE IF NOT EXISTS feed_generator (
+        uri text PRIMARY KEY,
+        did text NOT NULL,
+        rkey text NOT NULL,
+        cid text,
+        rev text COLLATE \"C\" NOT NULL,
+        service_did text,
+        display_name text,
+        description text,
+        created_at text,
+        deleted boolean NOT NULL DEFAULT false,
+        indexed_at timestamptz NOT NULL DEFAULT now()
+    )",
 ];
+
+/// One projection from the staged records into a typed table: the newest staged row per
+/// key of `collection`, merged under the rev guard like `record`.
+struct Typed {
+    table: &'static str,
+    collection: &'static str,
+    /// The table's key column (`uri`, or `did` for the one-per-account profile).
+    key: &'static str,
+    /// Extra rows to skip (the profile is only `self`).
+    filter: &'static str,
+    /// `(column, expression over the staged row)` for the record's own fields.
+    fields: &'static [(&'static str, &'static str)],
+}
+
+/// `jsonb ->> text` only when the value is a string: an object where a string belongs (a
+/// malformed record) gives NULL instead of its JSON text.
+macro_rules! string_at {
+    ($path:literal) => {
+        concat!(
+            "CASE WHEN jsonb_typeof(json #> '{",
+            $path,
+            "}') = 'string' THEN json #>> '{",
+            $path,
+            "}' END"
+        )
+    };
+}
+
+const TYPED: &[Typed] = &[
+    Typed {
+        table: "post",
+        collection: "app.bsky.feed.post",
+        key: "uri",
+        filter: "",
+        fields: &[
+            ("text", string_at!("text")),
+            ("created_at", string_at!("createdAt")),
+            ("reply_root_uri", string_at!("reply,root,uri")),
+            ("reply_parent_uri", string_at!("reply,parent,uri")),
+            (
+                "quote_uri",
+                concat!(
+                    "COALESCE(",
+                    string_at!("embed,record,uri"),
+                    ", ",
+                    string_at!("embed,record,record,uri"),
+                    ")"
+                ),
+            ),
+            (
+                "langs",
+                "CASE WHEN jsonb_typeof(json -> 'langs') = 'array' THEN ARRAY(\
+                 SELECT value #>> '{}' FROM jsonb_array_elements(json -> 'langs') AS value \
+                 WHERE jsonb_typeof(value) = 'string') END",
+            ),
+        ],
+    },
+    Typed {
+        table: "\"like\"",
+        collection: "app.bsky.feed.like",
+        key: "uri",
+        filter: "",
+        fields: &[
+            ("subject_uri", string_at!("subject,uri")),
+            ("subject_cid", string_at!("subject,cid")),
+            ("created_at", string_at!("createdAt")),
+        ],
+    },
+    Typed {
+        table: "repost",
+        collection: "app.bsky.feed.repost",
+        key: "uri",
+        filter: "",
+        fields: &[
+            ("subject_uri", string_at!("subject,uri")),
+            ("subject_cid", string_at!("subject,cid")),
+            ("created_at", string_at!("createdAt")),
+        ],
+    },
+    Typed {
+        table: "follow",
+        collection: "app.bsky.graph.follow",
+        key: "uri",
+        filter: "",
+        fields: &[
+            ("subject_did", string_at!("subject")),
+            ("created_at", string_at!("createdAt")),
+        ],
+    },
+    Typed {
+        table: "actor",
+        collection: "app.bsky.actor.profile",
+        key: "did",
+        filter: "AND rkey = 'self'",
+        fields: &[
+            ("display_name", string_at!("displayName")),
+            ("description", string_at!("description")),
+            ("avatar_cid", string_at!("avatar,ref,$link")),
+            ("banner_cid", string_at!("banner,ref,$link")),
+            ("created_at", string_at!("createdAt")),
+        ],
+    },
+    Typed {
+        table: "feed_generator",
+        collection: "app.bsky.feed.generator",
+        key: "uri",
+        filter: "",
+        fields: &[
+            ("service_did", string_at!("did")),
+            ("display_name", string_at!("displayName")),
+            ("description", string_at!("description")),
+            ("created_at", string_at!("createdAt")),
+        ],
+    },
+];
+
+impl Typed {
+    /// The upsert from `record_staging`.
+    fn statement(&self) -> String {
+        let mut columns = vec!["did", "cid", "rev", "deleted"];
+        if self.key == "uri" {
+            columns.extend(["uri", "rkey"]);
+        }
+        let mut selected: Vec<String> = columns.iter().map(|column| (*column).to_owned()).collect();
+        for (column, expression) in self.fields {
+            columns.push(column);
+            selected.push(expression.to_string());
+        }
+        let updates: Vec<String> = columns
+            .iter()
+            .filter(|column| **column != self.key)
+            .map(|column| format!("{column} = EXCLUDED.{column}"))
+            .collect();
+        format!(
+            "INSERT INTO {table} ({columns})
+             SELECT DISTINCT ON ({key}) {selected} FROM record_staging
+             WHERE collection = '{collection}' {filter} AND NOT superseded(did, rev)
+             ORDER BY {key}, rev DESC
+             ON CONFLICT ({key}) DO UPDATE SET {updates}, indexed_at = now()
+             WHERE {table}.rev < EXCLUDED.rev",
+            table = self.table,
+            columns = columns.join(", "),
+            key = self.key,
+            selected = selected.join(", "),
+            collection = self.collection,
+            filter = self.filter,
+            updates = updates.join(", "),
+        )
+    }
+}
 
 /// What [`run`] does.
 #[derive(Debug, Clone)]
@@ -217,7 +465,11 @@ async fn index_batch(
     done: &mut Indexed,
 ) -> Result<(), FleetError> {
     let mut records = Vec::new();
+    // Every event moves its repo's row to its rev (the newest wins, as for records).
     let mut repos: Vec<(String, String, String)> = Vec::new();
+    let mut identities: Vec<(String, String, i64)> = Vec::new();
+    let mut snapshots: Vec<(String, String)> = Vec::new();
+    let mut accounts: Vec<(String, bool, Option<String>, i64)> = Vec::new();
     for entry in entries {
         let event = entry
             .get::<String>("event")
@@ -227,6 +479,7 @@ async fn index_batch(
                 StreamEvent::Create {
                     did,
                     rev,
+                    commit,
                     collection,
                     rkey,
                     cid,
@@ -236,41 +489,68 @@ async fn index_batch(
                 | StreamEvent::Update {
                     did,
                     rev,
+                    commit,
                     collection,
                     rkey,
                     cid,
                     record,
                     ..
                 },
-            ) => records.push(RecordRow {
-                uri: format!("at://{did}/{collection}/{rkey}"),
-                cid: Some(cid),
-                did,
-                collection,
-                rkey,
-                rev,
-                json: Some(record),
-                deleted: false,
-            }),
+            ) => {
+                repos.push((did.clone(), rev.clone(), commit));
+                records.push(RecordRow {
+                    uri: format!("at://{did}/{collection}/{rkey}"),
+                    cid: Some(cid),
+                    did,
+                    collection,
+                    rkey,
+                    rev,
+                    json: Some(without_nul(record)),
+                    deleted: false,
+                });
+            }
             Some(StreamEvent::Delete {
                 did,
                 rev,
+                commit,
                 collection,
                 rkey,
                 ..
-            }) => records.push(RecordRow {
-                uri: format!("at://{did}/{collection}/{rkey}"),
-                cid: None,
-                did,
-                collection,
-                rkey,
-                rev,
-                json: None,
-                deleted: true,
-            }),
+            }) => {
+                repos.push((did.clone(), rev.clone(), commit));
+                records.push(RecordRow {
+                    uri: format!("at://{did}/{collection}/{rkey}"),
+                    cid: None,
+                    did,
+                    collection,
+                    rkey,
+                    rev,
+                    json: None,
+                    deleted: true,
+                });
+            }
             Some(StreamEvent::Repo {
-                did, rev, commit, ..
-            }) => repos.push((did, rev, commit)),
+                did,
+                rev,
+                commit,
+                complete,
+                ..
+            }) => {
+                if complete {
+                    snapshots.push((did.clone(), rev.clone()));
+                }
+                repos.push((did, rev, commit));
+            }
+            Some(StreamEvent::Identity {
+                did, handle, seq, ..
+            }) => identities.push((did, handle, seq)),
+            Some(StreamEvent::Account {
+                did,
+                active,
+                status,
+                seq,
+                ..
+            }) => accounts.push((did, active, status, seq)),
             None => {
                 done.unreadable += 1;
                 tracing::warn!(stream, id = %entry.id, "index.unreadable entry skipped");
@@ -326,24 +606,71 @@ async fn index_batch(
             .batch_execute(
                 "INSERT INTO record (uri, cid, did, collection, rkey, rev, json, deleted)
                  SELECT DISTINCT ON (uri) uri, cid, did, collection, rkey, rev, json, deleted
-                 FROM record_staging ORDER BY uri, rev DESC
+                 FROM record_staging WHERE NOT superseded(did, rev) ORDER BY uri, rev DESC
                  ON CONFLICT (uri) DO UPDATE SET
                      cid = EXCLUDED.cid, rev = EXCLUDED.rev, json = EXCLUDED.json,
                      deleted = EXCLUDED.deleted, indexed_at = now()
                  WHERE record.rev < EXCLUDED.rev",
             )
             .await?;
+        for typed in TYPED {
+            transaction.batch_execute(&typed.statement()).await?;
+        }
     }
-    for (did, rev, commit) in &repos {
+    if !repos.is_empty() {
+        let (dids, revs, commits): (Vec<_>, Vec<_>, Vec<_>) = repos.into_iter().fold(
+            (Vec::new(), Vec::new(), Vec::new()),
+            |(mut dids, mut revs, mut commits), (did, rev, commit)| {
+                dids.push(did);
+                revs.push(rev);
+                commits.push(commit);
+                (dids, revs, commits)
+            },
+        );
         transaction
             .execute(
-                "INSERT INTO repo (did, rev, commit) VALUES ($1, $2, $3)
+                "INSERT INTO repo (did, rev, commit)
+                 SELECT DISTINCT ON (did) did, rev, commit
+                 FROM unnest($1::text[], $2::text[], $3::text[]) AS t(did, rev, commit)
+                 ORDER BY did, rev COLLATE \"C\" DESC
                  ON CONFLICT (did) DO UPDATE SET rev = EXCLUDED.rev, commit = EXCLUDED.commit,
                      updated_at = now()
                  WHERE repo.rev < EXCLUDED.rev",
-                &[did, rev, commit],
+                &[&dids, &revs, &commits],
             )
             .await?;
+    }
+    // Identity and account changes apply in firehose order (seq), whichever indexer sees
+    // them first; a repo row they create has no rev yet ('').
+    for (did, handle, seq) in &identities {
+        transaction
+            .execute(
+                "INSERT INTO repo (did, rev, handle, identity_seq) VALUES ($1, '', $2, $3)
+                 ON CONFLICT (did) DO UPDATE SET handle = EXCLUDED.handle,
+                     identity_seq = EXCLUDED.identity_seq, updated_at = now()
+                 WHERE repo.identity_seq IS NULL OR repo.identity_seq < EXCLUDED.identity_seq",
+                &[did, handle, seq],
+            )
+            .await?;
+    }
+    for (did, active, status, seq) in &accounts {
+        let changed = transaction
+            .execute(
+                "INSERT INTO repo (did, rev, active, status, account_seq) VALUES ($1, '', $2, $3, $4)
+                 ON CONFLICT (did) DO UPDATE SET active = EXCLUDED.active,
+                     status = EXCLUDED.status, account_seq = EXCLUDED.account_seq,
+                     updated_at = now()
+                 WHERE repo.account_seq IS NULL OR repo.account_seq < EXCLUDED.account_seq",
+                &[did, active, status, seq],
+            )
+            .await?;
+        if changed > 0 && !active && status.as_deref() == Some("deleted") {
+            // A deleted account's records are gone: tombstones, as for a deleted record.
+            tombstone(&transaction, did, None).await?;
+        }
+    }
+    for (did, rev) in &snapshots {
+        sweep(&transaction, did, rev).await?;
     }
     transaction.commit().await?;
     let ids: Vec<&str> = entries.iter().map(|entry| entry.id.as_str()).collect();
@@ -355,5 +682,74 @@ async fn index_batch(
         .await?;
     done.entries += entries.len() as u64;
     done.records += records.len() as u64;
+    Ok(())
+}
+
+/// The record with every U+0000 in its strings and keys replaced by U+FFFD: the data model
+/// allows it, PostgreSQL's `jsonb` and `text` refuse it, and one such record must not stop
+/// its batch (and every batch after it) from being indexed.
+fn without_nul(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    fn clean(text: String) -> String {
+        if text.contains('\0') {
+            text.replace('\0', "\u{fffd}")
+        } else {
+            text
+        }
+    }
+    match value {
+        Value::String(text) => Value::String(clean(text)),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nul).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(key, value)| (clean(key), without_nul(value)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// A complete snapshot of `did` at `rev` was written: records the index holds at an older rev
+/// were not in it, so they were deleted in commits this pipeline missed. They become
+/// tombstones that keep their rev, so a row of the same snapshot indexed later (by another
+/// indexer) still replaces one; rows older than `rev` are refused from now on.
+async fn sweep(
+    transaction: &tokio_postgres::Transaction<'_>,
+    did: &str,
+    rev: &str,
+) -> Result<(), FleetError> {
+    transaction
+        .execute(
+            "INSERT INTO repo (did, rev, snapshot_rev) VALUES ($1, $2, $2)
+             ON CONFLICT (did) DO UPDATE SET snapshot_rev = EXCLUDED.snapshot_rev
+             WHERE repo.snapshot_rev IS NULL OR repo.snapshot_rev < EXCLUDED.snapshot_rev",
+            &[&did, &rev],
+        )
+        .await?;
+    tombstone(transaction, did, Some(rev)).await
+}
+
+/// Marks `did`'s rows deleted in every table: all of them, or those older than `rev`.
+async fn tombstone(
+    transaction: &tokio_postgres::Transaction<'_>,
+    did: &str,
+    older_than: Option<&str>,
+) -> Result<(), FleetError> {
+    for table in std::iter::once("record").chain(TYPED.iter().map(|typed| typed.table)) {
+        let json = if table == "record" {
+            ", json = NULL"
+        } else {
+            ""
+        };
+        transaction
+            .execute(
+                &format!(
+                    "UPDATE {table} SET deleted = true, cid = NULL{json}, indexed_at = now() \
+                     WHERE did = $1 AND ($2::text IS NULL OR rev < $2) AND NOT deleted"
+                ),
+                &[&did, &older_than],
+            )
+            .await?;
+    }
     Ok(())
 }

@@ -14,6 +14,8 @@
 //!   stay pending and are retried with backoff, then parked with the reason; entries left
 //!   pending by a dead worker are taken over (XAUTOCLAIM).
 //!
+//! - [`ingest`] (rsky's FirehoseIngester): a relay's firehose, verified as on one node →
+//!   `firehose_live`; the events, the repo heads and the cursor in one MULTI per batch.
 //! - [`index`] (rsky's StreamIndexer): consumer groups over the event streams → PostgreSQL,
 //!   one transaction per batch (binary COPY into staging, one upsert in which an older rev
 //!   never overwrites a newer one, deletes kept as tombstones), acknowledged after commit.
@@ -24,6 +26,7 @@
 pub mod backfill;
 pub mod enumerate;
 pub mod index;
+pub mod ingest;
 
 use std::time::Duration;
 
@@ -142,6 +145,31 @@ pub enum StreamEvent {
         /// The record key.
         rkey: String,
     },
+    /// The account's handle changed (`handle.invalid` when it does not verify both ways).
+    Identity {
+        /// The firehose sequence number.
+        seq: i64,
+        /// When the event was made (RFC 3339).
+        time: String,
+        /// The account.
+        did: String,
+        /// The handle, verified.
+        handle: String,
+    },
+    /// The account's hosting status changed.
+    Account {
+        /// The firehose sequence number.
+        seq: i64,
+        /// When the event was made (RFC 3339).
+        time: String,
+        /// The account.
+        did: String,
+        /// Whether the account is active.
+        active: bool,
+        /// Why not, when it is not (`deactivated`, `takendown`, `deleted`, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<String>,
+    },
     /// Written after each chunk of a repo's records: the repo as of `rev`.
     Repo {
         /// [`SEQ_BACKFILL`] for backfill events.
@@ -154,6 +182,12 @@ pub enum StreamEvent {
         commit: String,
         /// The commit's rev.
         rev: String,
+        /// Set on the last chunk's event: every record of the snapshot at `rev` has been
+        /// written, so a record the index holds at an older rev that is not among them was
+        /// deleted (in commits this pipeline missed) and nothing older than `rev` applies
+        /// any more. An extra field for rsky's consumers, which ignore it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        complete: bool,
     },
 }
 

@@ -13,7 +13,10 @@ use atpdb_devnet::{Devnet, DevnetConfig};
 use atpdb_fleet::backfill::{self, BackfillConfig};
 use atpdb_fleet::enumerate::{self, EnumerateConfig};
 use atpdb_fleet::index::{self, IndexConfig};
+use atpdb_fleet::ingest::{self, IngestConfig};
 use atpdb_fleet::{ConnectionManager, StreamEvent, redis};
+use atpdb_repo::repo::Write;
+use atpdb_repo::sample::sample_record;
 use tokio_util::sync::CancellationToken;
 
 mod common;
@@ -340,5 +343,468 @@ async fn enumerate_backfill_and_index_put_every_record_into_postgres() -> TestRe
         assert_eq!(rev, host.account_info(&account.did)?.rev.to_string());
     }
     drop(postgres);
+    services.clean().await
+}
+
+fn event(did: &str, path: &str, rev: &str, record: serde_json::Value) -> StreamEvent {
+    let (collection, rkey) = path.split_once('/').unwrap_or((path, ""));
+    StreamEvent::Create {
+        seq: -1,
+        time: "2026-01-01T00:00:00.000Z".to_owned(),
+        did: did.to_owned(),
+        commit: "bafycommit".to_owned(),
+        rev: rev.to_owned(),
+        collection: collection.to_owned(),
+        rkey: rkey.to_owned(),
+        cid: format!("cid-{path}-{rev}"),
+        record,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typed_tables_hold_each_records_fields_under_the_same_guard() -> TestResult {
+    let Some(mut services) = services("typed").await else {
+        return Ok(());
+    };
+    let stream = format!("{}firehose_backfill", services.prefix);
+    let did = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
+    let other = "did:plc:cccccccccccccccccccccccc";
+    let (old, new) = ("3kaaaaaaaaa22", "3kbbbbbbbbb22");
+    let post_uri = format!("at://{other}/app.bsky.feed.post/p1");
+    let subject = serde_json::json!({"uri": post_uri, "cid": "bafysubject"});
+    let events = [
+        event(
+            did,
+            "app.bsky.feed.post/1",
+            old,
+            serde_json::json!({
+                "$type": "app.bsky.feed.post", "text": "a reply", "createdAt": "2026-01-01T00:00:00Z",
+                "langs": ["en", 7, "fr"],
+                "reply": {"root": subject, "parent": {"uri": "at://x/app.bsky.feed.post/parent", "cid": "c"}},
+                "embed": {"$type": "app.bsky.embed.recordWithMedia", "record": {"record": {"uri": "at://q/app.bsky.feed.post/q", "cid": "c"}}},
+            }),
+        ),
+        // The data model allows U+0000; PostgreSQL does not; a malformed createdAt is NULL.
+        event(
+            did,
+            "app.bsky.feed.post/2",
+            old,
+            serde_json::json!({
+                "$type": "app.bsky.feed.post", "text": "nul\u{0}here", "createdAt": {"not": "a string"},
+            }),
+        ),
+        event(
+            did,
+            "app.bsky.feed.like/1",
+            old,
+            serde_json::json!({"$type": "app.bsky.feed.like", "subject": subject, "createdAt": "2026"}),
+        ),
+        event(
+            did,
+            "app.bsky.feed.repost/1",
+            old,
+            serde_json::json!({"$type": "app.bsky.feed.repost", "subject": subject, "createdAt": "2026"}),
+        ),
+        event(
+            did,
+            "app.bsky.graph.follow/1",
+            old,
+            serde_json::json!({"$type": "app.bsky.graph.follow", "subject": other, "createdAt": "2026"}),
+        ),
+        event(
+            did,
+            "app.bsky.actor.profile/self",
+            old,
+            serde_json::json!({
+                "$type": "app.bsky.actor.profile", "displayName": "Bee", "description": "hi",
+                "avatar": {"$type": "blob", "ref": {"$link": "bafyavatar"}, "mimeType": "image/png", "size": 1},
+            }),
+        ),
+        // Only `self` is the profile.
+        event(
+            did,
+            "app.bsky.actor.profile/other",
+            new,
+            serde_json::json!({"$type": "app.bsky.actor.profile", "displayName": "Not me"}),
+        ),
+        event(
+            did,
+            "app.bsky.feed.generator/hot",
+            old,
+            serde_json::json!({
+                "$type": "app.bsky.feed.generator", "did": "did:web:feeds.example", "displayName": "Hot", "createdAt": "2026",
+            }),
+        ),
+        // The like is deleted at the newer rev; a late backfill of the older rev (after it in
+        // the stream) must not bring it back.
+        StreamEvent::Delete {
+            seq: 9,
+            time: "2026-01-01T00:00:01.000Z".to_owned(),
+            did: did.to_owned(),
+            commit: "bafynew".to_owned(),
+            rev: new.to_owned(),
+            collection: "app.bsky.feed.like".to_owned(),
+            rkey: "1".to_owned(),
+        },
+        event(
+            did,
+            "app.bsky.feed.like/1",
+            old,
+            serde_json::json!({"$type": "app.bsky.feed.like", "subject": subject, "createdAt": "2026"}),
+        ),
+        // The follow is updated at the newer rev in one batch with its older create.
+        event(
+            did,
+            "app.bsky.graph.follow/1",
+            new,
+            serde_json::json!({"$type": "app.bsky.graph.follow", "subject": "did:plc:dddddddddddddddddddddddd"}),
+        ),
+    ];
+    for event in &events {
+        add(&mut services.redis, &stream, event).await?;
+    }
+    let mut postgres = pg_connect(&services.url).await?;
+    let config = IndexConfig {
+        streams: vec![stream],
+        group: format!("{}group", services.prefix),
+        exit_when_idle: Some(Duration::from_millis(300)),
+        ..IndexConfig::default()
+    };
+    let done = index::run(
+        services.redis.clone(),
+        &mut postgres,
+        &config,
+        &CancellationToken::new(),
+    )
+    .await?;
+    assert_eq!((done.entries, done.unreadable), (11, 0));
+
+    let post = postgres
+        .query(
+            "SELECT rkey, text, created_at, reply_root_uri, reply_parent_uri, quote_uri, langs FROM post ORDER BY rkey",
+            &[],
+        )
+        .await?;
+    let post: Vec<_> = post
+        .iter()
+        .map(|row| {
+            (
+                row.get::<_, String>(0),
+                row.get::<_, Option<String>>(1),
+                row.get::<_, Option<String>>(2),
+                row.get::<_, Option<String>>(3),
+                row.get::<_, Option<String>>(4),
+                row.get::<_, Option<String>>(5),
+                row.get::<_, Option<Vec<String>>>(6),
+            )
+        })
+        .collect();
+    assert_eq!(
+        post,
+        [
+            (
+                "1".to_owned(),
+                Some("a reply".to_owned()),
+                Some("2026-01-01T00:00:00Z".to_owned()),
+                Some(post_uri.clone()),
+                Some("at://x/app.bsky.feed.post/parent".to_owned()),
+                Some("at://q/app.bsky.feed.post/q".to_owned()),
+                Some(vec!["en".to_owned(), "fr".to_owned()]),
+            ),
+            (
+                "2".to_owned(),
+                Some("nul\u{fffd}here".to_owned()),
+                None,
+                None,
+                None,
+                None,
+                None
+            ),
+        ]
+    );
+    let like = postgres
+        .query_one("SELECT subject_uri, deleted, rev FROM \"like\"", &[])
+        .await?;
+    assert_eq!(
+        (like.get::<_, Option<String>>(0), like.get(1), like.get(2)),
+        (None, true, new.to_owned()),
+        "the late backfill brought the deleted like back"
+    );
+    let repost = postgres
+        .query_one("SELECT subject_uri, subject_cid FROM repost", &[])
+        .await?;
+    assert_eq!(
+        (repost.get::<_, String>(0), repost.get::<_, String>(1)),
+        (post_uri.clone(), "bafysubject".to_owned())
+    );
+    let follow = postgres
+        .query_one("SELECT subject_did, rev FROM follow", &[])
+        .await?;
+    assert_eq!(
+        (follow.get::<_, String>(0), follow.get::<_, String>(1)),
+        (
+            "did:plc:dddddddddddddddddddddddd".to_owned(),
+            new.to_owned()
+        )
+    );
+    let actor = postgres
+        .query(
+            "SELECT did, display_name, description, avatar_cid FROM actor",
+            &[],
+        )
+        .await?;
+    let actor: Vec<(String, String, String, String)> = actor
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
+    assert_eq!(
+        actor,
+        [(
+            did.to_owned(),
+            "Bee".to_owned(),
+            "hi".to_owned(),
+            "bafyavatar".to_owned()
+        )]
+    );
+    let generator = postgres
+        .query_one(
+            "SELECT uri, service_did, display_name FROM feed_generator",
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (
+            generator.get::<_, String>(0),
+            generator.get::<_, String>(1),
+            generator.get::<_, String>(2)
+        ),
+        (
+            format!("at://{did}/app.bsky.feed.generator/hot"),
+            "did:web:feeds.example".to_owned(),
+            "Hot".to_owned()
+        )
+    );
+    // Every typed row has its generic row.
+    let orphans: i64 = postgres
+        .query_one(
+            "SELECT count(*) FROM (SELECT uri FROM post UNION ALL SELECT uri FROM \"like\" \
+             UNION ALL SELECT uri FROM repost UNION ALL SELECT uri FROM follow \
+             UNION ALL SELECT uri FROM feed_generator) typed \
+             WHERE NOT EXISTS (SELECT 1 FROM record WHERE record.uri = typed.uri)",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(orphans, 0);
+    drop(postgres);
+    services.clean().await
+}
+
+/// Waits until the ingester's cursor reaches the relay's head.
+async fn caught_up(
+    redis: &mut ConnectionManager,
+    cursor_key: &str,
+    relay: &atpdb_devnet::relay::Relay,
+) -> TestResult {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let cursor: Option<u64> = redis::cmd("GET").arg(cursor_key).query_async(redis).await?;
+        if cursor.unwrap_or(0) >= relay.head_seq() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the ingester's cursor stayed at {cursor:?}, the relay is at {}",
+                relay.head_seq()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_verifies_the_firehose_and_the_index_ends_equal_to_every_pds() -> TestResult {
+    let Some(mut services) = services("ingest").await else {
+        return Ok(());
+    };
+    let mut devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 2,
+        accounts: 8,
+        records: 5,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let (xrpc, identity) = common::clients(&devnet)?;
+    let relay = devnet.relay().ok_or("no relay")?.clone();
+    let prefix = services.prefix.clone();
+    let config = IngestConfig {
+        relay: relay.url().to_owned(),
+        stream: format!("{prefix}firehose_live"),
+        resync_stream: format!("{prefix}repo_backfill"),
+        parallelism: 8,
+        ..IngestConfig::default()
+    };
+    // Cursor 0: the relay replays its whole window, so the firehose alone holds every repo.
+    let _: () = redis::cmd("SET")
+        .arg(config.cursor_key())
+        .arg(0)
+        .query_async(&mut services.redis)
+        .await?;
+    let shutdown = CancellationToken::new();
+    let ingester = {
+        let (http, redis, config, shutdown) = (
+            common::http()?,
+            services.redis.clone(),
+            config.clone(),
+            shutdown.clone(),
+        );
+        let identity = identity.clone();
+        tokio::spawn(async move {
+            ingest::run(&http, identity, redis, &config, &shutdown)
+                .await
+                .map_err(|err| err.to_string())
+        })
+    };
+    // Live traffic, then commits with a bad signature (dropped: the next commit of each such
+    // repo no longer chains, so it is queued for a snapshot), then replayed duplicates.
+    devnet.start_traffic(40.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    relay.faults().update(|faults| faults.bad_signature = true);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    relay.faults().clear();
+    relay.faults().update(|faults| faults.duplicate_seqs = true);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    relay.faults().clear();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    devnet.stop_traffic();
+    let accounts = devnet.accounts().to_vec();
+    // A delete the ingester never sees (its commit fails verification): only the snapshot
+    // taken when the next commit breaks the chain can remove the record.
+    let victim = &accounts[2];
+    let host = &devnet.hosts()[victim.pds];
+    let gone = host
+        .account_paths(&victim.did)?
+        .into_iter()
+        .find(|path| !path.starts_with("app.bsky.actor.profile"))
+        .ok_or("no record to delete")?;
+    caught_up(&mut services.redis, &config.cursor_key(), &relay).await?;
+    relay.faults().update(|faults| faults.bad_signature = true);
+    host.write(&victim.did, &[Write::Delete { path: gone.clone() }], None)?;
+    caught_up(&mut services.redis, &config.cursor_key(), &relay).await?;
+    relay.faults().clear();
+    let micros = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros(),
+    )?;
+    let next = sample_record(7, 1, micros, &[accounts[3].did.clone()]);
+    host.write(
+        &victim.did,
+        &[Write::Create {
+            path: next.path(),
+            record: next.to_cbor()?,
+        }],
+        None,
+    )?;
+    let renamed = &accounts[0];
+    devnet.hosts()[renamed.pds].set_handle(&renamed.did, "renamed.test".parse()?)?;
+    let paused = &accounts[1];
+    devnet.hosts()[paused.pds].set_status(&paused.did, atpdb_devnet::pds::Status::Deactivated)?;
+    caught_up(&mut services.redis, &config.cursor_key(), &relay).await?;
+    shutdown.cancel();
+    let ingested = ingester.await??;
+    assert!(ingested.invalid > 0, "{ingested:?}");
+    assert!(ingested.stale > 0, "{ingested:?}");
+    assert!(ingested.resyncs > 0, "{ingested:?}");
+
+    // The repos whose chain broke are backfilled; both streams are indexed.
+    let backfill_stream = format!("{prefix}firehose_backfill");
+    backfill::run(
+        xrpc,
+        identity,
+        services.redis.clone(),
+        BackfillConfig {
+            stream_in: config.resync_stream.clone(),
+            stream_out: backfill_stream.clone(),
+            errors_stream: format!("{prefix}errors"),
+            group: format!("{prefix}backfill"),
+            exit_when_idle: Some(Duration::from_millis(500)),
+            ..BackfillConfig::default()
+        },
+        CancellationToken::new(),
+    )
+    .await?;
+    let mut postgres = pg_connect(&services.url).await?;
+    index::run(
+        services.redis.clone(),
+        &mut postgres,
+        &IndexConfig {
+            streams: vec![config.stream.clone(), backfill_stream],
+            group: format!("{prefix}index"),
+            exit_when_idle: Some(Duration::from_millis(500)),
+            ..IndexConfig::default()
+        },
+        &CancellationToken::new(),
+    )
+    .await?;
+    // The deactivated account's host no longer serves its repo, so a snapshot it needed
+    // cannot be taken; every other account must match exactly.
+    for account in accounts.iter().filter(|account| account.did != paused.did) {
+        let host = &devnet.hosts()[account.pds];
+        let truth: BTreeMap<String, String> = host
+            .account_records(&account.did)?
+            .into_iter()
+            .map(|(path, cid)| (path, cid.to_string()))
+            .collect();
+        let stored: BTreeMap<String, String> = postgres
+            .query(
+                "SELECT collection || '/' || rkey, cid FROM record WHERE did = $1 AND NOT deleted",
+                &[&account.did.as_str()],
+            )
+            .await?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        assert_eq!(stored, truth, "{}", account.did);
+    }
+    let deleted: bool = postgres
+        .query_one(
+            "SELECT deleted FROM record WHERE uri = $1",
+            &[&format!("at://{}/{gone}", victim.did)],
+        )
+        .await?
+        .get(0);
+    assert!(
+        deleted,
+        "the record deleted in a missed commit is still there"
+    );
+    let repo = |did: &str| {
+        let postgres = &postgres;
+        let did = did.to_owned();
+        async move {
+            postgres
+                .query_one(
+                    "SELECT handle, active, status FROM repo WHERE did = $1",
+                    &[&did],
+                )
+                .await
+        }
+    };
+    let row = repo(renamed.did.as_str()).await?;
+    assert_eq!(
+        row.get::<_, Option<String>>(0).as_deref(),
+        Some("renamed.test")
+    );
+    let row = repo(paused.did.as_str()).await?;
+    assert_eq!(
+        (
+            row.get::<_, Option<bool>>(1),
+            row.get::<_, Option<String>>(2)
+        ),
+        (Some(false), Some("deactivated".to_owned()))
+    );
+    drop(postgres);
+    devnet.shutdown().await;
     services.clean().await
 }

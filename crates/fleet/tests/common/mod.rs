@@ -48,11 +48,16 @@ pub(crate) async fn clean(redis: &mut ConnectionManager, prefix: &str) -> TestRe
     Ok(())
 }
 
-pub(crate) fn clients(devnet: &Devnet) -> Result<(Xrpc, Resolver), Box<dyn std::error::Error>> {
-    let http = Http::new(&HttpConfig {
+/// An HTTP client that may reach the devnet on loopback.
+pub(crate) fn http() -> Result<Http, Box<dyn std::error::Error>> {
+    Ok(Http::new(&HttpConfig {
         allow_private_network: true,
         ..HttpConfig::default()
-    })?;
+    })?)
+}
+
+pub(crate) fn clients(devnet: &Devnet) -> Result<(Xrpc, Resolver), Box<dyn std::error::Error>> {
+    let http = http()?;
     let identity = Resolver::new(
         IdentityConfig {
             plc_url: devnet.plc_url().to_owned(),
