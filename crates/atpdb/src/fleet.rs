@@ -10,6 +10,7 @@ use atpdb_fleet::backfill::{self, BackfillConfig};
 use atpdb_fleet::enumerate::{self, EnumerateConfig};
 use atpdb_fleet::index::{self, IndexConfig};
 use atpdb_fleet::ingest::{self, IngestConfig};
+use atpdb_fleet::status::{self, StatusConfig};
 use atpdb_identity::{IdentityConfig, Resolver};
 use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
 use atpdb_repo::verify::VerifyOptions;
@@ -30,6 +31,35 @@ pub(crate) enum FleetCommand {
     /// Index the event streams into PostgreSQL (rsky's StreamIndexer); one consumer of a
     /// group per stream, run as many as you like.
     Index(IndexArgs),
+    /// Stream lengths, pending entries and lag per group and consumer, cursors, parked
+    /// errors and rows per table; with `--listen`, the same on `/metrics`.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    common: Common,
+    /// PostgreSQL, for rows per table (optional).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Streams to report on (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "repo_backfill,firehose_backfill,firehose_live,label_live"
+    )]
+    streams: Vec<String>,
+    /// Streams of parked entries (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "repo_backfill_errors")]
+    error_streams: Vec<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Serve the figures as Prometheus text on `http://ADDR/metrics` until interrupted,
+    /// read afresh on each request.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +231,7 @@ pub(crate) fn run(command: FleetCommand) -> anyhow::Result<ExitCode> {
         FleetCommand::Backfill(args) => &args.common.log_format,
         FleetCommand::Ingest(args) => &args.common.log_format,
         FleetCommand::Index(args) => &args.common.log_format,
+        FleetCommand::Status(args) => &args.common.log_format,
     };
     crate::logging::init(format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -219,6 +250,7 @@ pub(crate) fn run(command: FleetCommand) -> anyhow::Result<ExitCode> {
             FleetCommand::Backfill(args) => run_backfill(args, shutdown).await,
             FleetCommand::Ingest(args) => run_ingest(args, &shutdown).await,
             FleetCommand::Index(args) => run_index(args, &shutdown).await,
+            FleetCommand::Status(args) => run_status(args, shutdown).await,
         }
     })
 }
@@ -367,3 +399,85 @@ async fn run_index(args: IndexArgs, shutdown: &CancellationToken) -> anyhow::Res
     );
     Ok(ExitCode::SUCCESS)
 }
+
+async fn run_status(args: StatusArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let redis = atpdb_fleet::connect(&args.common.redis_url)
+        .await
+        .with_context(|| format!("connecting to {}", args.common.redis_url))?;
+    let postgres = match &args.database_url {
+        Some(url) => Some(
+            atpdb_fleet::index::connect(url)
+                .await
+                .context("connecting to PostgreSQL (DATABASE_URL)")?,
+        ),
+        None => None,
+    };
+    let streams: Vec<String> = args
+        .streams
+        .into_iter()
+        .filter(|stream| !stream.trim().is_empty())
+        .collect();
+    let config = StatusConfig {
+        cursor_patterns: streams
+            .iter()
+            .map(|stream| format!("{stream}:cursor:*"))
+            .collect(),
+        streams,
+        error_streams: args
+            .error_streams
+            .into_iter()
+            .filter(|stream| !stream.trim().is_empty())
+            .collect(),
+    };
+    let Some(listen) = args.listen else {
+        let mut redis = redis;
+        let found = status::collect(&mut redis, postgres.as_ref(), &config).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&found)?);
+        } else {
+            print!("{}", found.to_text());
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let state = std::sync::Arc::new((redis, postgres, config));
+    let app =
+        axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(
+                    |axum::extract::State(state): axum::extract::State<
+                        std::sync::Arc<StatusState>,
+                    >| async move {
+                        let (redis, postgres, config) = &*state;
+                        let mut redis = redis.clone();
+                        match status::collect(&mut redis, postgres.as_ref(), config).await {
+                            Ok(found) => (
+                                axum::http::StatusCode::OK,
+                                [("content-type", "text/plain; version=0.0.4")],
+                                found.to_prometheus(),
+                            ),
+                            Err(err) => (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                [("content-type", "text/plain; charset=utf-8")],
+                                format!("{err}\n"),
+                            ),
+                        }
+                    },
+                ),
+            )
+            .with_state(state);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    tracing::info!(address = %listener.local_addr()?, "status.listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+type StatusState = (
+    atpdb_fleet::ConnectionManager,
+    Option<atpdb_fleet::tokio_postgres::Client>,
+    StatusConfig,
+);

@@ -15,7 +15,7 @@ use atpdb_fleet::{RepoJob, StreamEvent};
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enumerate_then_two_backfill_workers_fill_the_stream() -> TestResult {
+async fn the_fleet_commands_enumerate_backfill_index_and_report() -> TestResult {
     let url = std::env::var("ATPDB_TEST_REDIS_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let mut redis = match tokio::time::timeout(Duration::from_secs(5), atpdb_fleet::connect(&url))
@@ -179,6 +179,80 @@ async fn enumerate_then_two_backfill_workers_fill_the_stream() -> TestResult {
             let expected: usize = records.values().map(BTreeMap::len).sum();
             assert_eq!(rows, expected as i64);
             drop(postgres);
+
+            // `fleet status`: the figures an operator reads, as JSON and on /metrics.
+            let streams = format!("{stream_in},{stream_out}");
+            let status_args = |command: &mut Command| {
+                command
+                    .args(["fleet", "status", "--streams", &streams])
+                    .args(["--error-streams", &format!("{prefix}repo_backfill_errors")])
+                    .env("DATABASE_URL", format!("{base}/{database}"));
+                common(command);
+            };
+            let mut status = Command::new(env!("CARGO_BIN_EXE_atpdb"));
+            status_args(&mut status);
+            status.arg("--json");
+            let output = tokio::task::spawn_blocking(move || status.output()).await??;
+            assert!(
+                output.status.success(),
+                "status failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let found: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+            let out = found["streams"]
+                .as_array()
+                .and_then(|streams| streams.iter().find(|s| s["stream"] == stream_out.as_str()))
+                .ok_or("no output stream in the status")?;
+            let events = out["length"].as_u64().ok_or("no length")?;
+            assert!(events > expected as u64, "{out}");
+            let group = &out["groups"][0];
+            assert_eq!(group["group"], format!("{prefix}index"));
+            assert_eq!(
+                (group["pending"].as_u64(), group["lag"].as_u64()),
+                (Some(0), Some(0))
+            );
+            assert_eq!(group["consumers"][0]["consumer"], "indexer_1");
+            let record = found["tables"]
+                .as_array()
+                .and_then(|tables| tables.iter().find(|t| t["table"] == "record"))
+                .ok_or("no record table in the status")?;
+            assert_eq!(record["rows"].as_u64(), Some(expected as u64));
+
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let mut serving = Command::new(env!("CARGO_BIN_EXE_atpdb"));
+            status_args(&mut serving);
+            serving.args(["--listen", &format!("127.0.0.1:{port}")]);
+            let mut serving = serving.spawn()?;
+            let client = reqwest::Client::new();
+            let mut metrics = None;
+            for _ in 0..100 {
+                if let Ok(response) = client
+                    .get(format!("http://127.0.0.1:{port}/metrics"))
+                    .send()
+                    .await
+                {
+                    metrics = Some(response.text().await?);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            serving.kill()?;
+            serving.wait()?;
+            let metrics = metrics.ok_or("/metrics never answered")?;
+            assert!(
+                metrics.contains(&format!(
+                    "atpdb_fleet_rows{{table=\"record\",state=\"live\"}} {expected}"
+                )),
+                "{metrics}"
+            );
+            assert!(
+                metrics.contains(&format!(
+                    "atpdb_fleet_stream_length{{stream=\"{stream_out}\"}} {events}"
+                )),
+                "{metrics}"
+            );
             admin
                 .batch_execute(&format!("DROP DATABASE {database} WITH (FORCE)"))
                 .await?;

@@ -258,6 +258,11 @@ const TYPED: &[Typed] = &[
     },
 ];
 
+/// Every table that keeps tombstones: `record` and the typed tables.
+pub fn tables() -> impl Iterator<Item = &'static str> {
+    std::iter::once("record").chain(TYPED.iter().map(|typed| typed.table))
+}
+
 impl Typed {
     /// The upsert from `record_staging`.
     fn statement(&self) -> String {
@@ -735,7 +740,7 @@ async fn tombstone(
     did: &str,
     older_than: Option<&str>,
 ) -> Result<(), FleetError> {
-    for table in std::iter::once("record").chain(TYPED.iter().map(|typed| typed.table)) {
+    for table in tables() {
         let json = if table == "record" {
             ", json = NULL"
         } else {

@@ -33,7 +33,7 @@ use futures_util::stream::FuturesOrdered;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ConnectionManager, FleetError, RepoJob, StreamEvent, hostname, wait_below};
+use crate::{ConnectionManager, FleetError, RepoJob, StreamEvent, wait_below};
 
 /// What [`run`] does.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ impl Default for IngestConfig {
 impl IngestConfig {
     /// The key holding the cursor for this relay.
     pub fn cursor_key(&self) -> String {
-        format!("{}:cursor:{}", self.stream, hostname(&self.relay))
+        crate::enumerate::cursor_key(&self.stream, &self.relay)
     }
 
     /// The hash of each repo's head (`rev data`).

@@ -20,6 +20,9 @@
 //!   one transaction per batch (binary COPY into staging, one upsert in which an older rev
 //!   never overwrites a newer one, deletes kept as tombstones), acknowledged after commit.
 //!
+//! - [`status`]: stream lengths, pending entries and lag per group and consumer, cursors,
+//!   parked errors and rows per table, as text, JSON or Prometheus text.
+//!
 //! Every stage waits while the stream it writes is over its high-water mark, so no stream
 //! grows without bound when the next stage is slow or down.
 
@@ -27,6 +30,7 @@ pub mod backfill;
 pub mod enumerate;
 pub mod index;
 pub mod ingest;
+pub mod status;
 
 use std::time::Duration;
 
@@ -35,6 +39,8 @@ use serde::{Deserialize, Serialize};
 /// The Redis client this crate speaks through, for callers that inspect the streams.
 pub use redis;
 pub use redis::aio::ConnectionManager;
+/// The PostgreSQL client the indexer speaks through, for callers that query its tables.
+pub use tokio_postgres;
 
 /// Why a fleet stage stopped.
 #[derive(Debug, thiserror::Error)]

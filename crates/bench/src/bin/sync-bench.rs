@@ -23,6 +23,8 @@
 
 #[path = "sync-bench/channel.rs"]
 mod channel;
+#[path = "sync-bench/fleet.rs"]
+mod fleet;
 #[path = "sync-bench/tracked.rs"]
 mod tracked;
 
@@ -83,6 +85,9 @@ enum Mode {
     /// Events/s delivered over /channel with acks to 1 and 4 clients, beside the rate the
     /// engine writes them (and both at once).
     Channel(ChannelArgs),
+    /// Records/s through the fleet's Redis Streams into PostgreSQL: backfill workers,
+    /// indexers, and both at once.
+    Fleet(fleet::FleetArgs),
 }
 
 #[derive(Debug, Args)]
@@ -194,6 +199,7 @@ fn main() -> ExitCode {
             Mode::Firehose(args) => firehose(args).await,
             Mode::Backfill(args) => backfill(args).await,
             Mode::Channel(args) => channel::run(args).await,
+            Mode::Fleet(args) => fleet::run(args).await,
         }
     });
     // The devnet's servers and the engine's idle workers are dropped with the runtime.
