@@ -41,6 +41,10 @@ pub(crate) struct DevnetArgs {
     /// Run without a relay.
     #[arg(long)]
     no_relay: bool,
+    /// Also run a labeler host (signed labels on subscribeLabels and queryLabels; its DID
+    /// and URL are in the ready line).
+    #[arg(long)]
+    labeler: bool,
     /// Measure instead of serving: seed, then write as fast as the hosts accept for this
     /// many seconds, print the figures as JSON and exit.
     #[arg(long)]
@@ -75,6 +79,7 @@ async fn serve(args: DevnetArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         pds_faults: vec![pds_faults; args.pds.max(1)],
         with_relay: !args.no_relay,
+        with_labeler: args.labeler,
         ..DevnetConfig::default()
     };
     config.pds.replay_window = args.replay_window;

@@ -10,6 +10,7 @@ use atpdb_fleet::backfill::{self, BackfillConfig};
 use atpdb_fleet::enumerate::{self, EnumerateConfig};
 use atpdb_fleet::index::{self, IndexConfig};
 use atpdb_fleet::ingest::{self, IngestConfig};
+use atpdb_fleet::labels::{self, LabelsConfig};
 use atpdb_fleet::status::{self, StatusConfig};
 use atpdb_identity::{IdentityConfig, Resolver};
 use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
@@ -28,6 +29,9 @@ pub(crate) enum FleetCommand {
     /// Follow a relay's firehose, verified, into `firehose_live` (rsky's FirehoseIngester);
     /// one per relay.
     Ingest(IngestArgs),
+    /// Follow labelers' `subscribeLabels`, each label's signature checked, into
+    /// `label_live` (rsky's LabelerIngester).
+    Labels(LabelsArgs),
     /// Index the event streams into PostgreSQL (rsky's StreamIndexer); one consumer of a
     /// group per stream, run as many as you like.
     Index(IndexArgs),
@@ -88,6 +92,26 @@ pub(crate) struct IngestArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct LabelsArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The labelers' DIDs (comma-separated); each DID document names the labeler's
+    /// endpoint (`#atproto_labeler`) and signing key (`#atproto_label`).
+    #[arg(long, env = "LABELER_DIDS", value_delimiter = ',', required = true)]
+    labelers: Vec<String>,
+    /// The stream written.
+    #[arg(long, env = "LABEL_STREAM", default_value = "label_live")]
+    stream: String,
+    /// Pause while the stream holds this many entries.
+    #[arg(
+        long,
+        env = "LABEL_STREAM_HIGH_WATER_MARK",
+        default_value_t = 1_000_000
+    )]
+    high_water_mark: u64,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct IndexArgs {
     #[command(flatten)]
     common: Common,
@@ -99,7 +123,7 @@ pub(crate) struct IndexArgs {
         long,
         env = "INDEXER_STREAMS",
         value_delimiter = ',',
-        default_value = "firehose_live,firehose_backfill"
+        default_value = "firehose_live,firehose_backfill,label_live"
     )]
     streams: Vec<String>,
     /// The consumer group.
@@ -230,6 +254,7 @@ pub(crate) fn run(command: FleetCommand) -> anyhow::Result<ExitCode> {
         FleetCommand::Enumerate(args) => &args.common.log_format,
         FleetCommand::Backfill(args) => &args.common.log_format,
         FleetCommand::Ingest(args) => &args.common.log_format,
+        FleetCommand::Labels(args) => &args.common.log_format,
         FleetCommand::Index(args) => &args.common.log_format,
         FleetCommand::Status(args) => &args.common.log_format,
     };
@@ -249,6 +274,7 @@ pub(crate) fn run(command: FleetCommand) -> anyhow::Result<ExitCode> {
             FleetCommand::Enumerate(args) => run_enumerate(args, &shutdown).await,
             FleetCommand::Backfill(args) => run_backfill(args, shutdown).await,
             FleetCommand::Ingest(args) => run_ingest(args, &shutdown).await,
+            FleetCommand::Labels(args) => run_labels(args, &shutdown).await,
             FleetCommand::Index(args) => run_index(args, &shutdown).await,
             FleetCommand::Status(args) => run_status(args, shutdown).await,
         }
@@ -367,6 +393,37 @@ async fn run_ingest(args: IngestArgs, shutdown: &CancellationToken) -> anyhow::R
         invalid = done.invalid,
         resyncs = done.resyncs,
         "ingest.stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_labels(args: LabelsArgs, shutdown: &CancellationToken) -> anyhow::Result<ExitCode> {
+    let (http, identity) = identity(&args.common)?;
+    let redis = atpdb_fleet::connect(&args.common.redis_url)
+        .await
+        .with_context(|| format!("connecting to {}", args.common.redis_url))?;
+    let labelers = args
+        .labelers
+        .iter()
+        .map(|did| did.trim())
+        .filter(|did| !did.is_empty())
+        .map(|did| {
+            did.parse()
+                .with_context(|| format!("labeler {did:?} is not a DID"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let config = LabelsConfig {
+        labelers,
+        stream: args.stream,
+        high_water: args.high_water_mark.max(1),
+        ..LabelsConfig::default()
+    };
+    let done = labels::run(&http, identity, redis, &config, shutdown).await?;
+    tracing::info!(
+        labels = done.labels,
+        invalid = done.invalid,
+        replayed = done.replayed,
+        "labels.stopped"
     );
     Ok(ExitCode::SUCCESS)
 }

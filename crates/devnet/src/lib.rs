@@ -12,6 +12,7 @@
 //! - [`pds`]: PDS hosts: accounts, repos, the sync and write XRPC surface, the firehose,
 //!   `/.well-known/atproto-did` and an admin API.
 //! - [`relay`]: a relay that crawls the hosts and serves one merged firehose.
+//! - [`labeler`]: a labeler host with signed labels, `subscribeLabels` and `queryLabels`.
 //! - `dns`: an authoritative DNS server answering `TXT _atproto.<handle>` with `did=<did>`
 //!   for every handle a host holds now ([`Devnet::dns_addr`]), so handles verify both ways.
 //! - [`traffic`]: seeded accounts and a background writer.
@@ -32,6 +33,7 @@
 mod auth;
 mod dns;
 pub mod faults;
+pub mod labeler;
 pub mod pds;
 pub mod plc;
 pub mod relay;
@@ -48,6 +50,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::faults::{FaultSet, Faults, FaultyListener};
+use crate::labeler::Labeler;
 use crate::pds::{Pds, PdsConfig, PdsError};
 use crate::plc::Plc;
 use crate::relay::{Relay, RelayConfig};
@@ -74,6 +77,8 @@ pub struct DevnetConfig {
     pub relay: RelayConfig,
     /// Start a relay at all.
     pub with_relay: bool,
+    /// Start a labeler host (its identity is registered in the PLC directory).
+    pub with_labeler: bool,
     /// How long `start` waits for the relay to catch up with the seeded events.
     pub ready_timeout: Duration,
 }
@@ -90,6 +95,7 @@ impl Default for DevnetConfig {
             pds_faults: Vec::new(),
             relay: RelayConfig::default(),
             with_relay: true,
+            with_labeler: false,
             ready_timeout: Duration::from_secs(120),
         }
     }
@@ -105,6 +111,9 @@ pub enum DevnetError {
     /// Seeding failed.
     #[error("seeding: {0}")]
     Seed(#[from] PdsError),
+    /// The labeler's identity could not be registered.
+    #[error("registering the labeler: {0}")]
+    Labeler(#[from] crate::plc::PlcError),
     /// The relay did not catch up in time.
     #[error("the relay did not catch up with the hosts within {0:?}")]
     NotReady(Duration),
@@ -117,6 +126,7 @@ pub struct Devnet {
     plc_faults: Faults,
     hosts: Vec<Pds>,
     relay: Option<Relay>,
+    labeler: Option<Labeler>,
     dns_addr: SocketAddr,
     accounts: Vec<SeededAccount>,
     seed: u64,
@@ -211,6 +221,22 @@ impl Devnet {
             None
         };
 
+        let labeler = if config.with_labeler {
+            let (listener, addr) = FaultyListener::bind_loopback(Faults::default()).await?;
+            let labeler = Labeler::new(
+                format!("http://{addr}"),
+                &plc,
+                hosts.first().map(Pds::url).unwrap_or_default(),
+                config.seed,
+                Faults::default(),
+                shutdown.clone(),
+            )?;
+            servers.push(serve(listener, labeler.router(), &shutdown));
+            Some(labeler)
+        } else {
+            None
+        };
+
         let seed_hosts = hosts.clone();
         let (accounts, records, seed) = (config.accounts, config.records, config.seed);
         let accounts = tokio::task::spawn_blocking(move || {
@@ -225,6 +251,7 @@ impl Devnet {
             plc_faults,
             hosts,
             relay,
+            labeler,
             dns_addr,
             accounts,
             seed: config.seed,
@@ -323,6 +350,11 @@ impl Devnet {
         self.relay.as_ref()
     }
 
+    /// The labeler, when started with one.
+    pub fn labeler(&self) -> Option<&Labeler> {
+        self.labeler.as_ref()
+    }
+
     /// The seeded accounts.
     pub fn accounts(&self) -> &[SeededAccount] {
         &self.accounts
@@ -340,6 +372,7 @@ impl Devnet {
         serde_json::json!({
             "plc": self.plc_url,
             "relay": self.relay.as_ref().map(|relay| relay.url().to_owned()),
+            "labeler": self.labeler.as_ref().map(json_labeler),
             "dns": self.dns_addr.to_string(),
             "pds": self.hosts.iter().map(|pds| pds.url().to_owned()).collect::<Vec<_>>(),
             "accounts": self.accounts.len(),
@@ -355,6 +388,10 @@ impl Devnet {
             let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         }
     }
+}
+
+fn json_labeler(labeler: &Labeler) -> serde_json::Value {
+    serde_json::json!({"did": labeler.did().as_str(), "url": labeler.url()})
 }
 
 impl Drop for Devnet {

@@ -141,6 +141,23 @@ pub const MIGRATIONS: &[&str] = &[
         deleted boolean NOT NULL DEFAULT false,
         indexed_at timestamptz NOT NULL DEFAULT now()
     )",
+    // One row per (src, uri, val), the key the label specification names: the newest label
+    // by `cts` wins, and a negation stays as a row with `neg` so that a late copy of the
+    // label it withdrew cannot bring it back. Labels that apply now:
+    // `WHERE NOT neg AND (exp IS NULL OR exp::timestamptz > now())`.
+    "CREATE TABLE IF NOT EXISTS label (
+        src text NOT NULL,
+        uri text NOT NULL,
+        val text NOT NULL,
+        cid text,
+        neg boolean NOT NULL DEFAULT false,
+        cts text COLLATE \"C\" NOT NULL,
+        exp text,
+        seq bigint NOT NULL,
+        indexed_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (src, uri, val)
+    )",
+    "CREATE INDEX IF NOT EXISTS label_uri ON label (uri) WHERE NOT neg",
 ];
 
 /// One projection from the staged records into a typed table: the newest staged row per
@@ -301,7 +318,7 @@ impl Typed {
 /// What [`run`] does.
 #[derive(Debug, Clone)]
 pub struct IndexConfig {
-    /// The streams read (`firehose_live`, `firehose_backfill`).
+    /// The streams read (`firehose_live`, `firehose_backfill`, `label_live`).
     pub streams: Vec<String>,
     /// The consumer group (one per stream, same name).
     pub group: String,
@@ -316,7 +333,11 @@ pub struct IndexConfig {
 impl Default for IndexConfig {
     fn default() -> IndexConfig {
         IndexConfig {
-            streams: vec!["firehose_live".to_owned(), "firehose_backfill".to_owned()],
+            streams: vec![
+                "firehose_live".to_owned(),
+                "firehose_backfill".to_owned(),
+                "label_live".to_owned(),
+            ],
             group: "firehose_group".to_owned(),
             consumer: "indexer_1".to_owned(),
             batch_size: 500,
@@ -373,6 +394,19 @@ pub async fn migrate(postgres: &mut tokio_postgres::Client) -> Result<(), FleetE
 
 /// The advisory lock key the migrations hold ("atpdb" in ASCII).
 const MIGRATION_LOCK: i64 = 0x61_7470_6462;
+
+/// A batch's labels, column by column (for `unnest`).
+#[derive(Default)]
+struct LabelRows {
+    src: Vec<String>,
+    uri: Vec<String>,
+    val: Vec<String>,
+    cid: Vec<Option<String>>,
+    neg: Vec<bool>,
+    cts: Vec<String>,
+    exp: Vec<Option<String>>,
+    seq: Vec<i64>,
+}
 
 /// One row for the `record` upsert.
 struct RecordRow {
@@ -475,6 +509,7 @@ async fn index_batch(
     let mut identities: Vec<(String, String, i64)> = Vec::new();
     let mut snapshots: Vec<(String, String)> = Vec::new();
     let mut accounts: Vec<(String, bool, Option<String>, i64)> = Vec::new();
+    let mut labels = LabelRows::default();
     for entry in entries {
         let event = entry
             .get::<String>("event")
@@ -556,6 +591,25 @@ async fn index_batch(
                 seq,
                 ..
             }) => accounts.push((did, active, status, seq)),
+            Some(StreamEvent::Label {
+                seq,
+                src,
+                uri,
+                cid,
+                val,
+                neg,
+                cts,
+                exp,
+            }) => {
+                labels.src.push(src);
+                labels.uri.push(nul_free(uri));
+                labels.val.push(nul_free(val));
+                labels.cid.push(cid.map(nul_free));
+                labels.neg.push(neg);
+                labels.cts.push(cts);
+                labels.exp.push(exp);
+                labels.seq.push(seq);
+            }
             None => {
                 done.unreadable += 1;
                 tracing::warn!(stream, id = %entry.id, "index.unreadable entry skipped");
@@ -677,6 +731,34 @@ async fn index_batch(
     for (did, rev) in &snapshots {
         sweep(&transaction, did, rev).await?;
     }
+    if !labels.src.is_empty() {
+        // The newest per key in the batch, merged only over an older one: redelivery and
+        // a replay in any order end in the same row.
+        transaction
+            .execute(
+                "INSERT INTO label (src, uri, val, cid, neg, cts, exp, seq)
+                 SELECT DISTINCT ON (src, uri, val) src, uri, val, cid, neg, cts, exp, seq
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[],
+                             $6::text[], $7::text[], $8::int8[])
+                     AS t(src, uri, val, cid, neg, cts, exp, seq)
+                 ORDER BY src, uri, val, cts COLLATE \"C\" DESC, seq DESC
+                 ON CONFLICT (src, uri, val) DO UPDATE SET cid = EXCLUDED.cid,
+                     neg = EXCLUDED.neg, cts = EXCLUDED.cts, exp = EXCLUDED.exp,
+                     seq = EXCLUDED.seq, indexed_at = now()
+                 WHERE (label.cts, label.seq) < (EXCLUDED.cts, EXCLUDED.seq)",
+                &[
+                    &labels.src,
+                    &labels.uri,
+                    &labels.val,
+                    &labels.cid,
+                    &labels.neg,
+                    &labels.cts,
+                    &labels.exp,
+                    &labels.seq,
+                ],
+            )
+            .await?;
+    }
     transaction.commit().await?;
     let ids: Vec<&str> = entries.iter().map(|entry| entry.id.as_str()).collect();
     let _: u64 = redis::cmd("XACK")
@@ -695,13 +777,7 @@ async fn index_batch(
 /// its batch (and every batch after it) from being indexed.
 fn without_nul(value: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
-    fn clean(text: String) -> String {
-        if text.contains('\0') {
-            text.replace('\0', "\u{fffd}")
-        } else {
-            text
-        }
-    }
+    let clean = nul_free;
     match value {
         Value::String(text) => Value::String(clean(text)),
         Value::Array(items) => Value::Array(items.into_iter().map(without_nul).collect()),
@@ -711,6 +787,15 @@ fn without_nul(value: serde_json::Value) -> serde_json::Value {
                 .collect(),
         ),
         other => other,
+    }
+}
+
+/// `text` with every U+0000 replaced by U+FFFD (see [`without_nul`]).
+fn nul_free(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}")
+    } else {
+        text
     }
 }
 

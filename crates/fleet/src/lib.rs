@@ -16,6 +16,8 @@
 //!
 //! - [`ingest`] (rsky's FirehoseIngester): a relay's firehose, verified as on one node →
 //!   `firehose_live`; the events, the repo heads and the cursor in one MULTI per batch.
+//! - [`labels`] (rsky's LabelerIngester): labelers' `subscribeLabels`, each label's signature
+//!   checked against the labeler's `#atproto_label` key → `label_live`.
 //! - [`index`] (rsky's StreamIndexer): consumer groups over the event streams → PostgreSQL,
 //!   one transaction per batch (binary COPY into staging, one upsert in which an older rev
 //!   never overwrites a newer one, deletes kept as tombstones), acknowledged after commit.
@@ -30,6 +32,7 @@ pub mod backfill;
 pub mod enumerate;
 pub mod index;
 pub mod ingest;
+pub mod labels;
 pub mod status;
 
 use std::time::Duration;
@@ -194,6 +197,28 @@ pub enum StreamEvent {
         /// any more. An extra field for rsky's consumers, which ignore it.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         complete: bool,
+    },
+    /// A label from a labeler's `subscribeLabels`, its signature checked (`label_live`).
+    Label {
+        /// The labeler's seq.
+        seq: i64,
+        /// The labeler's DID.
+        src: String,
+        /// The subject: an `at://` URI or a DID.
+        uri: String,
+        /// The record version the label is pinned to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cid: Option<String>,
+        /// The label value.
+        val: String,
+        /// A negation: withdraws the label with the same src, uri and val.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        neg: bool,
+        /// When the labeler created it.
+        cts: String,
+        /// When it stops applying.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exp: Option<String>,
     },
 }
 

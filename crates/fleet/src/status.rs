@@ -173,7 +173,11 @@ pub async fn collect(
         }
     }
     if let Some(postgres) = postgres {
-        for table in crate::index::tables() {
+        // Labels keep negations as their tombstones.
+        let tables = crate::index::tables()
+            .map(|table| (table, "deleted"))
+            .chain([("label", "neg")]);
+        for (table, tombstone) in tables {
             let exists: bool = postgres
                 .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
                 .await?
@@ -184,8 +188,8 @@ pub async fn collect(
             let row = postgres
                 .query_one(
                     &format!(
-                        "SELECT count(*) FILTER (WHERE NOT deleted), count(*) FILTER (WHERE deleted) \
-                         FROM {table}"
+                        "SELECT count(*) FILTER (WHERE NOT {tombstone}), \
+                         count(*) FILTER (WHERE {tombstone}) FROM {table}"
                     ),
                     &[],
                 )

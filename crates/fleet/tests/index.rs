@@ -808,3 +808,186 @@ async fn ingest_verifies_the_firehose_and_the_index_ends_equal_to_every_pds() ->
     devnet.shutdown().await;
     services.clean().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_are_verified_and_the_index_holds_exactly_the_labels_that_apply() -> TestResult {
+    use atpdb_devnet::labeler::LabelSpec;
+    use atpdb_fleet::labels::{self, LabelsConfig};
+    use atpdb_repo::syntax::Datetime;
+
+    let Some(mut services) = services("labels").await else {
+        return Ok(());
+    };
+    let devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 1,
+        accounts: 3,
+        records: 2,
+        with_relay: false,
+        with_labeler: true,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let labeler = devnet.labeler().ok_or("no labeler")?.clone();
+    let (_, identity) = common::clients(&devnet)?;
+    let dids: Vec<String> = devnet
+        .accounts()
+        .iter()
+        .map(|account| account.did.to_string())
+        .collect();
+    let post = format!("at://{}/app.bsky.feed.post/3kpost", dids[0]);
+    let spec = |uri: &str, val: &str| LabelSpec {
+        uri: uri.to_owned(),
+        val: val.to_owned(),
+        ..LabelSpec::default()
+    };
+    let now_us = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros(),
+    )?;
+    // History the ingester replays from the start: a label, one withdrawn, one expired, and
+    // one signed by a key that is not the labeler's.
+    labeler.emit(spec(&post, "spam"));
+    let (_, nsfw) = labeler.emit(spec(&dids[1], "nsfw"));
+    labeler.emit(LabelSpec {
+        neg: true,
+        ..spec(&post, "spam")
+    });
+    labeler.emit(LabelSpec {
+        exp: Some(Datetime::from_unix_micros(now_us - 3_600_000_000)),
+        ..spec(&dids[2], "expired")
+    });
+    labeler.forge(spec(&dids[2], "takedown"));
+
+    let prefix = services.prefix.clone();
+    let config = LabelsConfig {
+        labelers: vec![labeler.did().clone()],
+        stream: format!("{prefix}label_live"),
+        exit_when_idle: Some(Duration::from_secs(2)),
+        ..LabelsConfig::default()
+    };
+    let ingester_redis = services.redis.clone();
+    let ingester_http = common::http()?;
+    let run_ingester = |shutdown: CancellationToken| {
+        let (http, redis, config, identity) = (
+            ingester_http.clone(),
+            ingester_redis.clone(),
+            config.clone(),
+            identity.clone(),
+        );
+        tokio::spawn(async move {
+            labels::run(&http, identity, redis, &config, &shutdown)
+                .await
+                .map_err(|err| err.to_string())
+        })
+    };
+    let ingester = run_ingester(CancellationToken::new());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Live: the label again (it applies again), a withdrawal, a pinned label that expires
+    // later.
+    labeler.emit(spec(&post, "spam"));
+    labeler.emit(LabelSpec {
+        neg: true,
+        ..spec(&dids[1], "nsfw")
+    });
+    labeler.emit(LabelSpec {
+        cid: Some("bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm".to_owned()),
+        exp: Some(Datetime::from_unix_micros(now_us + 3_600_000_000)),
+        ..spec(&dids[0], "impersonation")
+    });
+    let ingested = ingester.await??;
+    assert_eq!(ingested.invalid, 1, "the forgery is dropped: {ingested:?}");
+    assert_eq!(ingested.labels, 7, "{ingested:?}");
+    let cursor: Option<u64> = redis::cmd("GET")
+        .arg(config.cursor_key(labeler.did()))
+        .query_async(&mut services.redis)
+        .await?;
+    assert_eq!(cursor, Some(labeler.head()));
+
+    // A restart resumes after the cursor: nothing is written twice.
+    let again = run_ingester(CancellationToken::new()).await??;
+    assert_eq!((again.labels, again.invalid), (0, 0), "{again:?}");
+    let length: u64 = redis::cmd("XLEN")
+        .arg(&config.stream)
+        .query_async(&mut services.redis)
+        .await?;
+    assert_eq!(length, 7);
+
+    // A late copy of the withdrawn label (older cts) must not bring it back.
+    add(
+        &mut services.redis,
+        &config.stream,
+        &StreamEvent::Label {
+            seq: 2,
+            src: labeler.did().to_string(),
+            uri: nsfw.uri.clone(),
+            cid: None,
+            val: nsfw.val.clone(),
+            neg: false,
+            cts: nsfw.cts.to_string(),
+            exp: None,
+        },
+    )
+    .await?;
+    let mut postgres = index::connect(&services.url).await?;
+    let index_config = IndexConfig {
+        streams: vec![config.stream.clone()],
+        group: format!("{prefix}group"),
+        consumer: "indexer_1".to_owned(),
+        exit_when_idle: Some(Duration::from_secs(1)),
+        ..IndexConfig::default()
+    };
+    let indexed = index::run(
+        services.redis.clone(),
+        &mut postgres,
+        &index_config,
+        &CancellationToken::new(),
+    )
+    .await?;
+    assert_eq!(indexed.entries, 8);
+
+    let applying: Vec<(String, String, String)> = postgres
+        .query(
+            "SELECT src, uri, val FROM label
+             WHERE NOT neg AND (exp IS NULL OR exp::timestamptz > now()) ORDER BY uri, val",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let mut truth: Vec<(String, String, String)> = labeler
+        .current()
+        .into_iter()
+        .map(|label| (label.src.to_string(), label.uri, label.val))
+        .collect();
+    truth.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
+    assert_eq!(applying, truth);
+    assert_eq!(
+        truth.iter().map(|t| t.2.as_str()).collect::<Vec<_>>(),
+        ["spam", "impersonation"]
+    );
+    let withdrawn: bool = postgres
+        .query_one(
+            "SELECT neg FROM label WHERE uri = $1 AND val = 'nsfw'",
+            &[&dids[1]],
+        )
+        .await?
+        .get(0);
+    assert!(
+        withdrawn,
+        "the late copy did not resurrect the withdrawn label"
+    );
+    let forged: i64 = postgres
+        .query_one("SELECT count(*) FROM label WHERE val = 'takedown'", &[])
+        .await?
+        .get(0);
+    assert_eq!(forged, 0);
+    let pinned: Option<String> = postgres
+        .query_one("SELECT cid FROM label WHERE val = 'impersonation'", &[])
+        .await?
+        .get(0);
+    assert!(pinned.is_some());
+    drop(postgres);
+    services.clean().await
+}

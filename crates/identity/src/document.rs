@@ -29,6 +29,12 @@ const KEY_FRAGMENT: &str = "#atproto";
 const PDS_FRAGMENT: &str = "#atproto_pds";
 /// The service type a PDS must have.
 const PDS_TYPE: &str = "AtprotoPersonalDataServer";
+/// The verification method id fragment of a labeler's label-signing key.
+const LABEL_KEY_FRAGMENT: &str = "#atproto_label";
+/// The service id fragment of a labeler.
+const LABELER_FRAGMENT: &str = "#atproto_labeler";
+/// The service type a labeler must have.
+const LABELER_TYPE: &str = "AtprotoLabeler";
 
 impl Identity {
     /// Reads `document` by the rules of the DID spec: `id` must be `did`; the key is the
@@ -49,8 +55,8 @@ impl Identity {
                 None => "not a JSON object".to_owned(),
             });
         }
-        let key = signing_key(did, &document)?;
-        let pds = pds_endpoint(did, &document)?;
+        let key = verification_key(did, &document, KEY_FRAGMENT)?;
+        let pds = service_endpoint(did, &document, PDS_FRAGMENT, PDS_TYPE)?;
         let handle = claimed_handle(&document);
         Ok(Identity {
             did: did.clone(),
@@ -59,6 +65,27 @@ impl Identity {
             handle,
             document,
         })
+    }
+
+    /// The labeler's label-signing key: the `#atproto_label` verification method, by the
+    /// same rules as `#atproto`. A labeler without one cannot have valid labels; no other
+    /// key is tried (the label specification says so).
+    ///
+    /// # Errors
+    ///
+    /// Why the method is missing or unusable.
+    pub fn label_key(&self) -> Result<PublicKey, String> {
+        verification_key(&self.did, &self.document, LABEL_KEY_FRAGMENT)
+    }
+
+    /// Where the labeler serves `subscribeLabels` and `queryLabels`: the `#atproto_labeler`
+    /// service of type `AtprotoLabeler`, without a trailing slash.
+    ///
+    /// # Errors
+    ///
+    /// Why the service is missing or unusable.
+    pub fn labeler_endpoint(&self) -> Result<String, String> {
+        service_endpoint(&self.did, &self.document, LABELER_FRAGMENT, LABELER_TYPE)
     }
 }
 
@@ -84,13 +111,13 @@ fn first_with_id<'a>(
         .find(|entry| has_id(did, entry, fragment))
 }
 
-fn signing_key(did: &Did, document: &Value) -> Result<PublicKey, String> {
-    let method = first_with_id(did, document, "verificationMethod", KEY_FRAGMENT)
-        .ok_or("no #atproto verification method")?;
+fn verification_key(did: &Did, document: &Value, fragment: &str) -> Result<PublicKey, String> {
+    let method = first_with_id(did, document, "verificationMethod", fragment)
+        .ok_or_else(|| format!("no {fragment} verification method"))?;
     let controller = method.get("controller").and_then(Value::as_str);
     if controller != Some(did.as_str()) {
         return Err(format!(
-            "#atproto verification method has controller {:?}, expected {:?}",
+            "{fragment} verification method has controller {:?}, expected {:?}",
             controller.map(quote),
             did.as_str()
         ));
@@ -98,7 +125,7 @@ fn signing_key(did: &Did, document: &Value) -> Result<PublicKey, String> {
     let multibase = method
         .get("publicKeyMultibase")
         .and_then(Value::as_str)
-        .ok_or("#atproto verification method has no publicKeyMultibase")?;
+        .ok_or_else(|| format!("{fragment} verification method has no publicKeyMultibase"))?;
     let parsed = match method.get("type").and_then(Value::as_str) {
         Some("Multikey") => PublicKey::from_multikey(multibase),
         Some("EcdsaSecp256r1VerificationKey2019") => {
@@ -109,33 +136,38 @@ fn signing_key(did: &Did, document: &Value) -> Result<PublicKey, String> {
         }
         other => {
             return Err(format!(
-                "#atproto verification method has type {:?}, expected \"Multikey\"",
+                "{fragment} verification method has type {:?}, expected \"Multikey\"",
                 other.map(quote)
             ));
         }
     };
-    parsed.map_err(|err| format!("#atproto key: {err}"))
+    parsed.map_err(|err| format!("{fragment} key: {err}"))
 }
 
-fn pds_endpoint(did: &Did, document: &Value) -> Result<String, String> {
-    let service =
-        first_with_id(did, document, "service", PDS_FRAGMENT).ok_or("no #atproto_pds service")?;
+fn service_endpoint(
+    did: &Did,
+    document: &Value,
+    fragment: &str,
+    expected_type: &str,
+) -> Result<String, String> {
+    let service = first_with_id(did, document, "service", fragment)
+        .ok_or_else(|| format!("no {fragment} service"))?;
     let kind = service.get("type").and_then(Value::as_str);
-    if kind != Some(PDS_TYPE) {
+    if kind != Some(expected_type) {
         return Err(format!(
-            "#atproto_pds service has type {:?}, expected {PDS_TYPE:?}",
+            "{fragment} service has type {:?}, expected {expected_type:?}",
             kind.map(quote)
         ));
     }
     let endpoint = service
         .get("serviceEndpoint")
         .and_then(Value::as_str)
-        .ok_or("#atproto_pds service has no serviceEndpoint string")?;
+        .ok_or_else(|| format!("{fragment} service has no serviceEndpoint string"))?;
     let url = reqwest::Url::parse(endpoint)
-        .map_err(|err| format!("#atproto_pds endpoint {:?}: {err}", quote(endpoint)))?;
+        .map_err(|err| format!("{fragment} endpoint {:?}: {err}", quote(endpoint)))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err(format!(
-            "#atproto_pds endpoint {:?} is not an http(s) URL with a host",
+            "{fragment} endpoint {:?} is not an http(s) URL with a host",
             quote(endpoint)
         ));
     }
@@ -336,6 +368,47 @@ mod tests {
                 "reason {reason:?} does not mention {expected:?}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_labeler_has_its_own_key_and_endpoint_and_no_fallback() -> TestResult {
+        let label_key = atpdb_repo::sample::sample_keypair(2, Curve::P256).public();
+        let mut labeler = document();
+        labeler["verificationMethod"]
+            .as_array_mut()
+            .ok_or("methods")?
+            .push(json!({
+                "id": "#atproto_label",
+                "type": "Multikey",
+                "controller": DID,
+                "publicKeyMultibase": label_key.to_multikey(),
+            }));
+        labeler["service"]
+            .as_array_mut()
+            .ok_or("services")?
+            .push(json!({
+                "id": format!("{DID}#atproto_labeler"),
+                "type": "AtprotoLabeler",
+                "serviceEndpoint": "https://labeler.example.com/",
+            }));
+        let identity = parse(labeler.clone())?;
+        assert_eq!(identity.key, key(), "#atproto is not #atproto_label");
+        assert_eq!(identity.label_key()?, label_key);
+        assert_eq!(identity.labeler_endpoint()?, "https://labeler.example.com");
+        labeler["service"][1]["type"] = json!("AtprotoPersonalDataServer");
+        let wrong_type = parse(labeler)?.labeler_endpoint().err().unwrap_or_default();
+        assert!(
+            wrong_type.contains("expected \"AtprotoLabeler\""),
+            "{wrong_type}"
+        );
+        // An account that is no labeler: the repository key is not used for labels.
+        let plain = parse(document())?;
+        assert_eq!(
+            plain.label_key().err().as_deref(),
+            Some("no #atproto_label verification method")
+        );
+        assert!(plain.labeler_endpoint().is_err());
         Ok(())
     }
 }

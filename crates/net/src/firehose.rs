@@ -56,7 +56,11 @@ use crate::guard::{Http, NetError};
 use crate::xrpc::error_chain;
 
 /// The method path appended to a host's base URL.
-const SUBSCRIBE_PATH: &str = "/xrpc/com.atproto.sync.subscribeRepos";
+/// The repository event stream.
+pub const SUBSCRIBE_REPOS: &str = "com.atproto.sync.subscribeRepos";
+/// A labeler's label stream: the same framing, cursors and error frames, `#labels` messages
+/// (reported as [`Message::Unknown`] for the caller to decode and to move the cursor with).
+pub const SUBSCRIBE_LABELS: &str = "com.atproto.label.subscribeLabels";
 
 /// Extra room above [`MAX_FRAME_BYTES`] by default, so a frame slightly over the protocol
 /// limit is reported as an invalid frame by the decoder rather than cutting the connection.
@@ -68,6 +72,8 @@ pub struct FirehoseConfig {
     /// The host's base URL, `http(s)://host[:port]` (`ws(s)://` also accepted); the client
     /// builds `ws(s)://host/xrpc/com.atproto.sync.subscribeRepos?cursor=N` from it.
     pub url: String,
+    /// The subscription's NSID: [`SUBSCRIBE_REPOS`] or [`SUBSCRIBE_LABELS`].
+    pub method: &'static str,
     /// Resume after this seq; `None` starts live.
     pub cursor: Option<u64>,
     /// Largest WebSocket message and frame accepted; larger ones drop the connection.
@@ -88,6 +94,7 @@ impl FirehoseConfig {
     pub fn new(url: impl Into<String>) -> FirehoseConfig {
         FirehoseConfig {
             url: url.into(),
+            method: SUBSCRIBE_REPOS,
             cursor: None,
             max_frame_bytes: MAX_FRAME_BYTES + FRAME_HEADROOM,
             backoff_min: Duration::from_millis(500),
@@ -380,7 +387,7 @@ impl Firehose {
 
     /// Resolves, connects, checks every address, does TLS for `wss` and upgrades.
     async fn dial(&self, cursor: Option<u64>) -> Result<Socket, NetError> {
-        let url = subscribe_url(&self.config.url, cursor)?;
+        let url = subscribe_url(&self.config.url, self.config.method, cursor)?;
         let url = self.http.check(url.as_str())?;
         let host_name = url.host_str().unwrap_or_default().to_owned();
         let origin = format!("{}://{}", url.scheme(), url_authority(&url));
@@ -410,7 +417,9 @@ impl Firehose {
             .max_frame_size(Some(self.config.max_frame_bytes));
         match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
             Ok((socket, _response)) => Ok(socket),
-            Err(WsError::Http(response)) => Err(upgrade_refused(&origin, &response)),
+            Err(WsError::Http(response)) => {
+                Err(upgrade_refused(&origin, self.config.method, &response))
+            }
             Err(err) => Err(NetError::Transport {
                 host: origin,
                 reason: format!("WebSocket upgrade: {}", error_chain(&err)),
@@ -419,8 +428,8 @@ impl Firehose {
     }
 }
 
-/// The host's `ws(s)://…/xrpc/com.atproto.sync.subscribeRepos?cursor=N`.
-fn subscribe_url(base: &str, cursor: Option<u64>) -> Result<url::Url, NetError> {
+/// The host's `ws(s)://…/xrpc/{method}?cursor=N`.
+fn subscribe_url(base: &str, method: &str, cursor: Option<u64>) -> Result<url::Url, NetError> {
     let bad = |reason: String| NetError::BadUrl {
         url: base.to_owned(),
         reason,
@@ -434,8 +443,9 @@ fn subscribe_url(base: &str, cursor: Option<u64>) -> Result<url::Url, NetError> 
     url.set_scheme(scheme)
         .map_err(|()| bad(format!("cannot use scheme {scheme}")))?;
     let path = url.path().trim_end_matches('/').to_owned();
-    if !path.ends_with(SUBSCRIBE_PATH) {
-        url.set_path(&format!("{path}{SUBSCRIBE_PATH}"));
+    let subscribe_path = format!("/xrpc/{method}");
+    if !path.ends_with(&subscribe_path) {
+        url.set_path(&format!("{path}{subscribe_path}"));
     }
     url.set_query(None);
     url.set_fragment(None);
@@ -510,6 +520,7 @@ async fn tls_connect(
 /// The error an HTTP answer instead of the upgrade stands for.
 fn upgrade_refused(
     origin: &str,
+    method: &str,
     response: &tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>,
 ) -> NetError {
     let status = response.status().as_u16();
@@ -535,7 +546,7 @@ fn upgrade_refused(
     if !looks_html && let Ok(parsed) = serde_json::from_slice::<XrpcBody>(body) {
         return NetError::Xrpc {
             host: origin.to_owned(),
-            method: "com.atproto.sync.subscribeRepos".to_owned(),
+            method: method.to_owned(),
             status,
             error: parsed.error,
             message: parsed.message,
@@ -543,7 +554,7 @@ fn upgrade_refused(
     }
     NetError::Http {
         host: origin.to_owned(),
-        method: "com.atproto.sync.subscribeRepos".to_owned(),
+        method: method.to_owned(),
         status,
         body: if looks_html {
             "HTML error page".to_owned()
@@ -559,7 +570,9 @@ mod tests {
 
     #[test]
     fn subscribe_urls() -> Result<(), NetError> {
-        let url = |base: &str, cursor| subscribe_url(base, cursor).map(|url| url.to_string());
+        let url = |base: &str, cursor| {
+            subscribe_url(base, SUBSCRIBE_REPOS, cursor).map(|url| url.to_string())
+        };
         assert_eq!(
             url("http://127.0.0.1:2583", Some(7))?,
             "ws://127.0.0.1:2583/xrpc/com.atproto.sync.subscribeRepos?cursor=7"
@@ -574,6 +587,10 @@ mod tests {
                 Some(2)
             )?,
             "wss://relay.example/xrpc/com.atproto.sync.subscribeRepos?cursor=2"
+        );
+        assert_eq!(
+            subscribe_url("http://127.0.0.1:9", SUBSCRIBE_LABELS, Some(0))?.to_string(),
+            "ws://127.0.0.1:9/xrpc/com.atproto.label.subscribeLabels?cursor=0"
         );
         assert!(matches!(
             url("ftp://pds.example", None),

@@ -55,7 +55,7 @@ pub mod guard;
 pub mod listing;
 pub mod xrpc;
 
-pub use firehose::{Firehose, FirehoseConfig, FirehoseEvent};
+pub use firehose::{Firehose, FirehoseConfig, FirehoseEvent, SUBSCRIBE_LABELS, SUBSCRIBE_REPOS};
 pub use guard::{Http, HttpConfig, NetError};
 pub use xrpc::{
     DidPage, HostStats, LatestCommit, ListReposPage, ListedRepo, RepoBody, RepoStatus, Xrpc,

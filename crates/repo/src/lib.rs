@@ -23,6 +23,7 @@ pub mod commit;
 pub mod crypto;
 mod error;
 pub mod firehose;
+pub mod label;
 pub mod mst;
 pub mod multiformats;
 pub mod record;
