@@ -138,6 +138,15 @@ pub(crate) struct IndexArgs {
     /// Exit once nothing has been new for this many seconds (one-off runs).
     #[arg(long, env = "INDEXER_EXIT_WHEN_IDLE_SECS")]
     exit_when_idle_secs: Option<u64>,
+    /// Take over entries another indexer has left unacknowledged this long, in seconds
+    /// (it stopped).
+    #[arg(long, env = "INDEXER_CLAIM_IDLE_SECS", default_value_t = 60)]
+    claim_idle_secs: u64,
+    /// Keep entries in the streams after indexing them (acknowledge only): for when another
+    /// consumer group reads the same streams. By default they are deleted once indexed, so
+    /// the streams do not grow past the stages' high-water marks.
+    #[arg(long, env = "INDEXER_KEEP_ACKED")]
+    keep_acked: bool,
 }
 
 /// Settings every stage shares.
@@ -302,6 +311,47 @@ fn identity(common: &Common) -> anyhow::Result<(Http, Resolver)> {
     Ok((http, identity))
 }
 
+/// Runs a stage, and runs it again after a transient failure (Redis restarted, a PostgreSQL
+/// connection killed): every stage resumes from what it wrote (cursors, pending entries), so
+/// this is what a process supervisor would do, minus the restart. The failure is logged
+/// each time; any other error ends the process with it (non-zero), never a silent stall.
+async fn supervise<T, F, Fut>(
+    stage: &str,
+    shutdown: &CancellationToken,
+    mut run: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, atpdb_fleet::FleetError>>,
+{
+    const FIRST: Duration = Duration::from_millis(500);
+    const MOST: Duration = Duration::from_secs(30);
+    let mut backoff = FIRST;
+    loop {
+        let started = std::time::Instant::now();
+        match run().await {
+            Ok(done) => return Ok(done),
+            Err(err) if err.is_transient() && !shutdown.is_cancelled() => {
+                if started.elapsed() > MOST {
+                    backoff = FIRST;
+                }
+                tracing::error!(
+                    stage,
+                    %err,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "fleet.stage_failed: restarting it"
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => return Err(err.into()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MOST);
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
 /// `relay.example` → `https://relay.example`; URLs are kept.
 fn host_url(host: &str) -> String {
     let host = host.trim().trim_end_matches('/');
@@ -317,7 +367,7 @@ async fn run_enumerate(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<ExitCode> {
     let (xrpc, _) = clients(&args.common)?;
-    let mut redis = atpdb_fleet::connect(&args.common.redis_url)
+    let redis = atpdb_fleet::connect(&args.common.redis_url)
         .await
         .with_context(|| format!("connecting to {}", args.common.redis_url))?;
     let config = EnumerateConfig {
@@ -333,7 +383,11 @@ async fn run_enumerate(
         recheck: (args.recheck_secs > 0).then(|| Duration::from_secs(args.recheck_secs)),
     };
     tracing::info!(relays = ?config.relays, stream = %config.stream, "enumerate.start");
-    enumerate::run(&xrpc, &mut redis, &config, shutdown).await?;
+    supervise("enumerate", shutdown, || {
+        let (xrpc, mut redis, config) = (xrpc.clone(), redis.clone(), config.clone());
+        async move { enumerate::run(&xrpc, &mut redis, &config, shutdown).await }
+    })
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -360,7 +414,16 @@ async fn run_backfill(args: BackfillArgs, shutdown: CancellationToken) -> anyhow
         ..BackfillConfig::default()
     };
     tracing::info!(consumer = %config.consumer, group = %config.group, "backfill.start");
-    let done = backfill::run(xrpc, identity, redis, config, shutdown).await?;
+    let done = supervise("backfill", &shutdown.clone(), || {
+        backfill::run(
+            xrpc.clone(),
+            identity.clone(),
+            redis.clone(),
+            config.clone(),
+            shutdown.clone(),
+        )
+    })
+    .await?;
     tracing::info!(
         repos = done.repos,
         records = done.records,
@@ -385,7 +448,16 @@ async fn run_ingest(args: IngestArgs, shutdown: &CancellationToken) -> anyhow::R
         parallelism: args.parallelism.max(1),
         ..IngestConfig::default()
     };
-    let done = ingest::run(&http, identity, redis, &config, shutdown).await?;
+    let done = supervise("ingest", shutdown, || {
+        let (http, identity, redis, config) = (
+            http.clone(),
+            identity.clone(),
+            redis.clone(),
+            config.clone(),
+        );
+        async move { ingest::run(&http, identity, redis, &config, shutdown).await }
+    })
+    .await?;
     tracing::info!(
         commits = done.commits,
         events = done.events,
@@ -418,7 +490,16 @@ async fn run_labels(args: LabelsArgs, shutdown: &CancellationToken) -> anyhow::R
         high_water: args.high_water_mark.max(1),
         ..LabelsConfig::default()
     };
-    let done = labels::run(&http, identity, redis, &config, shutdown).await?;
+    let done = supervise("labels", shutdown, || {
+        let (http, identity, redis, config) = (
+            http.clone(),
+            identity.clone(),
+            redis.clone(),
+            config.clone(),
+        );
+        async move { labels::run(&http, identity, redis, &config, shutdown).await }
+    })
+    .await?;
     tracing::info!(
         labels = done.labels,
         invalid = done.invalid,
@@ -432,9 +513,12 @@ async fn run_index(args: IndexArgs, shutdown: &CancellationToken) -> anyhow::Res
     let redis = atpdb_fleet::connect(&args.common.redis_url)
         .await
         .with_context(|| format!("connecting to {}", args.common.redis_url))?;
-    let mut postgres = atpdb_fleet::index::connect(&args.database_url)
-        .await
-        .context("connecting to PostgreSQL (DATABASE_URL)")?;
+    // Fails now (not in the supervisor's loop) when the URL or the server is wrong.
+    drop(
+        atpdb_fleet::index::connect(&args.database_url)
+            .await
+            .context("connecting to PostgreSQL (DATABASE_URL)")?,
+    );
     let config = IndexConfig {
         streams: args
             .streams
@@ -445,13 +529,24 @@ async fn run_index(args: IndexArgs, shutdown: &CancellationToken) -> anyhow::Res
         consumer: args.consumer,
         batch_size: args.batch_size.max(1),
         exit_when_idle: args.exit_when_idle_secs.map(Duration::from_secs),
+        claim_idle: Duration::from_secs(args.claim_idle_secs.max(1)),
+        delete_acked: !args.keep_acked,
     };
     tracing::info!(streams = ?config.streams, consumer = %config.consumer, "index.start");
-    let done = index::run(redis, &mut postgres, &config, shutdown).await?;
+    let url = args.database_url;
+    let done = supervise("index", shutdown, || {
+        let (redis, config, url) = (redis.clone(), config.clone(), url.clone());
+        async move {
+            let mut postgres = atpdb_fleet::index::connect(&url).await?;
+            index::run(redis, &mut postgres, &config, shutdown).await
+        }
+    })
+    .await?;
     tracing::info!(
         entries = done.entries,
         records = done.records,
         unreadable = done.unreadable,
+        claimed = done.claimed,
         "index.stopped"
     );
     Ok(ExitCode::SUCCESS)

@@ -116,8 +116,9 @@ pub struct FaultSet {
     /// This includes the host's own `/admin/` routes when they share the listener, so switch
     /// it off from Rust ([`Faults::set`]) or through an admin API served on another listener.
     pub reset: bool,
-    /// If not empty, the HTTP-layer faults only apply to requests whose path contains one of
-    /// these strings, e.g. `"com.atproto.sync.getRepo"`.
+    /// If not empty, the HTTP-layer faults only apply to requests whose path and query
+    /// contain one of these strings, e.g. `"com.atproto.sync.getRepo"`, or
+    /// `"listRepos?limit=100&cursor=500"` for one page of a listing.
     pub paths: Vec<String>,
     /// Apply the HTTP-layer faults to the next this-many matching requests only, then switch
     /// them off (they become `None` and `times` becomes `None`). `None` keeps them until changed.
@@ -574,7 +575,12 @@ impl AsyncWrite for FaultyStream {
 /// `router.layer(axum::middleware::from_fn_with_state(faults.clone(), faults::middleware))`.
 /// Requests under `/admin/` pass untouched. See [`FaultSet`] for the order faults apply in.
 pub async fn middleware(State(faults): State<Faults>, request: Request, next: Next) -> Response {
-    let path = request.uri().path().to_owned();
+    // Path and query, so a fault can target one cursor of a listing.
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| request.uri().path(), |target| target.as_str())
+        .to_owned();
     let Some(plan) = faults.claim_http(&path) else {
         return next.run(request).await;
     };

@@ -207,6 +207,8 @@ fn bump(counter: &AtomicU64) {
 /// What the relay knows of one account.
 #[derive(Debug, Clone)]
 struct Repo {
+    /// The relay's number for it (see `Accounts::by_uid`).
+    uid: u64,
     /// Index of the host the relay last accepted an event for it from.
     host: usize,
     rev: Option<Tid>,
@@ -219,6 +221,7 @@ struct Repo {
 impl Repo {
     fn new(host: usize) -> Repo {
         Repo {
+            uid: 0,
             host,
             rev: None,
             head: None,
@@ -235,10 +238,29 @@ impl Repo {
 
 #[derive(Debug, Default)]
 struct Accounts {
-    /// By DID, which is also `listRepos`'s order and cursor.
+    /// By DID.
     repos: BTreeMap<Did, Repo>,
+    /// Each repo's number, in the order the relay first saw them: `listRepos`'s order, and
+    /// its cursor (the last number listed), as on Bluesky's relay, whose numeric cursors a
+    /// client can skip past when the relay keeps failing at one.
+    by_uid: BTreeMap<u64, Did>,
     /// Collection NSID → DIDs that ever wrote to it.
     collections: BTreeMap<String, BTreeSet<Did>>,
+}
+
+impl Accounts {
+    /// The repo of `did`, first seen on host `index` if it is new (it gets the next uid).
+    fn repo_mut(&mut self, did: &Did, index: usize) -> &mut Repo {
+        let next_uid = self.by_uid.len() as u64 + 1;
+        let by_uid = &mut self.by_uid;
+        self.repos.entry(did.clone()).or_insert_with(|| {
+            by_uid.insert(next_uid, did.clone());
+            Repo {
+                uid: next_uid,
+                ..Repo::new(index)
+            }
+        })
+    }
 }
 
 /// Upstream seqs taken in from one host.
@@ -647,10 +669,7 @@ impl Relay {
             break_event(&mut event, proof, flags);
         }
         let mut state = self.state();
-        let repo = state
-            .repos
-            .entry(did.clone())
-            .or_insert_with(|| Repo::new(index));
+        let repo = state.repo_mut(&did, index);
         // Checked again: another host's task may have moved the account on meanwhile.
         if !repo.active {
             bump(&self.inner.counters.inactive);
@@ -731,10 +750,7 @@ impl Relay {
             }
         };
         let mut state = self.state();
-        let repo = state
-            .repos
-            .entry(did.clone())
-            .or_insert_with(|| Repo::new(index));
+        let repo = state.repo_mut(&did, index);
         if !repo.is_newer(&event.rev) {
             bump(&self.inner.counters.stale_revs);
             return;
@@ -769,11 +785,7 @@ impl Relay {
         }
         event.handle = None;
         let mut state = self.state();
-        state
-            .repos
-            .entry(did.clone())
-            .or_insert_with(|| Repo::new(index))
-            .host = index;
+        state.repo_mut(&did, index).host = index;
         self.inner.sequencer.append(Some(&did), |seq| {
             event.seq = seq;
             firehose::encode_message(&Message::Identity(event))
@@ -799,10 +811,7 @@ impl Relay {
             return;
         }
         let mut state = self.state();
-        let repo = state
-            .repos
-            .entry(did.clone())
-            .or_insert_with(|| Repo::new(index));
+        let repo = state.repo_mut(&did, index);
         repo.host = index;
         repo.active = event.active;
         repo.status = if event.active {
@@ -951,19 +960,19 @@ async fn list_repos(
     Params(params): Params<PageParams>,
 ) -> XrpcResult<Json<JsonValue>> {
     let limit = limit(params.limit, 500, 1000)?;
+    let after: u64 = match params.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(cursor) => parse("cursor", cursor)?,
+    };
     let state = relay.state();
     let mut repos = Vec::new();
     let mut more = false;
+    let mut last_uid = None;
     // Accounts seen only through `#identity`/`#account` have no head to list yet.
     let listed = state
-        .repos
-        .iter()
-        .filter(|(did, _)| {
-            params
-                .cursor
-                .as_deref()
-                .is_none_or(|after| did.as_str() > after)
-        })
+        .by_uid
+        .range(after.saturating_add(1)..)
+        .filter_map(|(_, did)| Some((did, state.repos.get(did)?)))
         .filter_map(|(did, repo)| Some((did, repo, repo.head?, repo.rev.as_ref()?)));
     for (did, repo, head, rev) in listed {
         if repos.len() == limit {
@@ -980,10 +989,11 @@ async fn list_repos(
             out["status"] = json!(status);
         }
         repos.push(out);
+        last_uid = Some(repo.uid);
     }
     let mut out = json!({"repos": repos});
-    if more && let Some(last) = repos.last() {
-        out["cursor"] = last["did"].clone();
+    if more && let Some(last) = last_uid {
+        out["cursor"] = json!(last.to_string());
     }
     Ok(Json(out))
 }

@@ -328,6 +328,14 @@ pub struct IndexConfig {
     pub batch_size: usize,
     /// Stop once nothing has been new for this long; `None`: run until shut down.
     pub exit_when_idle: Option<Duration>,
+    /// Entries another indexer has held this long without acknowledging them are taken
+    /// over (XAUTOCLAIM): that indexer died, and nothing else would index them.
+    pub claim_idle: Duration,
+    /// Delete entries once indexed (XACK + XDEL in one MULTI), as rsky's indexer does: the
+    /// streams stay as long as the backlog, so the stages writing them, which wait above
+    /// their high-water marks, are not stopped for good by entries already indexed. Turn it
+    /// off only when another consumer group also reads the streams.
+    pub delete_acked: bool,
 }
 
 impl Default for IndexConfig {
@@ -342,6 +350,8 @@ impl Default for IndexConfig {
             consumer: "indexer_1".to_owned(),
             batch_size: 500,
             exit_when_idle: None,
+            claim_idle: Duration::from_secs(60),
+            delete_acked: true,
         }
     }
 }
@@ -355,6 +365,8 @@ pub struct Indexed {
     pub records: u64,
     /// Entries that could not be read, acknowledged and skipped.
     pub unreadable: u64,
+    /// Entries taken over from indexers that stopped.
+    pub claimed: u64,
 }
 
 /// Connects to PostgreSQL at `url` (no TLS: the database sits beside the fleet); the
@@ -438,9 +450,22 @@ pub async fn run(
     }
     let mut done = Indexed::default();
     let mut idle_since = Instant::now();
+    let mut last_claim = Instant::now();
+    let claim_every = (config.claim_idle / 2).max(Duration::from_secs(1));
     // Our own pending entries first (a batch that failed, or a restart), then new ones.
     let mut from = "0";
     while !shutdown.is_cancelled() {
+        if last_claim.elapsed() >= claim_every {
+            last_claim = Instant::now();
+            for stream in &config.streams {
+                let claimed = claim(&mut redis, config, stream).await?;
+                if claimed > 0 {
+                    done.claimed += claimed;
+                    // They are ours now: read our pending entries again.
+                    from = "0";
+                }
+            }
+        }
         let mut read_any = false;
         for stream in &config.streams {
             let entries = read(&mut redis, config, stream, from).await?;
@@ -469,6 +494,42 @@ pub async fn run(
         }
     }
     Ok(done)
+}
+
+/// Takes over the entries of `stream` that another consumer has left unacknowledged for
+/// `claim_idle`; they become this consumer's pending entries.
+async fn claim(
+    redis: &mut ConnectionManager,
+    config: &IndexConfig,
+    stream: &str,
+) -> Result<u64, FleetError> {
+    let mut start = "0-0".to_owned();
+    let mut claimed = 0;
+    loop {
+        let (next, ids, _deleted): (String, Vec<String>, Vec<String>) = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(&config.group)
+            .arg(&config.consumer)
+            .arg(config.claim_idle.as_millis() as u64)
+            .arg(&start)
+            .arg("COUNT")
+            .arg(config.batch_size.max(1))
+            .arg("JUSTID")
+            .query_async(redis)
+            .await?;
+        if !ids.is_empty() {
+            claimed += ids.len() as u64;
+            tracing::info!(
+                stream,
+                count = ids.len(),
+                "index.claimed: entries of an indexer that stopped"
+            );
+        }
+        if next == "0-0" {
+            return Ok(claimed);
+        }
+        start = next;
+    }
 }
 
 async fn read(
@@ -761,12 +822,17 @@ async fn index_batch(
     }
     transaction.commit().await?;
     let ids: Vec<&str> = entries.iter().map(|entry| entry.id.as_str()).collect();
-    let _: u64 = redis::cmd("XACK")
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    pipe.cmd("XACK")
         .arg(stream)
         .arg(&config.group)
         .arg(&ids)
-        .query_async(redis)
-        .await?;
+        .ignore();
+    if config.delete_acked {
+        pipe.cmd("XDEL").arg(stream).arg(&ids).ignore();
+    }
+    let () = pipe.query_async(redis).await?;
     done.entries += entries.len() as u64;
     done.records += records.len() as u64;
     Ok(())

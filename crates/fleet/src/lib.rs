@@ -67,6 +67,40 @@ pub enum FleetError {
     },
 }
 
+impl FleetError {
+    /// Whether running the stage again can succeed: Redis or PostgreSQL went away or is
+    /// starting (a restart, a killed connection, a timeout). Every stage resumes from what
+    /// it wrote (cursors, pending entries), so restarting it is safe; other errors (a bad
+    /// setting, a refused statement) would fail the same way again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FleetError::Redis(err) => {
+                err.is_io_error()
+                    || err.is_timeout()
+                    || err.is_connection_dropped()
+                    || err.is_connection_refusal()
+                    || err.is_unrecoverable_error()
+                    || matches!(
+                        err.code(),
+                        Some("LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN")
+                    )
+            }
+            FleetError::Postgres(err) => {
+                // Class 08: connection exception; class 57: operator intervention
+                // (`pg_terminate_backend`, shutdown, "the database system is starting up").
+                err.is_closed()
+                    || err.code().is_some_and(|state| {
+                        let code = state.code();
+                        code.starts_with("08") || code.starts_with("57")
+                    })
+                    || std::error::Error::source(err)
+                        .is_some_and(|source| source.is::<std::io::Error>())
+            }
+            FleetError::Config(_) | FleetError::Listing { .. } => false,
+        }
+    }
+}
+
 /// The server's own message when there is one: tokio-postgres displays only "db error".
 fn postgres_message(err: &tokio_postgres::Error) -> String {
     match err.as_db_error() {

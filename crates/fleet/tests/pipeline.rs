@@ -328,3 +328,56 @@ async fn a_backfill_worker_waits_while_the_output_stream_is_full() -> TestResult
     clean(&mut redis, &prefix).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enumerate_skips_past_an_entry_the_relay_keeps_failing_on_and_says_so() -> TestResult {
+    let Some((mut redis, prefix)) = redis("skip").await else {
+        return Ok(());
+    };
+    let devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 1,
+        accounts: 20,
+        records: 1,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let relay = devnet.relay().ok_or("no relay")?;
+    // Every page asked for at cursor 10 fails, whatever its size: the entry after it is
+    // one the relay cannot serve (rsky's enumerator looped here forever).
+    relay.faults().update(|faults| {
+        faults.status = Some(500);
+        faults.paths = vec![
+            "listRepos?limit=5&cursor=10".to_owned(),
+            "listRepos?limit=1&cursor=10".to_owned(),
+        ];
+    });
+    let (xrpc, _) = clients(&devnet)?;
+    let stream = format!("{prefix}repo_backfill");
+    let config = EnumerateConfig {
+        relays: vec![relay.url().to_owned()],
+        stream: stream.clone(),
+        batch_size: 5,
+        recheck: None,
+        ..EnumerateConfig::default()
+    };
+    let listed = enumerate::list_relay(
+        &xrpc,
+        &mut redis,
+        &config,
+        relay.url(),
+        &CancellationToken::new(),
+    )
+    .await?;
+    assert_eq!(listed.skipped, 1, "{listed:?}");
+    assert_eq!(
+        listed.queued, 19,
+        "every entry but the one skipped: {listed:?}"
+    );
+    assert_eq!(xlen(&mut redis, &stream).await?, 19);
+    let cursor: String = redis::cmd("GET")
+        .arg(enumerate::cursor_key(&stream, relay.url()))
+        .query_async(&mut redis)
+        .await?;
+    assert_eq!(cursor, DONE);
+    clean(&mut redis, &prefix).await
+}
