@@ -145,6 +145,8 @@ pub(super) async fn run(args: FleetArgs) -> anyhow::Result<ExitCode> {
             group: format!("{filled}index{indexers}"),
             batch_size: args.batch_size.max(1),
             exit_when_idle: Some(IDLE),
+            // Each pass reads the same filled stream with a group of its own.
+            delete_acked: false,
             ..IndexConfig::default()
         };
         progress(&format!("index: {indexers} indexer(s) into PostgreSQL"));
@@ -375,10 +377,13 @@ impl Database {
     async fn create(base: &str, pass: &str) -> anyhow::Result<Database> {
         let admin = index::connect(&format!("{base}/postgres")).await?;
         let name = format!("sync_bench_{}_{pass}", std::process::id());
+        // Two statements: a multi-statement string runs as one transaction, which
+        // DROP/CREATE DATABASE refuse.
         admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-            ))
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
             .await?;
         let url = format!("{base}/{name}");
         Ok(Database {
