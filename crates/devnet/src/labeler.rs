@@ -250,22 +250,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-#[derive(serde::Deserialize)]
-struct CursorParams {
-    cursor: Option<i64>,
-}
-
 async fn subscribe_labels(
     State(labeler): State<Labeler>,
-    Params(params): Params<CursorParams>,
+    Params(params): Params<crate::subscribe::CursorParams>,
     upgrade: WebSocketUpgrade,
 ) -> XrpcResult<Response> {
-    let cursor = match params.cursor {
-        Some(cursor) if cursor < 0 => {
-            return Err(XrpcError::invalid("cursor must not be negative"));
-        }
-        other => other.map(|cursor| cursor as u64),
-    };
+    let cursor = params.cursor()?;
     let inner = labeler.inner.clone();
     Ok(upgrade.max_message_size(1 << 16).on_upgrade(move |socket| {
         crate::subscribe::serve(

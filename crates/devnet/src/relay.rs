@@ -920,22 +920,12 @@ impl Relay {
 // ---------------------------------------------------------------------------------------------
 // HTTP.
 
-#[derive(Deserialize)]
-struct CursorParams {
-    cursor: Option<i64>,
-}
-
 async fn subscribe_repos(
     State(relay): State<Relay>,
-    Params(params): Params<CursorParams>,
+    Params(params): Params<crate::subscribe::CursorParams>,
     upgrade: WebSocketUpgrade,
 ) -> XrpcResult<Response> {
-    let cursor = match params.cursor {
-        Some(cursor) if cursor < 0 => {
-            return Err(XrpcError::invalid("cursor must not be negative"));
-        }
-        other => other.map(i64::unsigned_abs),
-    };
+    let cursor = params.cursor()?;
     let inner = relay.inner.clone();
     Ok(upgrade.on_upgrade(move |socket| {
         crate::subscribe::serve(

@@ -12,6 +12,24 @@ use tokio_util::sync::CancellationToken;
 use crate::faults::Faults;
 use crate::sequencer::Sequencer;
 
+/// The `cursor` query parameter of every subscription endpoint (repos and labels).
+#[derive(serde::Deserialize)]
+pub(crate) struct CursorParams {
+    cursor: Option<i64>,
+}
+
+impl CursorParams {
+    /// The seq to resume after; a negative cursor is refused.
+    pub(crate) fn cursor(&self) -> crate::xrpc::XrpcResult<Option<u64>> {
+        match self.cursor {
+            Some(cursor) if cursor < 0 => Err(crate::xrpc::XrpcError::invalid(
+                "cursor must not be negative",
+            )),
+            other => Ok(other.map(i64::unsigned_abs)),
+        }
+    }
+}
+
 /// How a subscription treats a consumer that cannot keep up.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SubscribeOptions {

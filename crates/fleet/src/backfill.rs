@@ -161,7 +161,14 @@ pub async fn run(
         if last_claim.elapsed() >= config.claim_idle / 3 {
             last_claim = Instant::now();
             keep_fresh(&mut redis, config, &in_flight).await?;
-            done.claimed += claim_abandoned(&mut redis, config).await?;
+            done.claimed += crate::claim_abandoned(
+                &mut redis,
+                &config.stream_in,
+                &config.group,
+                &config.consumer,
+                config.claim_idle,
+            )
+            .await?;
         }
         let room = config.concurrency.max(1).saturating_sub(in_flight.len());
         let mut started = 0;
@@ -376,40 +383,6 @@ async fn keep_fresh(
     command.arg("JUSTID");
     let _: Vec<String> = command.query_async(redis).await?;
     Ok(())
-}
-
-/// Takes over entries idle for `claim_idle` on any consumer (a worker that died); returns
-/// how many. They then come back with this worker's own pending entries.
-async fn claim_abandoned(
-    redis: &mut ConnectionManager,
-    config: &BackfillConfig,
-) -> Result<u64, FleetError> {
-    let mut start = "0-0".to_owned();
-    let mut claimed = 0;
-    loop {
-        let (next, ids, _deleted): (String, Vec<String>, Vec<String>) = redis::cmd("XAUTOCLAIM")
-            .arg(&config.stream_in)
-            .arg(&config.group)
-            .arg(&config.consumer)
-            .arg(config.claim_idle.as_millis() as u64)
-            .arg(&start)
-            .arg("COUNT")
-            .arg(100)
-            .arg("JUSTID")
-            .query_async(redis)
-            .await?;
-        claimed += ids.len() as u64;
-        if !ids.is_empty() {
-            tracing::info!(
-                count = ids.len(),
-                "backfill.claimed: entries of a consumer that stopped"
-            );
-        }
-        if next == "0-0" {
-            return Ok(claimed);
-        }
-        start = next;
-    }
 }
 
 impl Worker {

@@ -458,7 +458,14 @@ pub async fn run(
         if last_claim.elapsed() >= claim_every {
             last_claim = Instant::now();
             for stream in &config.streams {
-                let claimed = claim(&mut redis, config, stream).await?;
+                let claimed = crate::claim_abandoned(
+                    &mut redis,
+                    stream,
+                    &config.group,
+                    &config.consumer,
+                    config.claim_idle,
+                )
+                .await?;
                 if claimed > 0 {
                     done.claimed += claimed;
                     // They are ours now: read our pending entries again.
@@ -494,42 +501,6 @@ pub async fn run(
         }
     }
     Ok(done)
-}
-
-/// Takes over the entries of `stream` that another consumer has left unacknowledged for
-/// `claim_idle`; they become this consumer's pending entries.
-async fn claim(
-    redis: &mut ConnectionManager,
-    config: &IndexConfig,
-    stream: &str,
-) -> Result<u64, FleetError> {
-    let mut start = "0-0".to_owned();
-    let mut claimed = 0;
-    loop {
-        let (next, ids, _deleted): (String, Vec<String>, Vec<String>) = redis::cmd("XAUTOCLAIM")
-            .arg(stream)
-            .arg(&config.group)
-            .arg(&config.consumer)
-            .arg(config.claim_idle.as_millis() as u64)
-            .arg(&start)
-            .arg("COUNT")
-            .arg(config.batch_size.max(1))
-            .arg("JUSTID")
-            .query_async(redis)
-            .await?;
-        if !ids.is_empty() {
-            claimed += ids.len() as u64;
-            tracing::info!(
-                stream,
-                count = ids.len(),
-                "index.claimed: entries of an indexer that stopped"
-            );
-        }
-        if next == "0-0" {
-            return Ok(claimed);
-        }
-        start = next;
-    }
 }
 
 async fn read(

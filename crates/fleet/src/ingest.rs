@@ -33,7 +33,7 @@ use futures_util::stream::FuturesOrdered;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ConnectionManager, FleetError, RepoJob, StreamEvent, wait_below};
+use crate::{ConnectionManager, FleetError, RepoJob, StreamEvent, read_seq, wait_below};
 
 /// What [`run`] does.
 #[derive(Debug, Clone)]
@@ -150,20 +150,7 @@ pub async fn run(
     config: &IngestConfig,
     shutdown: &CancellationToken,
 ) -> Result<Ingested, FleetError> {
-    let cursor: Option<String> = redis::cmd("GET")
-        .arg(config.cursor_key())
-        .query_async(&mut redis)
-        .await?;
-    let cursor = match cursor.map(|text| text.parse::<u64>()) {
-        Some(Ok(cursor)) => Some(cursor),
-        Some(Err(_)) => {
-            return Err(FleetError::Config(format!(
-                "{} does not hold a seq",
-                config.cursor_key()
-            )));
-        }
-        None => None,
-    };
+    let cursor = read_seq(&mut redis, &config.cursor_key()).await?;
     tracing::info!(relay = %config.relay, ?cursor, "ingest.start");
     let mut firehose = Firehose::connect(
         http,

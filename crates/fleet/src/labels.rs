@@ -22,7 +22,7 @@ use atpdb_repo::syntax::Did;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ConnectionManager, FleetError, StreamEvent, wait_below};
+use crate::{ConnectionManager, FleetError, StreamEvent, read_seq, wait_below};
 
 /// What [`run`] does.
 #[derive(Debug, Clone)]
@@ -156,19 +156,7 @@ async fn follow(
     shutdown: &CancellationToken,
 ) -> Result<LabelsIngested, FleetError> {
     let cursor_key = config.cursor_key(labeler);
-    let stored: Option<String> = redis::cmd("GET")
-        .arg(&cursor_key)
-        .query_async(&mut redis)
-        .await?;
-    let mut cursor = match stored.map(|text| text.parse::<u64>()) {
-        Some(Ok(cursor)) => Some(cursor),
-        Some(Err(_)) => {
-            return Err(FleetError::Config(format!(
-                "{cursor_key} does not hold a seq"
-            )));
-        }
-        None => None,
-    };
+    let mut cursor = read_seq(&mut redis, &cursor_key).await?;
     let (endpoint, mut key) = labeler_identity(identity, labeler, false).await?;
     tracing::info!(%labeler, %endpoint, ?cursor, "labels.start");
     // A labeler's stream is its whole history: start from the beginning, not live.

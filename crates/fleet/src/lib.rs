@@ -278,6 +278,59 @@ pub async fn connect(url: &str) -> Result<ConnectionManager, FleetError> {
     Ok(ConnectionManager::new_with_config(client, config).await?)
 }
 
+/// Takes over the entries of `stream` that any consumer of `group` has left unacknowledged
+/// for `idle` (it died); they become `consumer`'s pending entries. Returns how many.
+pub(crate) async fn claim_abandoned(
+    redis: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    idle: Duration,
+) -> Result<u64, FleetError> {
+    let mut start = "0-0".to_owned();
+    let mut claimed = 0;
+    loop {
+        let (next, ids, _deleted): (String, Vec<String>, Vec<String>) = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(idle.as_millis() as u64)
+            .arg(&start)
+            .arg("COUNT")
+            .arg(100)
+            .arg("JUSTID")
+            .query_async(redis)
+            .await?;
+        if !ids.is_empty() {
+            claimed += ids.len() as u64;
+            tracing::info!(
+                stream,
+                consumer,
+                count = ids.len(),
+                "fleet.claimed: entries of a consumer that stopped"
+            );
+        }
+        if next == "0-0" {
+            return Ok(claimed);
+        }
+        start = next;
+    }
+}
+
+/// The seq saved under `key` (a firehose's or a labeler's processed low-water mark).
+pub(crate) async fn read_seq(
+    redis: &mut ConnectionManager,
+    key: &str,
+) -> Result<Option<u64>, FleetError> {
+    let stored: Option<String> = redis::cmd("GET").arg(key).query_async(redis).await?;
+    stored
+        .map(|text| {
+            text.parse::<u64>()
+                .map_err(|_| FleetError::Config(format!("{key} does not hold a seq")))
+        })
+        .transpose()
+}
+
 /// Waits while `stream` holds `high_water` entries or more; returns how long it waited.
 pub(crate) async fn wait_below(
     redis: &mut ConnectionManager,

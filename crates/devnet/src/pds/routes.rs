@@ -997,22 +997,12 @@ async fn list_blobs(
     Ok(Json(out))
 }
 
-#[derive(Deserialize)]
-struct CursorParams {
-    cursor: Option<i64>,
-}
-
 async fn subscribe_repos(
     State(pds): State<Pds>,
-    Params(params): Params<CursorParams>,
+    Params(params): Params<crate::subscribe::CursorParams>,
     upgrade: WebSocketUpgrade,
 ) -> XrpcResult<Response> {
-    let cursor = match params.cursor {
-        Some(cursor) if cursor < 0 => {
-            return Err(XrpcError::invalid("cursor must not be negative"));
-        }
-        other => other.map(|cursor| cursor as u64),
-    };
+    let cursor = params.cursor()?;
     let inner = pds.inner.clone();
     Ok(upgrade.max_message_size(1 << 20).on_upgrade(move |socket| {
         crate::subscribe::serve(
