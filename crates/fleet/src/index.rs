@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 use crate::backfill::ensure_group;
 use crate::{ConnectionManager, FleetError, StreamEvent};
 
-/// The schema, created by the binary; every statement can run again.
+/// The schema, created by the binary. Append only: [`migrate`] runs each statement once,
+/// in order, and a database remembers how many it has had (each can still run again, so a
+/// database set up before the count was kept takes them all once more).
 ///
 /// Identifiers (uri, did, collection, rkey, rev, label keys) compare as bytes (`COLLATE
 /// "C"`): they are ASCII, and under a database's default collation — even `C.UTF-8` —
@@ -452,11 +454,18 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client, FleetError> {
     Ok(client)
 }
 
-/// Runs the migrations.
+/// Runs the migrations this database has not had yet.
+///
+/// Each statement of [`MIGRATIONS`] runs once, in order, and the count applied is kept in
+/// `fleet_schema` in the same transaction. An up-to-date schema is therefore checked without
+/// touching a table: an indexer that starts beside running ones must not take table locks
+/// (`CREATE INDEX IF NOT EXISTS` takes a share lock on its table before it looks, `ALTER
+/// TABLE` an exclusive one), which deadlocked with their batches.
 ///
 /// # Errors
 ///
-/// [`FleetError::Postgres`] when a statement fails.
+/// [`FleetError::Postgres`] when a statement fails; [`FleetError::Config`] when the database
+/// has more migrations than this binary knows (a newer binary set it up).
 pub async fn migrate(postgres: &mut tokio_postgres::Client) -> Result<(), FleetError> {
     // Indexers that start together would race on CREATE ... IF NOT EXISTS (PostgreSQL can
     // then fail one of them on its catalog's unique index): one at a time.
@@ -464,9 +473,34 @@ pub async fn migrate(postgres: &mut tokio_postgres::Client) -> Result<(), FleetE
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    for statement in MIGRATIONS {
+    transaction
+        .batch_execute("CREATE TABLE IF NOT EXISTS fleet_schema (applied integer NOT NULL)")
+        .await?;
+    let applied: i32 = transaction
+        .query_opt("SELECT max(applied) FROM fleet_schema", &[])
+        .await?
+        .and_then(|row| row.get::<_, Option<i32>>(0))
+        .unwrap_or(0);
+    let applied = usize::try_from(applied).unwrap_or(0);
+    let Some(pending) = MIGRATIONS.get(applied..) else {
+        return Err(FleetError::Config(format!(
+            "the database's schema has {applied} migrations, this binary knows {}: run a \
+             newer atpdb",
+            MIGRATIONS.len()
+        )));
+    };
+    if pending.is_empty() {
+        return Ok(transaction.commit().await?);
+    }
+    for statement in pending {
         transaction.batch_execute(statement).await?;
     }
+    let known = i32::try_from(MIGRATIONS.len())
+        .map_err(|_| FleetError::Config("too many migrations".to_owned()))?;
+    transaction.execute("DELETE FROM fleet_schema", &[]).await?;
+    transaction
+        .execute("INSERT INTO fleet_schema (applied) VALUES ($1)", &[&known])
+        .await?;
     transaction.commit().await?;
     Ok(())
 }

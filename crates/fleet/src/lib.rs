@@ -87,11 +87,13 @@ impl FleetError {
             }
             FleetError::Postgres(err) => {
                 // Class 08: connection exception; class 57: operator intervention
-                // (`pg_terminate_backend`, shutdown, "the database system is starting up").
+                // (`pg_terminate_backend`, shutdown, "the database system is starting up");
+                // class 40: the transaction was rolled back (deadlock, serialization), so
+                // the batch is whole again and runs anew.
                 err.is_closed()
                     || err.code().is_some_and(|state| {
                         let code = state.code();
-                        code.starts_with("08") || code.starts_with("57")
+                        code.starts_with("08") || code.starts_with("57") || code.starts_with("40")
                     })
                     || std::error::Error::source(err)
                         .is_some_and(|source| source.is::<std::io::Error>())

@@ -1066,3 +1066,42 @@ async fn labels_are_verified_and_the_index_holds_exactly_the_labels_that_apply()
     drop(postgres);
     services.clean().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indexer_starting_beside_running_ones_waits_on_none_of_their_batches() -> TestResult {
+    let Some(services) = services("migrate").await else {
+        return Ok(());
+    };
+    let mut running = pg_connect(&services.url).await?;
+    index::migrate(&mut running).await?;
+    // A running indexer's batch holds what a batch holds on every table it writes.
+    let batch = running.transaction().await?;
+    batch
+        .batch_execute(
+            "LOCK TABLE record, repo, post, \"like\", repost, follow, actor, feed_generator, \
+             label IN ROW EXCLUSIVE MODE",
+        )
+        .await?;
+    let mut starting = pg_connect(&services.url).await?;
+    // Not a speed check: without the schema count this waits until the batch ends, and
+    // with a batch that reads `repo` after it, PostgreSQL declared a deadlock.
+    let migrated =
+        tokio::time::timeout(Duration::from_secs(20), index::migrate(&mut starting)).await;
+    batch.rollback().await?;
+    assert!(
+        migrated.is_ok(),
+        "the starting indexer's migrations waited on a running batch"
+    );
+    migrated??;
+    // A database a newer binary set up is refused, not altered.
+    starting
+        .batch_execute("UPDATE fleet_schema SET applied = applied + 1")
+        .await?;
+    let err = index::migrate(&mut starting)
+        .await
+        .err()
+        .ok_or("a newer schema was accepted")?;
+    assert!(err.to_string().contains("run a newer atpdb"), "{err}");
+    drop((running, starting));
+    services.clean().await
+}

@@ -209,6 +209,10 @@ pub(super) async fn run(args: FleetArgs) -> anyhow::Result<ExitCode> {
             Instant::now() < deadline,
             "the indexers did not finish in 30 minutes"
         );
+        if indexing.is_finished() {
+            indexing.await??;
+            anyhow::bail!("the indexers stopped before PostgreSQL held every record");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
