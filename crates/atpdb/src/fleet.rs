@@ -133,8 +133,13 @@ pub(crate) struct IndexArgs {
     #[arg(long, env = "INDEXER_CONSUMER", default_value = "indexer_1")]
     consumer: String,
     /// Entries per transaction.
-    #[arg(long, env = "INDEXER_BATCH_SIZE", default_value_t = 500)]
+    #[arg(long, env = "INDEXER_BATCH_SIZE", default_value_t = 1000)]
     batch_size: usize,
+    /// Indexers in this process, each with its own PostgreSQL connection, named
+    /// `CONSUMER`, `CONSUMER.2`, …: one keeps a database core busy about half the time
+    /// (it waits while the indexer reads and parses the next batch).
+    #[arg(long, env = "INDEXER_CONCURRENCY", default_value_t = 2)]
+    concurrency: usize,
     /// Exit once nothing has been new for this many seconds (one-off runs).
     #[arg(long, env = "INDEXER_EXIT_WHEN_IDLE_SECS")]
     exit_when_idle_secs: Option<u64>,
@@ -532,16 +537,56 @@ async fn run_index(args: IndexArgs, shutdown: &CancellationToken) -> anyhow::Res
         claim_idle: Duration::from_secs(args.claim_idle_secs.max(1)),
         delete_acked: !args.keep_acked,
     };
-    tracing::info!(streams = ?config.streams, consumer = %config.consumer, "index.start");
+    tracing::info!(
+        streams = ?config.streams,
+        consumer = %config.consumer,
+        concurrency = args.concurrency.max(1),
+        "index.start"
+    );
     let url = args.database_url;
-    let done = supervise("index", shutdown, || {
-        let (redis, config, url) = (redis.clone(), config.clone(), url.clone());
-        async move {
-            let mut postgres = atpdb_fleet::index::connect(&url).await?;
-            index::run(redis, &mut postgres, &config, shutdown).await
+    // One failing for good stops the others: the process exits non-zero, never half-running.
+    let stop = shutdown.child_token();
+    let mut indexers = tokio::task::JoinSet::new();
+    for number in 1..=args.concurrency.max(1) {
+        let config = IndexConfig {
+            consumer: match number {
+                1 => config.consumer.clone(),
+                _ => format!("{}.{number}", config.consumer),
+            },
+            ..config.clone()
+        };
+        let (redis, url, stop) = (redis.clone(), url.clone(), stop.clone());
+        indexers.spawn(async move {
+            let done = supervise("index", &stop, || {
+                let (redis, config, url, stop) =
+                    (redis.clone(), config.clone(), url.clone(), stop.clone());
+                async move {
+                    let mut postgres = atpdb_fleet::index::connect(&url).await?;
+                    index::run(redis, &mut postgres, &config, &stop).await
+                }
+            })
+            .await;
+            if done.is_err() {
+                stop.cancel();
+            }
+            done
+        });
+    }
+    let mut done = atpdb_fleet::index::Indexed::default();
+    let mut failed = None;
+    while let Some(finished) = indexers.join_next().await {
+        match finished? {
+            Ok(one) => {
+                done.entries += one.entries;
+                done.records += one.records;
+                done.unreadable += one.unreadable;
+                done.claimed += one.claimed;
+            }
+            Err(err) => {
+                failed.get_or_insert(err);
+            }
         }
-    })
-    .await?;
+    }
     tracing::info!(
         entries = done.entries,
         records = done.records,
@@ -549,7 +594,10 @@ async fn run_index(args: IndexArgs, shutdown: &CancellationToken) -> anyhow::Res
         claimed = done.claimed,
         "index.stopped"
     );
-    Ok(ExitCode::SUCCESS)
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
 async fn run_status(args: StatusArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {

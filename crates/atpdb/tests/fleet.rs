@@ -163,7 +163,8 @@ async fn the_fleet_commands_enumerate_backfill_index_and_report() -> TestResult 
                 .args(["fleet", "index", "--exit-when-idle-secs", "1"])
                 .env("DATABASE_URL", format!("{base}/{database}"))
                 .env("INDEXER_STREAMS", &stream_out)
-                .env("INDEXER_GROUP", format!("{prefix}index"));
+                .env("INDEXER_GROUP", format!("{prefix}index"))
+                .env("INDEXER_CONCURRENCY", "2");
             common(&mut index);
             let output = tokio::task::spawn_blocking(move || index.output()).await??;
             assert!(
@@ -211,7 +212,15 @@ async fn the_fleet_commands_enumerate_backfill_index_and_report() -> TestResult 
                 (group["pending"].as_u64(), group["lag"].as_u64()),
                 (Some(0), Some(0))
             );
-            assert_eq!(group["consumers"][0]["consumer"], "indexer_1");
+            // Two indexers in the one process, each a consumer of the group.
+            let mut consumers: Vec<&str> = group["consumers"]
+                .as_array()
+                .ok_or("no consumers")?
+                .iter()
+                .filter_map(|consumer| consumer["consumer"].as_str())
+                .collect();
+            consumers.sort_unstable();
+            assert_eq!(consumers, ["indexer_1", "indexer_1.2"]);
             let record = found["tables"]
                 .as_array()
                 .and_then(|tables| tables.iter().find(|t| t["table"] == "record"))

@@ -498,11 +498,14 @@ async fn the_fleet_converges_to_the_devnet_through_kills_and_restarts() -> TestR
         0,
         "backfill-1's entries were taken over"
     );
-    assert_eq!(
-        indexer_pending(&mut redis, "index-1").await,
-        0,
-        "index-1's entries were taken over"
-    );
+    // index-1 ran two indexers (INDEXER_CONCURRENCY's default): both died with it.
+    for consumer in ["index-1", "index-1.2"] {
+        assert_eq!(
+            indexer_pending(&mut redis, consumer).await,
+            0,
+            "{consumer}'s entries were taken over"
+        );
+    }
     watching.abort();
     let most = most.lock().map(|most| most.clone()).unwrap_or_default();
     // A writer checks the mark before each write, so a stream can pass it by what the

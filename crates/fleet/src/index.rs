@@ -421,7 +421,7 @@ impl Default for IndexConfig {
             ],
             group: "firehose_group".to_owned(),
             consumer: "indexer_1".to_owned(),
-            batch_size: 500,
+            batch_size: 1000,
             exit_when_idle: None,
             claim_idle: Duration::from_secs(60),
             delete_acked: true,

@@ -38,7 +38,7 @@ pub(super) struct FleetArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     indexers: Vec<usize>,
     /// Entries per indexer transaction.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     batch_size: usize,
     /// Redis.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
