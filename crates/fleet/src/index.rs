@@ -533,8 +533,109 @@ struct RecordRow {
     collection: String,
     rkey: String,
     rev: String,
-    json: Option<serde_json::Value>,
+    json: Option<Jsonb>,
     deleted: bool,
+}
+
+/// A record's JSON text, sent as a `jsonb` parameter as it is: the indexer never builds the
+/// value tree (PostgreSQL parses the text once, as it must for `jsonb`).
+#[derive(Debug)]
+struct Jsonb(String);
+
+impl Jsonb {
+    /// From an event's raw record. Text that carries a `\u` escape goes through a value
+    /// tree instead: U+0000 must become U+FFFD (see [`without_nul`]), and a lone surrogate,
+    /// which PostgreSQL refuses, makes the entry unreadable rather than failing its batch.
+    /// serde_json writes `\u` only for control characters, so the events the fleet writes
+    /// almost never take that path.
+    fn from_raw(raw: &serde_json::value::RawValue) -> Option<Jsonb> {
+        let text = raw.get();
+        if !text.contains("\\u") {
+            return Some(Jsonb(text.to_owned()));
+        }
+        let value = serde_json::from_str::<serde_json::Value>(text).ok()?;
+        Some(Jsonb::from(value))
+    }
+}
+
+impl From<serde_json::Value> for Jsonb {
+    fn from(value: serde_json::Value) -> Jsonb {
+        Jsonb(without_nul(value).to_string())
+    }
+}
+
+impl tokio_postgres::types::ToSql for Jsonb {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        // jsonb's binary format: version 1, then the text.
+        out.extend_from_slice(&[1]);
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// A record event read without its value tree: the indexer's hot path. [`StreamEvent`]'s
+/// `type` tag makes serde buffer every field (the record's whole tree included) before it
+/// knows the variant, and a raw value cannot pass through that buffer; this view reads the
+/// same JSON in one pass and keeps the record as text. Anything else — other event types,
+/// or what this view cannot read — goes through [`StreamEvent`].
+#[derive(serde::Deserialize)]
+struct RecordView<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    did: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    rev: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    commit: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    collection: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    rkey: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    cid: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    record: Option<&'a serde_json::value::RawValue>,
+}
+
+/// What one record event contributes: its row, and its repo at its rev.
+fn record_row(text: &str) -> Option<(RecordRow, (String, String, String))> {
+    let view: RecordView<'_> = serde_json::from_str(text).ok()?;
+    let deleted = match view.kind.as_ref() {
+        "create" | "update" => false,
+        "delete" => true,
+        _ => return None,
+    };
+    let (json, cid) = if deleted {
+        (None, None)
+    } else {
+        (
+            Some(Jsonb::from_raw(view.record?)?),
+            Some(view.cid?.into_owned()),
+        )
+    };
+    let (did, rev) = (view.did.into_owned(), view.rev.into_owned());
+    let row = RecordRow {
+        uri: format!("at://{did}/{}/{}", view.collection, view.rkey),
+        cid,
+        did: did.clone(),
+        collection: view.collection.into_owned(),
+        rkey: view.rkey.into_owned(),
+        rev: rev.clone(),
+        json,
+        deleted,
+    };
+    Some((row, (did, rev, view.commit.into_owned())))
 }
 
 /// Indexes until `shutdown` (or idle, with `exit_when_idle`).
@@ -661,9 +762,13 @@ async fn index_batch(
     let mut accounts: Vec<(String, bool, Option<String>, i64)> = Vec::new();
     let mut labels = LabelRows::default();
     for entry in entries {
-        let event = entry
-            .get::<String>("event")
-            .and_then(|text| serde_json::from_str::<StreamEvent>(&text).ok());
+        let text = entry.get::<String>("event");
+        if let Some((row, repo)) = text.as_deref().and_then(record_row) {
+            records.push(row);
+            repos.push(repo);
+            continue;
+        }
+        let event = text.and_then(|text| serde_json::from_str::<StreamEvent>(&text).ok());
         match event {
             Some(
                 StreamEvent::Create {
@@ -695,7 +800,7 @@ async fn index_batch(
                     collection,
                     rkey,
                     rev,
-                    json: Some(without_nul(record)),
+                    json: Some(Jsonb::from(record)),
                     deleted: false,
                 });
             }
@@ -964,4 +1069,87 @@ async fn tombstone(
         .execute(tombstone_statement(), &[&did, &older_than])
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn create(record: serde_json::Value) -> StreamEvent {
+        StreamEvent::Create {
+            seq: -1,
+            time: "2026-01-01T00:00:00.000Z".to_owned(),
+            did: "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa".to_owned(),
+            commit: "bafycommit".to_owned(),
+            rev: "3kaaaaaaaaa22".to_owned(),
+            collection: "app.bsky.feed.post".to_owned(),
+            rkey: "3kbbbbbbbbb22".to_owned(),
+            cid: "bafyrecord".to_owned(),
+            record,
+        }
+    }
+
+    /// The hot path reads what [`StreamEvent`] reads: the same row, the record's JSON equal.
+    #[test]
+    fn the_record_view_reads_the_row_the_event_holds() -> TestResult {
+        let record = serde_json::json!({
+            "$type": "app.bsky.feed.post", "text": "héllo \"quoted\"", "langs": ["en"],
+            "embed": {"images": [{"alt": "", "image": {"ref": {"$link": "bafyblob"}}}]},
+        });
+        let text = serde_json::to_string(&create(record.clone()))?;
+        let (row, repo) = record_row(&text).ok_or("not read")?;
+        assert_eq!(
+            row.uri,
+            "at://did:plc:aaaaaaaaaaaaaaaaaaaaaaaa/app.bsky.feed.post/3kbbbbbbbbb22"
+        );
+        assert_eq!(
+            (row.cid.as_deref(), row.rev.as_str(), row.deleted),
+            (Some("bafyrecord"), "3kaaaaaaaaa22", false)
+        );
+        let json = row.json.ok_or("no json")?;
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&json.0)?, record);
+        assert_eq!(repo.2, "bafycommit");
+
+        let delete = StreamEvent::Delete {
+            seq: 7,
+            time: "2026-01-01T00:00:00.000Z".to_owned(),
+            did: "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa".to_owned(),
+            commit: "bafycommit".to_owned(),
+            rev: "3kaaaaaaaaa22".to_owned(),
+            collection: "app.bsky.feed.post".to_owned(),
+            rkey: "3kbbbbbbbbb22".to_owned(),
+        };
+        let (row, _) = record_row(&serde_json::to_string(&delete)?).ok_or("not read")?;
+        assert!(row.deleted && row.json.is_none() && row.cid.is_none());
+
+        // Not a record event: left to StreamEvent.
+        let identity = StreamEvent::Identity {
+            seq: 8,
+            time: "2026-01-01T00:00:00.000Z".to_owned(),
+            did: "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa".to_owned(),
+            handle: "a.test".to_owned(),
+        };
+        assert!(record_row(&serde_json::to_string(&identity)?).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn a_record_with_escapes_goes_through_the_value_tree() -> TestResult {
+        // U+0000, which PostgreSQL refuses, becomes U+FFFD, in values and in keys.
+        let text = serde_json::to_string(&create(serde_json::json!({"a\u{0}": "b\u{0}c"})))?;
+        let (row, _) = record_row(&text).ok_or("not read")?;
+        let json = row.json.ok_or("no json")?;
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&json.0)?,
+            serde_json::json!({"a\u{fffd}": "b\u{fffd}c"})
+        );
+        // A lone surrogate cannot be stored: the entry is unreadable, not its batch's end.
+        let text = text.replace("b\\u0000c", "\\ud800");
+        assert!(text.contains("\\ud800"));
+        assert!(record_row(&text).is_none());
+        assert!(serde_json::from_str::<StreamEvent>(&text).is_err());
+        Ok(())
+    }
 }
