@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
+use redis::streams::StreamReadOptions;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
@@ -721,27 +721,79 @@ pub async fn run(
     Ok(done)
 }
 
+/// A stream entry as the indexer needs it: its id and its `event` field.
+struct Entry {
+    id: String,
+    event: Option<String>,
+}
+
 async fn read(
     redis: &mut ConnectionManager,
     config: &IndexConfig,
     stream: &str,
     from: &str,
-) -> Result<Vec<StreamId>, FleetError> {
+) -> Result<Vec<Entry>, FleetError> {
     let options = StreamReadOptions::default()
         .group(&config.group, &config.consumer)
         .count(config.batch_size.max(1));
-    let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+    // The reply is taken apart by hand: redis-rs's `StreamReadReply` copies every field into
+    // a map of values per entry, a tenth of the indexer's time for what it then discards.
+    let reply: redis::Value = redis::cmd("XREADGROUP")
         .arg(&options)
         .arg("STREAMS")
         .arg(stream)
         .arg(from)
         .query_async(redis)
         .await?;
-    Ok(reply
-        .into_iter()
-        .flat_map(|reply| reply.keys)
-        .flat_map(|key| key.ids)
-        .collect())
+    let mut entries = Vec::new();
+    for (_, ids) in pairs(reply) {
+        for entry in items(ids) {
+            let mut parts = items(entry).into_iter();
+            let Some(id) = parts.next().and_then(text) else {
+                continue;
+            };
+            let mut event = None;
+            let mut fields = parts.next().map(items).unwrap_or_default().into_iter();
+            while let (Some(field), Some(value)) = (fields.next(), fields.next()) {
+                if text(field).as_deref() == Some("event") {
+                    event = text(value);
+                }
+            }
+            entries.push(Entry { id, event });
+        }
+    }
+    Ok(entries)
+}
+
+/// The items of an array reply (none for anything else: nil when nothing was read).
+fn items(value: redis::Value) -> Vec<redis::Value> {
+    match value {
+        redis::Value::Array(items) | redis::Value::Set(items) => items,
+        _ => Vec::new(),
+    }
+}
+
+/// `(key, value)` pairs of a RESP2 array of pairs or a RESP3 map.
+fn pairs(value: redis::Value) -> Vec<(redis::Value, redis::Value)> {
+    match value {
+        redis::Value::Map(pairs) => pairs,
+        other => items(other)
+            .into_iter()
+            .filter_map(|pair| {
+                let mut pair = items(pair).into_iter();
+                Some((pair.next()?, pair.next()?))
+            })
+            .collect(),
+    }
+}
+
+/// A string reply's text (an entry that is not UTF-8 is unreadable, not a failure).
+fn text(value: redis::Value) -> Option<String> {
+    match value {
+        redis::Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        redis::Value::SimpleString(text) => Some(text),
+        _ => None,
+    }
 }
 
 /// One batch: one transaction, then XACK.
@@ -751,7 +803,7 @@ async fn index_batch(
     merge: &tokio_postgres::Statement,
     config: &IndexConfig,
     stream: &str,
-    entries: &[StreamId],
+    entries: &[Entry],
     done: &mut Indexed,
 ) -> Result<(), FleetError> {
     let mut records = Vec::new();
@@ -762,13 +814,13 @@ async fn index_batch(
     let mut accounts: Vec<(String, bool, Option<String>, i64)> = Vec::new();
     let mut labels = LabelRows::default();
     for entry in entries {
-        let text = entry.get::<String>("event");
-        if let Some((row, repo)) = text.as_deref().and_then(record_row) {
+        let text = entry.event.as_deref();
+        if let Some((row, repo)) = text.and_then(record_row) {
             records.push(row);
             repos.push(repo);
             continue;
         }
-        let event = text.and_then(|text| serde_json::from_str::<StreamEvent>(&text).ok());
+        let event = text.and_then(|text| serde_json::from_str::<StreamEvent>(text).ok());
         match event {
             Some(
                 StreamEvent::Create {
