@@ -320,7 +320,7 @@ fn identity(common: &Common) -> anyhow::Result<(Http, Resolver)> {
 /// connection killed): every stage resumes from what it wrote (cursors, pending entries), so
 /// this is what a process supervisor would do, minus the restart. The failure is logged
 /// each time; any other error ends the process with it (non-zero), never a silent stall.
-async fn supervise<T, F, Fut>(
+pub(crate) async fn supervise<T, F, Fut>(
     stage: &str,
     shutdown: &CancellationToken,
     mut run: F,

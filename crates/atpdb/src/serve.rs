@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use atpdb_deliver::{Delivery, DeliveryConfig, Mode as DeliveryMode, WebhookConfig};
+use atpdb_fleet::sink::Sink;
 use atpdb_identity::{IdentityConfig, Resolver};
 use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
 use atpdb_store::Store;
@@ -111,6 +112,27 @@ pub(crate) struct ServeArgs {
     /// ... and none older than this many hours.
     #[arg(long, env = "ATPDB_RETAIN_HOURS", default_value_t = 24)]
     retain_hours: u64,
+    /// Also write every event to this Redis, as the fleet's stream (rsky's format), for
+    /// `atpdb fleet index` or rsky's indexers. The sink reads the outbox from its own
+    /// cursor (kept in Redis with the entries) and does not acknowledge events: events
+    /// /channel acknowledged before it read them are gone unless retained
+    /// (--retain-events).
+    #[arg(long = "redis", env = "ATPDB_REDIS_URL", value_name = "URL")]
+    redis_url: Option<String>,
+    /// The stream --redis writes.
+    #[arg(long, env = "ATPDB_REDIS_STREAM", default_value = "firehose_live")]
+    redis_stream: String,
+    /// --redis waits while its stream holds this many entries (its indexers are behind).
+    #[arg(long, env = "ATPDB_REDIS_HIGH_WATER_MARK", default_value_t = 100_000)]
+    redis_high_water_mark: u64,
+    /// Also write every event into the fleet indexer's PostgreSQL tables (`record`, the
+    /// typed tables, `repo`), the cursor kept in the same transactions (`sink_cursor`).
+    #[arg(long = "postgres", env = "ATPDB_POSTGRES_URL", value_name = "URL")]
+    postgres_url: Option<String>,
+    /// The name a sink's cursor is kept under, for several servers sharing a stream or a
+    /// database.
+    #[arg(long, env = "ATPDB_SINK_NAME", default_value = "atpdb")]
+    sink_name: String,
     /// Events one /channel socket may hold unacknowledged (0: no limit). Set 1 for
     /// `@atproto/tap` 0.3.x clients that must survive a server crash: they hang when their
     /// socket drops while they hold more than the event in hand.
@@ -361,6 +383,31 @@ pub(crate) async fn serve_with(
         tasks.spawn(beside_engine("event retention", trimmer));
     }
 
+    if let Some(url) = &args.redis_url {
+        let target = SinkTarget::Redis {
+            url: url.clone(),
+            stream: args.redis_stream.clone(),
+            high_water: args.redis_high_water_mark,
+        };
+        tasks.spawn(run_sink(
+            "redis sink",
+            target,
+            args.sink_name.clone(),
+            store.clone(),
+            engine.shutdown_token(),
+        ));
+    }
+    if let Some(url) = &args.postgres_url {
+        let target = SinkTarget::Postgres { url: url.clone() };
+        tasks.spawn(run_sink(
+            "postgres sink",
+            target,
+            args.sink_name.clone(),
+            store.clone(),
+            engine.shutdown_token(),
+        ));
+    }
+
     let bind =
         tap_env(args.bind.clone(), "TAP_BIND").unwrap_or_else(|| "127.0.0.1:2480".to_owned());
     // Tap's default is ":2480"; that form means every interface.
@@ -421,6 +468,55 @@ pub(crate) async fn serve_with(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Where a sink writes (opened again after a transient failure).
+enum SinkTarget {
+    Redis {
+        url: String,
+        stream: String,
+        high_water: u64,
+    },
+    Postgres {
+        url: String,
+    },
+}
+
+/// A sink beside the engine: restarted with backoff when Redis or PostgreSQL go away (it
+/// resumes from its cursor), reported like an engine task when it fails for good.
+async fn run_sink(
+    task: &'static str,
+    target: SinkTarget,
+    name: String,
+    store: Store,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> (&'static str, Result<(), atpdb_sync::SyncError>) {
+    let ended = crate::fleet::supervise(task, &shutdown, || {
+        let (target, name, store, shutdown) = (&target, &name, store.clone(), &shutdown);
+        async move {
+            let mut sink = match target {
+                SinkTarget::Redis {
+                    url,
+                    stream,
+                    high_water,
+                } => Sink::redis(
+                    atpdb_fleet::connect(url).await?,
+                    stream.clone(),
+                    *high_water,
+                ),
+                SinkTarget::Postgres { url } => Sink::postgres(url).await?,
+            };
+            atpdb_fleet::sink::run(&mut sink, name, store, shutdown).await
+        }
+    })
+    .await;
+    (
+        task,
+        ended.map(drop).map_err(|err| atpdb_sync::SyncError::Task {
+            task,
+            reason: err.to_string(),
+        }),
+    )
 }
 
 /// A task that runs beside the engine's, reported the way the engine's are, so that its

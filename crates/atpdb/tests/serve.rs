@@ -1835,3 +1835,182 @@ async fn remote_commands_drive_a_running_server() -> TestResult {
     assert!(String::from_utf8(output.stderr)?.contains("no answer from http://127.0.0.1:9"));
     Ok(())
 }
+
+/// PostgreSQL's records as `did → path → cid`, the live rows only.
+async fn postgres_records(
+    postgres: &atpdb_fleet::tokio_postgres::Client,
+) -> Result<Truth, Box<dyn std::error::Error>> {
+    let mut found = Truth::new();
+    for row in postgres
+        .query(
+            "SELECT did, collection || '/' || rkey, cid FROM record WHERE NOT deleted",
+            &[],
+        )
+        .await?
+    {
+        let did: Did = row.get::<_, String>(0).parse()?;
+        let cid: Cid = row.get::<_, String>(2).parse()?;
+        found.entry(did).or_default().insert(row.get(1), cid);
+    }
+    Ok(found)
+}
+
+/// `serve --redis --postgres`: every event reaches the fleet's stream and the indexer's
+/// tables exactly once, across SIGKILLs, and both end equal to the devnet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinks_carry_every_event_to_redis_and_postgres_exactly_once_across_kills() -> TestResult {
+    let skip = |service: &str, require: &str, err: String| -> TestResult {
+        let message = format!("the serve sinks test did not run: {service} ({err})");
+        assert!(
+            std::env::var(require).as_deref() != Ok("1"),
+            "{message} ({require}=1 requires it)"
+        );
+        println!("{message}");
+        Ok(())
+    };
+    let redis_url = std::env::var("ATPDB_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let mut redis = match tokio::time::timeout(
+        Duration::from_secs(5),
+        atpdb_fleet::connect(&redis_url),
+    )
+    .await
+    {
+        Ok(Ok(redis)) => redis,
+        failed => return skip("no Redis", "ATPDB_REQUIRE_REDIS", format!("{failed:?}")),
+    };
+    let base = std::env::var("ATPDB_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432".to_owned());
+    let admin = match atpdb_fleet::index::connect(&format!("{base}/postgres")).await {
+        Ok(admin) => admin,
+        Err(err) => return skip("no PostgreSQL", "ATPDB_REQUIRE_POSTGRES", err.to_string()),
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let database = format!("atpdb_test_sink_{}_{nanos}", std::process::id());
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await?;
+    let database_url = format!("{base}/{database}");
+    let stream = format!(
+        "atpdb-test:sink:{}:{nanos}:firehose_live",
+        std::process::id()
+    );
+
+    let mut devnet = Devnet::start(DevnetConfig {
+        pds_hosts: 2,
+        accounts: 8,
+        records: 15,
+        ..DevnetConfig::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let http = reqwest::Client::new();
+    let args = [
+        "--redis",
+        redis_url.as_str(),
+        "--redis-stream",
+        stream.as_str(),
+        "--postgres",
+        database_url.as_str(),
+    ];
+    devnet.start_traffic(20.0);
+    for round in 0..4 {
+        let server = Server::start(dir.path(), &devnet, &args)?;
+        if round == 0 {
+            let response = http
+                .post(format!("{}/repos/add", server.url))
+                .json(&json!({ "dids": dids(&devnet) }))
+                .send()
+                .await?;
+            assert_eq!(response.status(), 200);
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        server.kill()?;
+    }
+    devnet.stop_traffic();
+    let server = Server::start(dir.path(), &devnet, &args)?;
+    converge(&http, &server, &devnet, Duration::from_secs(90)).await?;
+    let mut truth = truth(&devnet)?;
+    truth.retain(|_, records| !records.is_empty());
+
+    // PostgreSQL follows the outbox: wait until it has caught up.
+    let postgres = atpdb_fleet::index::connect(&database_url).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut indexed = postgres_records(&postgres).await?;
+    while indexed != truth && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        indexed = postgres_records(&postgres).await?;
+    }
+    assert_eq!(indexed, truth, "PostgreSQL against the devnet");
+    server.kill()?;
+
+    // The stream, replayed in order, is the devnet too; no outbox event was written twice.
+    let entries: Vec<(String, Vec<(String, String)>)> = atpdb_fleet::redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await?;
+    let mut replayed = Truth::new();
+    let mut last_seq = 0;
+    for (_, fields) in &entries {
+        let text = &fields.first().ok_or("an empty entry")?.1;
+        let event: atpdb_fleet::StreamEvent = serde_json::from_str(text)?;
+        let (seq, did, path, cid) = match event {
+            atpdb_fleet::StreamEvent::Create {
+                seq,
+                did,
+                collection,
+                rkey,
+                cid,
+                ..
+            }
+            | atpdb_fleet::StreamEvent::Update {
+                seq,
+                did,
+                collection,
+                rkey,
+                cid,
+                ..
+            } => (seq, did, format!("{collection}/{rkey}"), Some(cid)),
+            atpdb_fleet::StreamEvent::Delete {
+                seq,
+                did,
+                collection,
+                rkey,
+                ..
+            } => (seq, did, format!("{collection}/{rkey}"), None),
+            _ => continue,
+        };
+        assert!(seq > last_seq, "seq {seq} after {last_seq}: written twice");
+        last_seq = seq;
+        let records = replayed.entry(did.parse()?).or_default();
+        match cid {
+            Some(cid) => records.insert(path, cid.parse()?),
+            None => records.remove(&path),
+        };
+    }
+    replayed.retain(|_, records| !records.is_empty());
+    assert_eq!(replayed, truth, "the Redis stream against the devnet");
+    let cursor: u64 = atpdb_fleet::redis::cmd("GET")
+        .arg(atpdb_fleet::sink::cursor_key(&stream, "atpdb"))
+        .query_async(&mut redis)
+        .await?;
+    assert!(
+        cursor >= u64::try_from(last_seq)?,
+        "the cursor is behind what was written"
+    );
+
+    let _: () = atpdb_fleet::redis::cmd("DEL")
+        .arg(&stream)
+        .arg(atpdb_fleet::sink::cursor_key(&stream, "atpdb"))
+        .query_async(&mut redis)
+        .await?;
+    drop(postgres);
+    admin
+        .batch_execute(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .await?;
+    Ok(())
+}

@@ -163,6 +163,8 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (src, uri, val)
     )",
     "CREATE INDEX IF NOT EXISTS label_uri ON label (uri) WHERE NOT neg",
+    // Where `serve --postgres` has written up to in its outbox, per named sink.
+    "CREATE TABLE IF NOT EXISTS sink_cursor (name text PRIMARY KEY, position bigint NOT NULL)",
 ];
 
 /// One projection from the staged records into a typed table: the newest staged row per
@@ -509,6 +511,27 @@ pub async fn migrate(postgres: &mut tokio_postgres::Client) -> Result<(), FleetE
     Ok(())
 }
 
+/// Readies a connection for [`Batch::apply`]: runs the migrations, creates the session's
+/// staging table and prepares [`merge_statement`] on it.
+///
+/// # Errors
+///
+/// [`migrate`]'s, and [`FleetError::Postgres`].
+pub(crate) async fn prepare(
+    postgres: &mut tokio_postgres::Client,
+) -> Result<tokio_postgres::Statement, FleetError> {
+    migrate(postgres).await?;
+    // The staging table lives as long as the session (its rows as long as a transaction),
+    // and the merge is planned once: per batch, both cost as much as a tenth of the rows.
+    postgres
+        .batch_execute(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS record_staging
+                 (LIKE record INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+        )
+        .await?;
+    Ok(postgres.prepare(merge_statement()).await?)
+}
+
 /// The advisory lock key the migrations hold ("atpdb" in ASCII).
 const MIGRATION_LOCK: i64 = 0x61_7470_6462;
 
@@ -650,16 +673,7 @@ pub async fn run(
     config: &IndexConfig,
     shutdown: &CancellationToken,
 ) -> Result<Indexed, FleetError> {
-    migrate(postgres).await?;
-    // The staging table lives as long as the session (its rows as long as a transaction),
-    // and the merge is planned once: per batch, both cost as much as a tenth of the rows.
-    postgres
-        .batch_execute(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS record_staging
-                 (LIKE record INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-        )
-        .await?;
-    let merge = postgres.prepare(merge_statement()).await?;
+    let merge = prepare(postgres).await?;
     for stream in &config.streams {
         ensure_group(&mut redis, stream, &config.group).await?;
     }
@@ -806,246 +820,25 @@ async fn index_batch(
     entries: &[Entry],
     done: &mut Indexed,
 ) -> Result<(), FleetError> {
-    let mut records = Vec::new();
-    // Every event moves its repo's row to its rev (the newest wins, as for records).
-    let mut repos: Vec<(String, String, String)> = Vec::new();
-    let mut identities: Vec<(String, String, i64)> = Vec::new();
-    let mut snapshots: Vec<(String, String)> = Vec::new();
-    let mut accounts: Vec<(String, bool, Option<String>, i64)> = Vec::new();
-    let mut labels = LabelRows::default();
+    let mut batch = Batch::default();
     for entry in entries {
         let text = entry.event.as_deref();
         if let Some((row, repo)) = text.and_then(record_row) {
-            records.push(row);
-            repos.push(repo);
+            batch.records.push(row);
+            batch.repos.push(repo);
             continue;
         }
-        let event = text.and_then(|text| serde_json::from_str::<StreamEvent>(text).ok());
-        match event {
-            Some(
-                StreamEvent::Create {
-                    did,
-                    rev,
-                    commit,
-                    collection,
-                    rkey,
-                    cid,
-                    record,
-                    ..
-                }
-                | StreamEvent::Update {
-                    did,
-                    rev,
-                    commit,
-                    collection,
-                    rkey,
-                    cid,
-                    record,
-                    ..
-                },
-            ) => {
-                repos.push((did.clone(), rev.clone(), commit));
-                records.push(RecordRow {
-                    uri: format!("at://{did}/{collection}/{rkey}"),
-                    cid: Some(cid),
-                    did,
-                    collection,
-                    rkey,
-                    rev,
-                    json: Some(Jsonb::from(record)),
-                    deleted: false,
-                });
-            }
-            Some(StreamEvent::Delete {
-                did,
-                rev,
-                commit,
-                collection,
-                rkey,
-                ..
-            }) => {
-                repos.push((did.clone(), rev.clone(), commit));
-                records.push(RecordRow {
-                    uri: format!("at://{did}/{collection}/{rkey}"),
-                    cid: None,
-                    did,
-                    collection,
-                    rkey,
-                    rev,
-                    json: None,
-                    deleted: true,
-                });
-            }
-            Some(StreamEvent::Repo {
-                did,
-                rev,
-                commit,
-                complete,
-                ..
-            }) => {
-                if complete {
-                    snapshots.push((did.clone(), rev.clone()));
-                }
-                repos.push((did, rev, commit));
-            }
-            Some(StreamEvent::Identity {
-                did, handle, seq, ..
-            }) => identities.push((did, handle, seq)),
-            Some(StreamEvent::Account {
-                did,
-                active,
-                status,
-                seq,
-                ..
-            }) => accounts.push((did, active, status, seq)),
-            Some(StreamEvent::Label {
-                seq,
-                src,
-                uri,
-                cid,
-                val,
-                neg,
-                cts,
-                exp,
-            }) => {
-                labels.src.push(src);
-                labels.uri.push(nul_free(uri));
-                labels.val.push(nul_free(val));
-                labels.cid.push(cid.map(nul_free));
-                labels.neg.push(neg);
-                labels.cts.push(cts);
-                labels.exp.push(exp);
-                labels.seq.push(seq);
-            }
+        match text.and_then(|text| serde_json::from_str::<StreamEvent>(text).ok()) {
+            Some(event) => batch.add(event),
             None => {
                 done.unreadable += 1;
                 tracing::warn!(stream, id = %entry.id, "index.unreadable entry skipped");
             }
         }
     }
+    let records = batch.records.len() as u64;
     let transaction = postgres.transaction().await?;
-    if !records.is_empty() {
-        let sink = transaction
-            .copy_in(
-                "COPY record_staging (uri, cid, did, collection, rkey, rev, json, deleted) \
-                 FROM STDIN BINARY",
-            )
-            .await?;
-        let writer = BinaryCopyInWriter::new(
-            sink,
-            &[
-                Type::TEXT,
-                Type::TEXT,
-                Type::TEXT,
-                Type::TEXT,
-                Type::TEXT,
-                Type::TEXT,
-                Type::JSONB,
-                Type::BOOL,
-            ],
-        );
-        let mut writer = std::pin::pin!(writer);
-        for row in &records {
-            writer
-                .as_mut()
-                .write(&[
-                    &row.uri,
-                    &row.cid,
-                    &row.did,
-                    &row.collection,
-                    &row.rkey,
-                    &row.rev,
-                    &row.json,
-                    &row.deleted,
-                ])
-                .await?;
-        }
-        writer.finish().await?;
-        transaction.execute(merge, &[]).await?;
-    }
-    if !repos.is_empty() {
-        let (dids, revs, commits): (Vec<_>, Vec<_>, Vec<_>) = repos.into_iter().fold(
-            (Vec::new(), Vec::new(), Vec::new()),
-            |(mut dids, mut revs, mut commits), (did, rev, commit)| {
-                dids.push(did);
-                revs.push(rev);
-                commits.push(commit);
-                (dids, revs, commits)
-            },
-        );
-        transaction
-            .execute(
-                "INSERT INTO repo (did, rev, commit)
-                 SELECT DISTINCT ON (did) did, rev, commit
-                 FROM unnest($1::text[], $2::text[], $3::text[]) AS t(did, rev, commit)
-                 ORDER BY did, rev COLLATE \"C\" DESC
-                 ON CONFLICT (did) DO UPDATE SET rev = EXCLUDED.rev, commit = EXCLUDED.commit,
-                     updated_at = now()
-                 WHERE repo.rev < EXCLUDED.rev",
-                &[&dids, &revs, &commits],
-            )
-            .await?;
-    }
-    // Identity and account changes apply in firehose order (seq), whichever indexer sees
-    // them first; a repo row they create has no rev yet ('').
-    for (did, handle, seq) in &identities {
-        transaction
-            .execute(
-                "INSERT INTO repo (did, rev, handle, identity_seq) VALUES ($1, '', $2, $3)
-                 ON CONFLICT (did) DO UPDATE SET handle = EXCLUDED.handle,
-                     identity_seq = EXCLUDED.identity_seq, updated_at = now()
-                 WHERE repo.identity_seq IS NULL OR repo.identity_seq < EXCLUDED.identity_seq",
-                &[did, handle, seq],
-            )
-            .await?;
-    }
-    for (did, active, status, seq) in &accounts {
-        let changed = transaction
-            .execute(
-                "INSERT INTO repo (did, rev, active, status, account_seq) VALUES ($1, '', $2, $3, $4)
-                 ON CONFLICT (did) DO UPDATE SET active = EXCLUDED.active,
-                     status = EXCLUDED.status, account_seq = EXCLUDED.account_seq,
-                     updated_at = now()
-                 WHERE repo.account_seq IS NULL OR repo.account_seq < EXCLUDED.account_seq",
-                &[did, active, status, seq],
-            )
-            .await?;
-        if changed > 0 && !active && status.as_deref() == Some("deleted") {
-            // A deleted account's records are gone: tombstones, as for a deleted record.
-            tombstone(&transaction, did, None).await?;
-        }
-    }
-    for (did, rev) in &snapshots {
-        sweep(&transaction, did, rev).await?;
-    }
-    if !labels.src.is_empty() {
-        // The newest per key in the batch, merged only over an older one: redelivery and
-        // a replay in any order end in the same row.
-        transaction
-            .execute(
-                "INSERT INTO label (src, uri, val, cid, neg, cts, exp, seq)
-                 SELECT DISTINCT ON (src, uri, val) src, uri, val, cid, neg, cts, exp, seq
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[],
-                             $6::text[], $7::text[], $8::int8[])
-                     AS t(src, uri, val, cid, neg, cts, exp, seq)
-                 ORDER BY src, uri, val, cts COLLATE \"C\" DESC, seq DESC
-                 ON CONFLICT (src, uri, val) DO UPDATE SET cid = EXCLUDED.cid,
-                     neg = EXCLUDED.neg, cts = EXCLUDED.cts, exp = EXCLUDED.exp,
-                     seq = EXCLUDED.seq, indexed_at = now()
-                 WHERE (label.cts, label.seq) < (EXCLUDED.cts, EXCLUDED.seq)",
-                &[
-                    &labels.src,
-                    &labels.uri,
-                    &labels.val,
-                    &labels.cid,
-                    &labels.neg,
-                    &labels.cts,
-                    &labels.exp,
-                    &labels.seq,
-                ],
-            )
-            .await?;
-    }
+    batch.apply(&transaction, merge).await?;
     transaction.commit().await?;
     let ids: Vec<&str> = entries.iter().map(|entry| entry.id.as_str()).collect();
     let mut pipe = redis::pipe();
@@ -1060,8 +853,252 @@ async fn index_batch(
     }
     let () = pipe.query_async(redis).await?;
     done.entries += entries.len() as u64;
-    done.records += records.len() as u64;
+    done.records += records;
     Ok(())
+}
+
+/// A batch's events as rows for each table, applied in one transaction by [`Batch::apply`].
+#[derive(Default)]
+pub(crate) struct Batch {
+    records: Vec<RecordRow>,
+    /// Every event moves its repo's row to its rev (the newest wins, as for records).
+    repos: Vec<(String, String, String)>,
+    identities: Vec<(String, String, i64)>,
+    snapshots: Vec<(String, String)>,
+    accounts: Vec<(String, bool, Option<String>, i64)>,
+    labels: LabelRows,
+}
+
+impl Batch {
+    pub(crate) fn add(&mut self, event: StreamEvent) {
+        match event {
+            StreamEvent::Create {
+                did,
+                rev,
+                commit,
+                collection,
+                rkey,
+                cid,
+                record,
+                ..
+            }
+            | StreamEvent::Update {
+                did,
+                rev,
+                commit,
+                collection,
+                rkey,
+                cid,
+                record,
+                ..
+            } => {
+                self.repos.push((did.clone(), rev.clone(), commit));
+                self.records.push(RecordRow {
+                    uri: format!("at://{did}/{collection}/{rkey}"),
+                    cid: Some(cid),
+                    did,
+                    collection,
+                    rkey,
+                    rev,
+                    json: Some(Jsonb::from(record)),
+                    deleted: false,
+                });
+            }
+            StreamEvent::Delete {
+                did,
+                rev,
+                commit,
+                collection,
+                rkey,
+                ..
+            } => {
+                self.repos.push((did.clone(), rev.clone(), commit));
+                self.records.push(RecordRow {
+                    uri: format!("at://{did}/{collection}/{rkey}"),
+                    cid: None,
+                    did,
+                    collection,
+                    rkey,
+                    rev,
+                    json: None,
+                    deleted: true,
+                });
+            }
+            StreamEvent::Repo {
+                did,
+                rev,
+                commit,
+                complete,
+                ..
+            } => {
+                if complete {
+                    self.snapshots.push((did.clone(), rev.clone()));
+                }
+                self.repos.push((did, rev, commit));
+            }
+            StreamEvent::Identity {
+                did, handle, seq, ..
+            } => self.identities.push((did, handle, seq)),
+            StreamEvent::Account {
+                did,
+                active,
+                status,
+                seq,
+                ..
+            } => self.accounts.push((did, active, status, seq)),
+            StreamEvent::Label {
+                seq,
+                src,
+                uri,
+                cid,
+                val,
+                neg,
+                cts,
+                exp,
+            } => {
+                self.labels.src.push(src);
+                self.labels.uri.push(nul_free(uri));
+                self.labels.val.push(nul_free(val));
+                self.labels.cid.push(cid.map(nul_free));
+                self.labels.neg.push(neg);
+                self.labels.cts.push(cts);
+                self.labels.exp.push(exp);
+                self.labels.seq.push(seq);
+            }
+        }
+    }
+
+    /// Writes the batch in `transaction` (which the caller commits); `merge` is
+    /// [`merge_statement`] prepared on its connection, after `record_staging` exists.
+    pub(crate) async fn apply(
+        self,
+        transaction: &tokio_postgres::Transaction<'_>,
+        merge: &tokio_postgres::Statement,
+    ) -> Result<(), FleetError> {
+        if !self.records.is_empty() {
+            let sink = transaction
+                .copy_in(
+                    "COPY record_staging (uri, cid, did, collection, rkey, rev, json, deleted) \
+                     FROM STDIN BINARY",
+                )
+                .await?;
+            let writer = BinaryCopyInWriter::new(
+                sink,
+                &[
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::JSONB,
+                    Type::BOOL,
+                ],
+            );
+            let mut writer = std::pin::pin!(writer);
+            for row in &self.records {
+                writer
+                    .as_mut()
+                    .write(&[
+                        &row.uri,
+                        &row.cid,
+                        &row.did,
+                        &row.collection,
+                        &row.rkey,
+                        &row.rev,
+                        &row.json,
+                        &row.deleted,
+                    ])
+                    .await?;
+            }
+            writer.finish().await?;
+            transaction.execute(merge, &[]).await?;
+        }
+        if !self.repos.is_empty() {
+            let (dids, revs, commits): (Vec<_>, Vec<_>, Vec<_>) = self.repos.into_iter().fold(
+                (Vec::new(), Vec::new(), Vec::new()),
+                |(mut dids, mut revs, mut commits), (did, rev, commit)| {
+                    dids.push(did);
+                    revs.push(rev);
+                    commits.push(commit);
+                    (dids, revs, commits)
+                },
+            );
+            transaction
+                .execute(
+                    "INSERT INTO repo (did, rev, commit)
+                     SELECT DISTINCT ON (did) did, rev, commit
+                     FROM unnest($1::text[], $2::text[], $3::text[]) AS t(did, rev, commit)
+                     ORDER BY did, rev COLLATE \"C\" DESC
+                     ON CONFLICT (did) DO UPDATE SET rev = EXCLUDED.rev, commit = EXCLUDED.commit,
+                         updated_at = now()
+                     WHERE repo.rev < EXCLUDED.rev",
+                    &[&dids, &revs, &commits],
+                )
+                .await?;
+        }
+        // Identity and account changes apply in firehose order (seq), whichever indexer sees
+        // them first; a repo row they create has no rev yet ('').
+        for (did, handle, seq) in &self.identities {
+            transaction
+                .execute(
+                    "INSERT INTO repo (did, rev, handle, identity_seq) VALUES ($1, '', $2, $3)
+                     ON CONFLICT (did) DO UPDATE SET handle = EXCLUDED.handle,
+                         identity_seq = EXCLUDED.identity_seq, updated_at = now()
+                     WHERE repo.identity_seq IS NULL OR repo.identity_seq < EXCLUDED.identity_seq",
+                    &[did, handle, seq],
+                )
+                .await?;
+        }
+        for (did, active, status, seq) in &self.accounts {
+            let changed = transaction
+                .execute(
+                    "INSERT INTO repo (did, rev, active, status, account_seq) VALUES ($1, '', $2, $3, $4)
+                     ON CONFLICT (did) DO UPDATE SET active = EXCLUDED.active,
+                         status = EXCLUDED.status, account_seq = EXCLUDED.account_seq,
+                         updated_at = now()
+                     WHERE repo.account_seq IS NULL OR repo.account_seq < EXCLUDED.account_seq",
+                    &[did, active, status, seq],
+                )
+                .await?;
+            if changed > 0 && !active && status.as_deref() == Some("deleted") {
+                // A deleted account's records are gone: tombstones, as for a deleted record.
+                tombstone(transaction, did, None).await?;
+            }
+        }
+        for (did, rev) in &self.snapshots {
+            sweep(transaction, did, rev).await?;
+        }
+        if !self.labels.src.is_empty() {
+            // The newest per key in the batch, merged only over an older one: redelivery and
+            // a replay in any order end in the same row.
+            transaction
+                .execute(
+                    "INSERT INTO label (src, uri, val, cid, neg, cts, exp, seq)
+                     SELECT DISTINCT ON (src, uri, val) src, uri, val, cid, neg, cts, exp, seq
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[],
+                                 $6::text[], $7::text[], $8::int8[])
+                         AS t(src, uri, val, cid, neg, cts, exp, seq)
+                     ORDER BY src, uri, val, cts COLLATE \"C\" DESC, seq DESC
+                     ON CONFLICT (src, uri, val) DO UPDATE SET cid = EXCLUDED.cid,
+                         neg = EXCLUDED.neg, cts = EXCLUDED.cts, exp = EXCLUDED.exp,
+                         seq = EXCLUDED.seq, indexed_at = now()
+                     WHERE (label.cts, label.seq) < (EXCLUDED.cts, EXCLUDED.seq)",
+                    &[
+                        &self.labels.src,
+                        &self.labels.uri,
+                        &self.labels.val,
+                        &self.labels.cid,
+                        &self.labels.neg,
+                        &self.labels.cts,
+                        &self.labels.exp,
+                        &self.labels.seq,
+                    ],
+                )
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 /// The record with every U+0000 in its strings and keys replaced by U+FFFD: the data model

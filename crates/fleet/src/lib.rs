@@ -33,6 +33,7 @@ pub mod enumerate;
 pub mod index;
 pub mod ingest;
 pub mod labels;
+pub mod sink;
 pub mod status;
 
 use std::time::Duration;
@@ -57,6 +58,9 @@ pub enum FleetError {
     /// A setting is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// The engine's outbox could not be read (a sink).
+    #[error("outbox: {0}")]
+    Outbox(String),
     /// A relay's listing cannot go on.
     #[error("listing {relay}: {reason}")]
     Listing {
@@ -98,7 +102,7 @@ impl FleetError {
                     || std::error::Error::source(err)
                         .is_some_and(|source| source.is::<std::io::Error>())
             }
-            FleetError::Config(_) | FleetError::Listing { .. } => false,
+            FleetError::Config(_) | FleetError::Listing { .. } | FleetError::Outbox(_) => false,
         }
     }
 }
