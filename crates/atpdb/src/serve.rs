@@ -116,7 +116,9 @@ pub(crate) struct ServeArgs {
     /// `atpdb fleet index` or rsky's indexers. The sink reads the outbox from its own
     /// cursor (kept in Redis with the entries) and does not acknowledge events: events
     /// /channel acknowledged before it read them are gone unless retained
-    /// (--retain-events).
+    /// (--retain-events), and with no /channel consumer the outbox fills to
+    /// --outbox-limit and the engine pauses (set --outbox-limit 0; the outbox then grows
+    /// on disk).
     #[arg(long = "redis", env = "ATPDB_REDIS_URL", value_name = "URL")]
     redis_url: Option<String>,
     /// The stream --redis writes.
