@@ -116,9 +116,8 @@ pub(crate) struct ServeArgs {
     /// `atpdb fleet index` or rsky's indexers. The sink reads the outbox from its own
     /// cursor (kept in Redis with the entries) and does not acknowledge events: events
     /// /channel acknowledged before it read them are gone unless retained
-    /// (--retain-events), and with no /channel consumer the outbox fills to
-    /// --outbox-limit and the engine pauses (set --outbox-limit 0; the outbox then grows
-    /// on disk).
+    /// (--retain-events); with no /channel consumer, let the sinks acknowledge the
+    /// outbox (--sink-acks), or it fills to --outbox-limit and the engine pauses.
     #[arg(long = "redis", env = "ATPDB_REDIS_URL", value_name = "URL")]
     redis_url: Option<String>,
     /// The stream --redis writes.
@@ -135,6 +134,12 @@ pub(crate) struct ServeArgs {
     /// database.
     #[arg(long, env = "ATPDB_SINK_NAME", default_value = "atpdb")]
     sink_name: String,
+    /// The sinks are the outbox's consumers: an event is acknowledged (and leaves the
+    /// outbox, so --outbox-limit never pauses the engine for want of a /channel consumer)
+    /// once every sink has written it. Not for use beside /channel consumers, which would
+    /// then miss what the sinks acknowledged.
+    #[arg(long, env = "ATPDB_SINK_ACKS")]
+    sink_acks: bool,
     /// Events one /channel socket may hold unacknowledged (0: no limit). Set 1 for
     /// `@atproto/tap` 0.3.x clients that must survive a server crash: they hang when their
     /// socket drops while they hold more than the event in hand.
@@ -385,27 +390,40 @@ pub(crate) async fn serve_with(
         tasks.spawn(beside_engine("event retention", trimmer));
     }
 
+    let mut sinks = Vec::new();
     if let Some(url) = &args.redis_url {
         let target = SinkTarget::Redis {
             url: url.clone(),
             stream: args.redis_stream.clone(),
             high_water: args.redis_high_water_mark,
         };
+        sinks.push(("redis sink", target));
+    }
+    if let Some(url) = &args.postgres_url {
+        sinks.push(("postgres sink", SinkTarget::Postgres { url: url.clone() }));
+    }
+    if args.sink_acks && sinks.is_empty() {
+        anyhow::bail!("--sink-acks needs a sink (--redis or --postgres)");
+    }
+    // Where each sink has written up to; with --sink-acks, the outbox is acknowledged up to
+    // the lowest.
+    let (written, progress) = tokio::sync::watch::channel(vec![0u64; sinks.len()]);
+    let written = std::sync::Arc::new(written);
+    for (slot, (task, target)) in sinks.into_iter().enumerate() {
         tasks.spawn(run_sink(
-            "redis sink",
+            task,
             target,
             args.sink_name.clone(),
             store.clone(),
             engine.shutdown_token(),
+            (slot, written.clone()),
         ));
     }
-    if let Some(url) = &args.postgres_url {
-        let target = SinkTarget::Postgres { url: url.clone() };
-        tasks.spawn(run_sink(
-            "postgres sink",
-            target,
-            args.sink_name.clone(),
+    if args.sink_acks {
+        tasks.spawn(acknowledge_written(
             store.clone(),
+            delivery.clone(),
+            progress,
             engine.shutdown_token(),
         ));
     }
@@ -492,9 +510,18 @@ async fn run_sink(
     name: String,
     store: Store,
     shutdown: tokio_util::sync::CancellationToken,
+    (slot, written): (usize, std::sync::Arc<tokio::sync::watch::Sender<Vec<u64>>>),
 ) -> (&'static str, Result<(), atpdb_sync::SyncError>) {
+    let report = move |through: u64| {
+        written.send_modify(|positions| {
+            if let Some(position) = positions.get_mut(slot) {
+                *position = through;
+            }
+        });
+    };
     let ended = crate::fleet::supervise(task, &shutdown, || {
-        let (target, name, store, shutdown) = (&target, &name, store.clone(), &shutdown);
+        let (target, name, store, shutdown, report) =
+            (&target, &name, store.clone(), &shutdown, &report);
         async move {
             let mut sink = match target {
                 SinkTarget::Redis {
@@ -508,7 +535,7 @@ async fn run_sink(
                 ),
                 SinkTarget::Postgres { url } => Sink::postgres(url).await?,
             };
-            atpdb_fleet::sink::run(&mut sink, name, store, shutdown).await
+            atpdb_fleet::sink::run(&mut sink, name, store, shutdown, report).await
         }
     })
     .await;
@@ -519,6 +546,62 @@ async fn run_sink(
             reason: err.to_string(),
         }),
     )
+}
+
+/// `--sink-acks`: acknowledges every outbox event each sink has written, so the sinks
+/// consume the outbox as /channel consumers would.
+async fn acknowledge_written(
+    store: Store,
+    delivery: Delivery,
+    mut progress: tokio::sync::watch::Receiver<Vec<u64>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> (&'static str, Result<(), atpdb_sync::SyncError>) {
+    const TASK: &str = "sink acknowledgements";
+    let mut acked = 0u64;
+    loop {
+        let written = progress
+            .borrow_and_update()
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(0);
+        while acked < written {
+            let reader = store.clone();
+            let page =
+                match tokio::task::spawn_blocking(move || reader.events_after(acked, 1024)).await {
+                    Ok(Ok(page)) => page,
+                    Ok(Err(err)) => {
+                        let reason = err.to_string();
+                        return (
+                            TASK,
+                            Err(atpdb_sync::SyncError::Task { task: TASK, reason }),
+                        );
+                    }
+                    Err(err) => {
+                        let reason = err.to_string();
+                        return (
+                            TASK,
+                            Err(atpdb_sync::SyncError::Task { task: TASK, reason }),
+                        );
+                    }
+                };
+            let before = acked;
+            for (id, _) in page.iter().take_while(|(id, _)| *id <= written) {
+                delivery.ack(*id);
+                acked = *id;
+            }
+            if acked == before {
+                // Nothing left in the outbox up to `written`.
+                acked = written;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return (TASK, Ok(())),
+            changed = progress.changed() => if changed.is_err() {
+                return (TASK, Ok(()));
+            },
+        }
+    }
 }
 
 /// A task that runs beside the engine's, reported the way the engine's are, so that its

@@ -205,7 +205,9 @@ pub fn cursor_key(stream: &str, name: &str) -> String {
 
 /// Writes every outbox event after the sink's cursor, then each new one, until `shutdown`;
 /// returns how many outbox events it wrote. `name` tells sinks sharing a stream or a
-/// database apart.
+/// database apart. `written` hears each position the sink has durably reached (its cursor
+/// at the start, then after each write): a server whose consumers are its sinks
+/// acknowledges the outbox from it.
 ///
 /// # Errors
 ///
@@ -216,8 +218,10 @@ pub async fn run(
     name: &str,
     store: Store,
     shutdown: &CancellationToken,
+    written: &(dyn Fn(u64) + Sync),
 ) -> Result<u64, FleetError> {
     let after = sink.cursor(name).await?;
+    written(after);
     let mut tail = Tail::new(store, after);
     let oldest = tail.oldest().await.map_err(outbox)?;
     if let Some(oldest) = oldest
@@ -232,10 +236,10 @@ pub async fn run(
              run serve with --retain-events"
         );
     }
-    let mut written = 0;
+    let mut count = 0;
     loop {
         let page = tokio::select! {
-            () = shutdown.cancelled() => return Ok(written),
+            () = shutdown.cancelled() => return Ok(count),
             page = tail.next() => page.map_err(outbox)?,
         };
         let Some(&(through, _)) = page.last() else {
@@ -246,7 +250,8 @@ pub async fn run(
             .flat_map(|(id, event)| stream_events(*id, event))
             .collect();
         sink.write(name, events, through, shutdown).await?;
-        written += page.len() as u64;
+        written(through);
+        count += page.len() as u64;
     }
 }
 
