@@ -1891,6 +1891,23 @@ async fn postgres_records(
     Ok(found)
 }
 
+/// Waits until PostgreSQL's live records equal `truth` (a sink follows the outbox), then
+/// asserts they do.
+async fn caught_up(
+    postgres: &atpdb_fleet::tokio_postgres::Client,
+    truth: &Truth,
+    timeout: Duration,
+) -> TestResult {
+    let deadline = Instant::now() + timeout;
+    let mut indexed = postgres_records(postgres).await?;
+    while &indexed != truth && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        indexed = postgres_records(postgres).await?;
+    }
+    assert_eq!(&indexed, truth, "PostgreSQL against the devnet");
+    Ok(())
+}
+
 /// `serve --redis --postgres`: every event reaches the fleet's stream and the indexer's
 /// tables exactly once, across SIGKILLs, and both end equal to the devnet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1970,13 +1987,7 @@ async fn sinks_carry_every_event_to_redis_and_postgres_exactly_once_across_kills
 
     // PostgreSQL follows the outbox: wait until it has caught up.
     let postgres = atpdb_fleet::index::connect(&database_url).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut indexed = postgres_records(&postgres).await?;
-    while indexed != truth && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        indexed = postgres_records(&postgres).await?;
-    }
-    assert_eq!(indexed, truth, "PostgreSQL against the devnet");
+    caught_up(&postgres, &truth, Duration::from_secs(60)).await?;
     server.kill()?;
 
     // The stream, replayed in order, is the devnet too; no outbox event was written twice.
@@ -2085,13 +2096,7 @@ async fn sinks_that_acknowledge_keep_a_server_without_consumers_going() -> TestR
     let mut truth = truth(&devnet)?;
     truth.retain(|_, records| !records.is_empty());
     let postgres = atpdb_fleet::index::connect(&url).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut indexed = postgres_records(&postgres).await?;
-    while indexed != truth && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        indexed = postgres_records(&postgres).await?;
-    }
-    assert_eq!(indexed, truth, "PostgreSQL against the devnet");
+    caught_up(&postgres, &truth, Duration::from_secs(30)).await?;
     drop((postgres, server));
     admin
         .batch_execute(&format!("DROP DATABASE {database} WITH (FORCE)"))

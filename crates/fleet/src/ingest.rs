@@ -33,7 +33,9 @@ use futures_util::stream::FuturesOrdered;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ConnectionManager, FleetError, RepoJob, StreamEvent, read_seq, wait_below};
+use crate::{
+    ConnectionManager, FleetError, RecordHead, RepoJob, StreamEvent, Written, read_seq, wait_below,
+};
 
 /// What [`run`] does.
 #[derive(Debug, Clone)]
@@ -316,17 +318,17 @@ fn commit_events(
             None
         };
         let (collection, rkey) = (collection.to_owned(), rkey.to_owned());
-        let (did, rev, commit, time) = (did.clone(), rev.clone(), commit.clone(), time.clone());
-        events.push(match (op.action, record) {
-            (Action::Delete, _) => StreamEvent::Delete {
-                seq,
-                time,
-                did,
-                commit,
-                rev,
-                collection,
-                rkey,
-            },
+        let head = RecordHead {
+            seq,
+            time: time.clone(),
+            did: did.clone(),
+            commit: commit.clone(),
+            rev: rev.clone(),
+            collection,
+            rkey,
+        };
+        let written = match (op.action, record) {
+            (Action::Delete, _) => Written::Deleted,
             (action, Some(record)) => {
                 let json = cbor_to_json(record.bytes()).map_err(|err| RepoError::Operation {
                     path: op.path.clone(),
@@ -334,29 +336,9 @@ fn commit_events(
                 })?;
                 let cid = record.cid().to_string();
                 if action == Action::Create {
-                    StreamEvent::Create {
-                        seq,
-                        time,
-                        did,
-                        commit,
-                        rev,
-                        collection,
-                        rkey,
-                        cid,
-                        record: json,
-                    }
+                    Written::Created { cid, record: json }
                 } else {
-                    StreamEvent::Update {
-                        seq,
-                        time,
-                        did,
-                        commit,
-                        rev,
-                        collection,
-                        rkey,
-                        cid,
-                        record: json,
-                    }
+                    Written::Updated { cid, record: json }
                 }
             }
             (_, None) => {
@@ -365,7 +347,8 @@ fn commit_events(
                     reason: "the record is not in the commit's blocks".to_owned(),
                 });
             }
-        });
+        };
+        events.push(head.event(written));
     }
     Ok(events)
 }

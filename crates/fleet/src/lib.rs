@@ -337,6 +337,78 @@ pub(crate) async fn read_seq(
         .transpose()
 }
 
+/// The fields every record event carries, for [`RecordHead::event`].
+pub(crate) struct RecordHead {
+    pub(crate) seq: i64,
+    pub(crate) time: String,
+    pub(crate) did: String,
+    pub(crate) commit: String,
+    pub(crate) rev: String,
+    pub(crate) collection: String,
+    pub(crate) rkey: String,
+}
+
+/// What a record change left: the record (created or updated), or nothing (deleted).
+pub(crate) enum Written {
+    Created {
+        cid: String,
+        record: serde_json::Value,
+    },
+    Updated {
+        cid: String,
+        record: serde_json::Value,
+    },
+    Deleted,
+}
+
+impl RecordHead {
+    /// The stream event of one record change (the firehose ingester's and serve's sinks').
+    pub(crate) fn event(self, written: Written) -> StreamEvent {
+        let RecordHead {
+            seq,
+            time,
+            did,
+            commit,
+            rev,
+            collection,
+            rkey,
+        } = self;
+        match written {
+            Written::Created { cid, record } => StreamEvent::Create {
+                seq,
+                time,
+                did,
+                commit,
+                rev,
+                collection,
+                rkey,
+                cid,
+                record,
+            },
+            Written::Updated { cid, record } => StreamEvent::Update {
+                seq,
+                time,
+                did,
+                commit,
+                rev,
+                collection,
+                rkey,
+                cid,
+                record,
+            },
+            Written::Deleted => StreamEvent::Delete {
+                seq,
+                time,
+                did,
+                commit,
+                rev,
+                collection,
+                rkey,
+            },
+        }
+    }
+}
+
 /// Waits while `stream` holds `high_water` entries or more; returns how long it waited.
 pub(crate) async fn wait_below(
     redis: &mut ConnectionManager,

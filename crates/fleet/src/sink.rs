@@ -18,7 +18,7 @@ use atpdb_store::{Action, Event, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::index::{self, Batch};
-use crate::{ConnectionManager, FleetError, StreamEvent};
+use crate::{ConnectionManager, FleetError, RecordHead, StreamEvent, Written};
 
 /// The fleet's events for one outbox event (`id` becomes `seq`): a record change, or an
 /// identity change as `identity` plus `account`; repo sync states have no counterpart.
@@ -27,44 +27,22 @@ pub fn stream_events(id: u64, event: &Event) -> Vec<StreamEvent> {
     let time = atpdb_repo::syntax::Datetime::from_unix_micros(event.time_us()).to_string();
     match event {
         Event::Record(change) => {
-            let (did, rev) = (change.did.to_string(), change.rev.clone());
-            let (collection, rkey) = (change.collection.clone(), change.rkey.clone());
-            let commit = String::new();
+            let head = RecordHead {
+                seq,
+                time,
+                did: change.did.to_string(),
+                commit: String::new(),
+                rev: change.rev.clone(),
+                collection: change.collection.clone(),
+                rkey: change.rkey.clone(),
+            };
             let cid = change.cid.as_ref().map(ToString::to_string);
-            let record = change.record_json();
-            vec![match (change.action, cid, record) {
-                (Action::Delete, _, _) | (_, None, _) | (_, _, None) => StreamEvent::Delete {
-                    seq,
-                    time,
-                    did,
-                    commit,
-                    rev,
-                    collection,
-                    rkey,
-                },
-                (Action::Create, Some(cid), Some(record)) => StreamEvent::Create {
-                    seq,
-                    time,
-                    did,
-                    commit,
-                    rev,
-                    collection,
-                    rkey,
-                    cid,
-                    record,
-                },
-                (Action::Update, Some(cid), Some(record)) => StreamEvent::Update {
-                    seq,
-                    time,
-                    did,
-                    commit,
-                    rev,
-                    collection,
-                    rkey,
-                    cid,
-                    record,
-                },
-            }]
+            let written = match (change.action, cid, change.record_json()) {
+                (Action::Create, Some(cid), Some(record)) => Written::Created { cid, record },
+                (Action::Update, Some(cid), Some(record)) => Written::Updated { cid, record },
+                _ => Written::Deleted,
+            };
+            vec![head.event(written)]
         }
         Event::Identity(identity) => vec![
             StreamEvent::Identity {
