@@ -30,16 +30,10 @@ const BLOCK_CACHE_BYTES: u64 = 32 << 20;
 /// Names of the counters kept in the `meta` keyspace.
 pub(crate) mod meta {
     pub(crate) const FORMAT: &[u8] = b"format";
-    pub(crate) const RECORDS: &[u8] = b"records";
-    pub(crate) const REPOS: &[u8] = b"repos";
-    pub(crate) const LAST_EVENT_ID: &[u8] = b"last_event_id";
-    pub(crate) const OUTBOX_LEN: &[u8] = b"outbox_len";
-    pub(crate) const BUFFER_LEN: &[u8] = b"buffer_len";
-    pub(crate) const BUFFER_SEQ: &[u8] = b"buffer_seq";
-    pub(crate) const LAST_RUN_ID: &[u8] = b"last_run_id";
-    /// Per-state repo counts: `state/<code>`.
-    pub(crate) const STATE: [&[u8]; 5] =
-        [b"state/0", b"state/1", b"state/2", b"state/3", b"state/4"];
+    /// Every counter in one value ([`super::Counters::encode`]): a commit rewrites one key,
+    /// not the three to five a record's commit changes. The per-counter keys below are how
+    /// earlier stores kept them; they are read once when this key is absent.
+    pub(crate) const COUNTERS: &[u8] = b"counters";
 }
 
 /// The embedded store of one atpdb data directory. Cloning is cheap (an `Arc`).
@@ -104,36 +98,87 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    /// `(meta key, value)` of every counter.
-    pub(crate) fn entries(&self) -> [(&'static [u8], u64); 12] {
+    /// Number of counters in [`meta::COUNTERS`]'s value.
+    const LEN: usize = 12;
+
+    fn values(&self) -> [u64; Counters::LEN] {
         let [s0, s1, s2, s3, s4] = self.by_state;
         [
-            (meta::RECORDS, self.records),
-            (meta::REPOS, self.repos),
-            (meta::LAST_EVENT_ID, self.last_event_id),
-            (meta::OUTBOX_LEN, self.outbox_len),
-            (meta::BUFFER_LEN, self.buffer_len),
-            (meta::BUFFER_SEQ, self.buffer_seq),
-            (meta::LAST_RUN_ID, self.last_run_id),
-            (meta::STATE[0], s0),
-            (meta::STATE[1], s1),
-            (meta::STATE[2], s2),
-            (meta::STATE[3], s3),
-            (meta::STATE[4], s4),
+            self.records,
+            self.repos,
+            self.last_event_id,
+            self.outbox_len,
+            self.buffer_len,
+            self.buffer_seq,
+            self.last_run_id,
+            s0,
+            s1,
+            s2,
+            s3,
+            s4,
         ]
     }
 
-    /// Adds the counters that differ from `before` to `batch`.
+    fn from_values(values: [u64; Counters::LEN]) -> Counters {
+        let [
+            records,
+            repos,
+            last_event_id,
+            outbox_len,
+            buffer_len,
+            buffer_seq,
+            last_run_id,
+            s0,
+            s1,
+            s2,
+            s3,
+            s4,
+        ] = values;
+        Counters {
+            records,
+            repos,
+            by_state: [s0, s1, s2, s3, s4],
+            last_event_id,
+            outbox_len,
+            buffer_len,
+            buffer_seq,
+            last_run_id,
+        }
+    }
+
+    /// The counters as [`meta::COUNTERS`] holds them: each a big-endian `u64`, in
+    /// [`Counters::values`] order.
+    fn encode(&self) -> Vec<u8> {
+        self.values()
+            .iter()
+            .flat_map(|value| value.to_be_bytes())
+            .collect()
+    }
+
+    fn decode(value: &[u8]) -> Result<Counters> {
+        let mut values = [0u64; Counters::LEN];
+        if value.len() != Counters::LEN * 8 {
+            return Err(StoreError::corrupt(
+                "counters",
+                meta::COUNTERS,
+                format!("{} bytes, expected {}", value.len(), Counters::LEN * 8),
+            ));
+        }
+        for (slot, chunk) in values.iter_mut().zip(value.chunks_exact(8)) {
+            *slot = codec::decode_u64("counter", meta::COUNTERS, chunk)?;
+        }
+        Ok(Counters::from_values(values))
+    }
+
+    /// Adds the counters to `batch` if any differs from `before`.
     pub(crate) fn write_changed(
         &self,
         before: &Counters,
         meta: &Keyspace,
         batch: &mut fjall::OwnedWriteBatch,
     ) {
-        for ((key, value), (_, old)) in self.entries().into_iter().zip(before.entries()) {
-            if value != old {
-                batch.insert(meta, key, value.to_be_bytes());
-            }
+        if self != before {
+            batch.insert(meta, meta::COUNTERS, self.encode());
         }
     }
 }
@@ -983,25 +1028,10 @@ impl Store {
 
 /// The counters as the last commit before shutdown left them.
 fn load_counters(ks: &Keyspaces) -> Result<Counters> {
-    let read = |key: &[u8]| -> Result<u64> {
-        match ks.meta.get(key)? {
-            Some(value) => codec::decode_u64("counter", key, &value),
-            None => Ok(0),
-        }
+    let mut counters = match ks.meta.get(meta::COUNTERS)? {
+        Some(value) => Counters::decode(&value)?,
+        None => load_legacy_counters(ks)?,
     };
-    let mut counters = Counters {
-        records: read(meta::RECORDS)?,
-        repos: read(meta::REPOS)?,
-        by_state: [0; 5],
-        last_event_id: read(meta::LAST_EVENT_ID)?,
-        outbox_len: read(meta::OUTBOX_LEN)?,
-        buffer_len: read(meta::BUFFER_LEN)?,
-        buffer_seq: read(meta::BUFFER_SEQ)?,
-        last_run_id: read(meta::LAST_RUN_ID)?,
-    };
-    for (count, key) in counters.by_state.iter_mut().zip(meta::STATE) {
-        *count = read(key)?;
-    }
     // The id counter and the outbox are written by the same batches, so they agree; taking
     // the larger still keeps ids from repeating should they not.
     if let Some(guard) = ks.outbox.last_key_value() {
@@ -1015,6 +1045,32 @@ fn load_counters(ks: &Keyspaces) -> Result<Counters> {
         counters.last_run_id = counters.last_run_id.max(last);
     }
     Ok(counters)
+}
+
+/// The counters of a store written before [`meta::COUNTERS`], one key each (absent: 0).
+/// The next commit writes them under the one key, which is read from then on.
+fn load_legacy_counters(ks: &Keyspaces) -> Result<Counters> {
+    const KEYS: [&[u8]; Counters::LEN] = [
+        b"records",
+        b"repos",
+        b"last_event_id",
+        b"outbox_len",
+        b"buffer_len",
+        b"buffer_seq",
+        b"last_run_id",
+        b"state/0",
+        b"state/1",
+        b"state/2",
+        b"state/3",
+        b"state/4",
+    ];
+    let mut values = [0u64; Counters::LEN];
+    for (slot, key) in values.iter_mut().zip(KEYS) {
+        if let Some(value) = ks.meta.get(key)? {
+            *slot = codec::decode_u64("counter", key, &value)?;
+        }
+    }
+    Ok(Counters::from_values(values))
 }
 
 /// A [`Record`] from its stored value, its bytes checked against its CID.

@@ -261,3 +261,79 @@ fn known_existence_counts_without_reading_and_deletes_always() -> TestResult {
     check_counters(&store, &[a])?;
     Ok(())
 }
+
+/// A store written when each counter had its own `meta` key opens with those counts, and
+/// its next commit carries on from them (ids keep growing, counts stay exact).
+#[test]
+fn counters_of_a_store_with_one_key_per_counter_are_read_back() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let alice = did("did:plc:alice")?;
+    let store = Store::open(dir.path())?;
+    let mut batch = store.batch();
+    batch.put_repo(&RepoEntry::new(alice.clone(), 1));
+    for rkey in ["a", "b"] {
+        let record = record(&alice, "app.bsky.feed.post", rkey, "v1")?;
+        batch.push(crate::common::create_event(&record, "3l"));
+        batch.put_record(&record);
+    }
+    batch.buffer_push(&alice, b"frame".to_vec());
+    batch.commit()?;
+    let counts = (
+        store.record_count(),
+        store.repo_count()?,
+        store.outbox_len(),
+        store.buffer_len(),
+    );
+    drop(store);
+
+    // Rewrite the counters as the earlier layout kept them.
+    {
+        let db = fjall::Database::builder(dir.path().join("fjall")).open()?;
+        let meta = db.keyspace("meta", fjall::KeyspaceCreateOptions::default)?;
+        let value = meta.get("counters")?.ok_or("no counters key")?;
+        let names: [&str; 12] = [
+            "records",
+            "repos",
+            "last_event_id",
+            "outbox_len",
+            "buffer_len",
+            "buffer_seq",
+            "last_run_id",
+            "state/0",
+            "state/1",
+            "state/2",
+            "state/3",
+            "state/4",
+        ];
+        assert_eq!(value.len(), names.len() * 8);
+        for (name, bytes) in names.iter().zip(value.chunks_exact(8)) {
+            meta.insert(*name, bytes)?;
+        }
+        meta.remove("counters")?;
+        db.persist(fjall::PersistMode::SyncAll)?;
+    }
+
+    let store = Store::open(dir.path())?;
+    assert_eq!(
+        (
+            store.record_count(),
+            store.repo_count()?,
+            store.outbox_len(),
+            store.buffer_len()
+        ),
+        counts
+    );
+    assert_eq!(store.count_in_state(RepoState::Pending)?, 1);
+    let mut batch = store.batch();
+    let third = record(&alice, "app.bsky.feed.post", "c", "v1")?;
+    batch.put_record(&third);
+    batch.push(crate::common::create_event(&third, "3m"));
+    let ids = batch.commit_ids()?;
+    assert_eq!(
+        ids.events,
+        vec![3],
+        "ids go on from the legacy last_event_id"
+    );
+    check_counters(&store, &[alice])?;
+    Ok(())
+}
