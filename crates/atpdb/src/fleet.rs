@@ -12,8 +12,8 @@ use atpdb_fleet::index::{self, IndexConfig};
 use atpdb_fleet::ingest::{self, IngestConfig};
 use atpdb_fleet::labels::{self, LabelsConfig};
 use atpdb_fleet::status::{self, StatusConfig};
-use atpdb_identity::{IdentityConfig, Resolver};
-use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
+use atpdb_identity::{IdentityConfig, Network, NetworkConfig};
+use atpdb_net::{HttpConfig, XrpcConfig};
 use atpdb_repo::verify::VerifyOptions;
 use clap::{Args, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -295,25 +295,20 @@ pub(crate) fn run(command: FleetCommand) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn clients(common: &Common) -> anyhow::Result<(Xrpc, Resolver)> {
-    let (http, identity) = identity(common)?;
-    Ok((Xrpc::new(http, XrpcConfig::default()), identity))
-}
-
-fn identity(common: &Common) -> anyhow::Result<(Http, Resolver)> {
-    let http = Http::new(&HttpConfig {
-        allow_private_network: common.allow_private_network,
-        ..HttpConfig::default()
-    })?;
-    let identity = Resolver::new(
-        IdentityConfig {
+/// The clients every stage reaches hosts with.
+fn network(common: &Common) -> anyhow::Result<Network> {
+    Ok(Network::new(NetworkConfig {
+        http: HttpConfig {
+            allow_private_network: common.allow_private_network,
+            ..HttpConfig::default()
+        },
+        identity: IdentityConfig {
             plc_url: common.plc_url.clone(),
             dns_nameserver: common.dns_nameserver,
             ..IdentityConfig::default()
         },
-        http.clone(),
-    )?;
-    Ok((http, identity))
+        xrpc: XrpcConfig::default(),
+    })?)
 }
 
 /// Runs a stage, and runs it again after a transient failure (Redis restarted, a PostgreSQL
@@ -371,7 +366,7 @@ async fn run_enumerate(
     args: EnumerateArgs,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<ExitCode> {
-    let (xrpc, _) = clients(&args.common)?;
+    let Network { xrpc, .. } = network(&args.common)?;
     let redis = atpdb_fleet::connect(&args.common.redis_url)
         .await
         .with_context(|| format!("connecting to {}", args.common.redis_url))?;
@@ -397,7 +392,11 @@ async fn run_enumerate(
 }
 
 async fn run_backfill(args: BackfillArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
-    let (xrpc, identity) = clients(&args.common)?;
+    let Network {
+        xrpc,
+        resolver: identity,
+        ..
+    } = network(&args.common)?;
     let redis = atpdb_fleet::connect(&args.common.redis_url)
         .await
         .with_context(|| format!("connecting to {}", args.common.redis_url))?;
@@ -441,7 +440,11 @@ async fn run_backfill(args: BackfillArgs, shutdown: CancellationToken) -> anyhow
 }
 
 async fn run_ingest(args: IngestArgs, shutdown: &CancellationToken) -> anyhow::Result<ExitCode> {
-    let (http, identity) = identity(&args.common)?;
+    let Network {
+        http,
+        resolver: identity,
+        ..
+    } = network(&args.common)?;
     let redis = atpdb_fleet::connect(&args.common.redis_url)
         .await
         .with_context(|| format!("connecting to {}", args.common.redis_url))?;
@@ -475,7 +478,11 @@ async fn run_ingest(args: IngestArgs, shutdown: &CancellationToken) -> anyhow::R
 }
 
 async fn run_labels(args: LabelsArgs, shutdown: &CancellationToken) -> anyhow::Result<ExitCode> {
-    let (http, identity) = identity(&args.common)?;
+    let Network {
+        http,
+        resolver: identity,
+        ..
+    } = network(&args.common)?;
     let redis = atpdb_fleet::connect(&args.common.redis_url)
         .await
         .with_context(|| format!("connecting to {}", args.common.redis_url))?;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use atpdb_deliver::{Delivery, DeliveryConfig, Mode as DeliveryMode, WebhookConfig};
 use atpdb_fleet::sink::Sink;
-use atpdb_identity::{IdentityConfig, Resolver};
-use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
+use atpdb_identity::{IdentityConfig, Network, NetworkConfig};
+use atpdb_net::{HttpConfig, XrpcConfig};
 use atpdb_store::Store;
 use atpdb_sync::{Engine, EngineConfig, Filters, Mode, Pattern};
 use clap::Args;
@@ -351,23 +351,22 @@ pub(crate) async fn serve_with(
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let store = Store::open(&args.data_dir)
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
-    let http = Http::new(&HttpConfig {
-        allow_private_network: args.allow_private_network,
-        ..HttpConfig::default()
-    })?;
     let plc_url = tap_env(args.plc_url.clone(), "TAP_PLC_URL")
         .unwrap_or_else(|| "https://plc.directory".to_owned());
-    let identity = Resolver::new(
-        IdentityConfig {
+    let network = Network::new(NetworkConfig {
+        http: HttpConfig {
+            allow_private_network: args.allow_private_network,
+            ..HttpConfig::default()
+        },
+        identity: IdentityConfig {
             plc_url,
             dns_nameserver: args.dns_nameserver,
             did_web_scheme: if args.did_web_http { "http" } else { "https" }.to_owned(),
             ..IdentityConfig::default()
         },
-        http.clone(),
-    )?;
-    let xrpc = Xrpc::new(http.clone(), XrpcConfig::default());
-    let engine = Engine::new(config, store.clone(), identity, xrpc, http);
+        xrpc: XrpcConfig::default(),
+    })?;
+    let engine = Engine::new(config, store.clone(), network);
     let mut tasks = if outbox_only {
         tracing::info!("serve.outbox_only");
         atpdb_sync::EngineTasks::new()

@@ -367,6 +367,25 @@ impl Devnet {
         self.dns_addr
     }
 
+    /// The clients' settings that reach this devnet: its PLC directory and DNS server,
+    /// private networks allowed (everything here is on loopback) and did:web over plain
+    /// HTTP. The XRPC settings are the defaults, per-host rate limits included.
+    pub fn network_config(&self) -> atpdb_identity::NetworkConfig {
+        atpdb_identity::NetworkConfig {
+            http: atpdb_net::HttpConfig {
+                allow_private_network: true,
+                ..atpdb_net::HttpConfig::default()
+            },
+            identity: atpdb_identity::IdentityConfig {
+                plc_url: self.plc_url.clone(),
+                dns_nameserver: Some(self.dns_addr),
+                did_web_scheme: "http".to_owned(),
+                ..atpdb_identity::IdentityConfig::default()
+            },
+            xrpc: atpdb_net::XrpcConfig::default(),
+        }
+    }
+
     /// The line `atpdb devnet` prints when ready: where everything answers.
     pub fn ready_info(&self) -> serde_json::Value {
         serde_json::json!({

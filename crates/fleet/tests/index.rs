@@ -15,6 +15,7 @@ use atpdb_fleet::enumerate::{self, EnumerateConfig};
 use atpdb_fleet::index::{self, IndexConfig};
 use atpdb_fleet::ingest::{self, IngestConfig};
 use atpdb_fleet::{ConnectionManager, StreamEvent, redis};
+use atpdb_identity::Network;
 use atpdb_repo::repo::Write;
 use atpdb_repo::sample::sample_record;
 use tokio_util::sync::CancellationToken;
@@ -729,7 +730,7 @@ async fn ingest_verifies_the_firehose_and_the_index_ends_equal_to_every_pds() ->
     let shutdown = CancellationToken::new();
     let ingester = {
         let (http, redis, config, shutdown) = (
-            common::http()?,
+            Network::new(devnet.network_config())?.http,
             services.redis.clone(),
             config.clone(),
             shutdown.clone(),
@@ -942,7 +943,7 @@ async fn labels_are_verified_and_the_index_holds_exactly_the_labels_that_apply()
         ..LabelsConfig::default()
     };
     let ingester_redis = services.redis.clone();
-    let ingester_http = common::http()?;
+    let ingester_http = Network::new(devnet.network_config())?.http;
     let run_ingester = |shutdown: CancellationToken| {
         let (http, redis, config, identity) = (
             ingester_http.clone(),

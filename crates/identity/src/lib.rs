@@ -48,8 +48,10 @@
 mod cache;
 mod document;
 mod error;
+mod network;
 mod resolver;
 
 pub use document::Identity;
 pub use error::IdentityError;
+pub use network::{Network, NetworkConfig};
 pub use resolver::{IdentityConfig, MAX_DOCUMENT_BYTES, Resolver};

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use atpdb_identity::Resolver;
+use atpdb_identity::{Network, Resolver};
 use atpdb_net::Xrpc;
 use atpdb_repo::syntax::Did;
 use atpdb_repo::verify::VerifyOptions;
@@ -205,14 +205,15 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// An engine over `store`; nothing runs until [`Engine::start`].
-    pub fn new(
-        config: EngineConfig,
-        store: Store,
-        identity: Resolver,
-        xrpc: Xrpc,
-        http: atpdb_net::Http,
-    ) -> Engine {
+    /// An engine over `store`, reaching hosts through `network`'s clients (which it shares
+    /// with its caller: the server resolves handles and DIDs with the same cache); nothing
+    /// runs until [`Engine::start`].
+    pub fn new(config: EngineConfig, store: Store, network: Network) -> Engine {
+        let Network {
+            http,
+            resolver: identity,
+            xrpc,
+        } = network;
         let mut scope = Scope {
             mode: config.mode.clone(),
             filters: config.filters.clone(),

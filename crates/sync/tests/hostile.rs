@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use atpdb_devnet::{Devnet, DevnetConfig};
-use atpdb_identity::{IdentityConfig, Resolver};
-use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
+use atpdb_identity::Network;
+use atpdb_net::XrpcConfig;
 use atpdb_repo::crypto::Curve;
 use atpdb_repo::repo::{MemoryRepo, Write};
 use atpdb_repo::sample::sample_keypair;
@@ -211,29 +211,14 @@ async fn a_hostile_pds_gets_recorded_errors_and_stalls_nobody() -> TestResult {
 
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;
-    let http = Http::new(&HttpConfig {
-        allow_private_network: true,
-        ..HttpConfig::default()
-    })?;
-    let identity = Resolver::new(
-        IdentityConfig {
-            plc_url: devnet.plc_url().to_owned(),
-            did_web_scheme: "http".to_owned(),
-            dns_nameserver: Some(devnet.dns_addr()),
-            ..IdentityConfig::default()
-        },
-        http.clone(),
-    )?;
-    let xrpc = Xrpc::new(
-        http.clone(),
-        XrpcConfig {
-            max_repo_bytes: 1 << 20,
-            repo_idle_timeout: Duration::from_secs(1),
-            repo_timeout: Duration::from_secs(10),
-            max_retries: 0,
-            ..XrpcConfig::default()
-        },
-    );
+    let mut network = devnet.network_config();
+    network.xrpc = XrpcConfig {
+        max_repo_bytes: 1 << 20,
+        repo_idle_timeout: Duration::from_secs(1),
+        repo_timeout: Duration::from_secs(10),
+        max_retries: 0,
+        ..XrpcConfig::default()
+    };
     let engine = Engine::new(
         EngineConfig {
             relay_url: devnet.relay().ok_or("no relay")?.url().to_owned(),
@@ -245,9 +230,7 @@ async fn a_hostile_pds_gets_recorded_errors_and_stalls_nobody() -> TestResult {
             ..EngineConfig::default()
         },
         store.clone(),
-        identity,
-        xrpc,
-        http,
+        Network::new(network)?,
     );
     let _tasks = engine.start()?;
     let honest: Vec<Did> = devnet.accounts().iter().map(|a| a.did.clone()).collect();

@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use atpdb_devnet::{Devnet, DevnetConfig};
-use atpdb_identity::{IdentityConfig, Resolver};
-use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
+use atpdb_identity::Network;
+use atpdb_net::XrpcConfig;
 use atpdb_repo::Cid;
 use atpdb_repo::repo::Write;
 use atpdb_repo::syntax::{Did, Tid};
@@ -74,19 +74,8 @@ fn engine_with(
     xrpc_config: XrpcConfig,
 ) -> Result<Engine, Box<dyn std::error::Error>> {
     let store = Store::open(dir)?;
-    let http = Http::new(&HttpConfig {
-        allow_private_network: true,
-        ..HttpConfig::default()
-    })?;
-    let identity = Resolver::new(
-        IdentityConfig {
-            plc_url: devnet.plc_url().to_owned(),
-            dns_nameserver: Some(devnet.dns_addr()),
-            ..IdentityConfig::default()
-        },
-        http.clone(),
-    )?;
-    let xrpc = Xrpc::new(http.clone(), xrpc_config);
+    let mut network = devnet.network_config();
+    network.xrpc = xrpc_config;
     let relay = devnet
         .relay()
         .ok_or("the devnet has no relay")?
@@ -104,9 +93,7 @@ fn engine_with(
             ..engine_config
         },
         store,
-        identity,
-        xrpc,
-        http,
+        Network::new(network)?,
     ))
 }
 

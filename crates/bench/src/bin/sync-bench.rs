@@ -42,8 +42,8 @@ use atpdb_bench::{Car, verify_atpdb};
 use atpdb_devnet::pds::Pds;
 use atpdb_devnet::traffic::SeededAccount;
 use atpdb_devnet::{Devnet, DevnetConfig};
-use atpdb_identity::{IdentityConfig, Resolver};
-use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
+use atpdb_identity::Network;
+use atpdb_net::XrpcConfig;
 use atpdb_repo::firehose::{CommitProof, Frame, Message, decode_frame};
 use atpdb_repo::repo::Write;
 use atpdb_repo::sample::{SampleRng, sample_record};
@@ -272,27 +272,14 @@ fn engine_on(devnet: &Devnet, workers: usize, store_dir: &Path) -> anyhow::Resul
         "{} already holds a store; give an empty --data-dir",
         store_dir.display()
     );
-    let http = Http::new(&HttpConfig {
-        allow_private_network: true,
-        ..HttpConfig::default()
-    })?;
-    let identity = Resolver::new(
-        IdentityConfig {
-            plc_url: devnet.plc_url().to_owned(),
-            dns_nameserver: Some(devnet.dns_addr()),
-            ..IdentityConfig::default()
-        },
-        http.clone(),
-    )?;
     // The per-host limits protect real PDSes; two loopback hosts would only measure them.
-    let xrpc = Xrpc::new(
-        http.clone(),
-        XrpcConfig {
-            max_concurrency_per_host: workers.max(8),
-            requests_per_second: 0.0,
-            ..XrpcConfig::default()
-        },
-    );
+    let mut network = devnet.network_config();
+    network.xrpc = XrpcConfig {
+        max_concurrency_per_host: workers.max(8),
+        requests_per_second: 0.0,
+        ..XrpcConfig::default()
+    };
+    let network = Network::new(network)?;
     let relay_url = devnet
         .relay()
         .context("the devnet has no relay")?
@@ -311,9 +298,7 @@ fn engine_on(devnet: &Devnet, workers: usize, store_dir: &Path) -> anyhow::Resul
             ..EngineConfig::default()
         },
         store,
-        identity,
-        xrpc,
-        http,
+        network,
     );
     Ok(engine)
 }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use atpdb_devnet::Devnet;
 use atpdb_fleet::{ConnectionManager, redis};
-use atpdb_identity::{IdentityConfig, Resolver};
-use atpdb_net::{Http, HttpConfig, Xrpc, XrpcConfig};
+use atpdb_identity::{Network, Resolver};
+use atpdb_net::{Xrpc, XrpcConfig};
 
 pub(crate) type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -48,30 +48,12 @@ pub(crate) async fn clean(redis: &mut ConnectionManager, prefix: &str) -> TestRe
     Ok(())
 }
 
-/// An HTTP client that may reach the devnet on loopback.
-pub(crate) fn http() -> Result<Http, Box<dyn std::error::Error>> {
-    Ok(Http::new(&HttpConfig {
-        allow_private_network: true,
-        ..HttpConfig::default()
-    })?)
-}
-
 pub(crate) fn clients(devnet: &Devnet) -> Result<(Xrpc, Resolver), Box<dyn std::error::Error>> {
-    let http = http()?;
-    let identity = Resolver::new(
-        IdentityConfig {
-            plc_url: devnet.plc_url().to_owned(),
-            dns_nameserver: Some(devnet.dns_addr()),
-            ..IdentityConfig::default()
-        },
-        http.clone(),
-    )?;
-    let xrpc = Xrpc::new(
-        http,
-        XrpcConfig {
-            backoff_base: Duration::from_millis(20),
-            ..XrpcConfig::default()
-        },
-    );
-    Ok((xrpc, identity))
+    let mut config = devnet.network_config();
+    config.xrpc = XrpcConfig {
+        backoff_base: Duration::from_millis(20),
+        ..XrpcConfig::default()
+    };
+    let network = Network::new(config)?;
+    Ok((network.xrpc, network.resolver))
 }

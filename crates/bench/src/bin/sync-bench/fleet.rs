@@ -17,6 +17,8 @@ use atpdb_fleet::backfill::{self as fleet_backfill, BackfillConfig};
 use atpdb_fleet::enumerate::{self, EnumerateConfig};
 use atpdb_fleet::index::{self, IndexConfig};
 use atpdb_fleet::{ConnectionManager, redis};
+use atpdb_identity::Resolver;
+use atpdb_net::Xrpc;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
@@ -82,19 +84,11 @@ pub(super) async fn run(args: FleetArgs) -> anyhow::Result<ExitCode> {
     .await
     .context("starting the devnet")?;
     let relay = devnet.relay().context("no relay")?.url().to_owned();
-    let http = Http::new(&HttpConfig {
-        allow_private_network: true,
-        ..HttpConfig::default()
-    })?;
-    let identity = Resolver::new(
-        IdentityConfig {
-            plc_url: devnet.plc_url().to_owned(),
-            dns_nameserver: Some(devnet.dns_addr()),
-            ..IdentityConfig::default()
-        },
-        http.clone(),
-    )?;
-    let xrpc = Xrpc::new(http, XrpcConfig::default());
+    let Network {
+        resolver: identity,
+        xrpc,
+        ..
+    } = Network::new(devnet.network_config())?;
     // Identities resolved before any timed pass: in steady state the cache is warm.
     for account in devnet.accounts() {
         identity.resolve(&account.did).await?;
