@@ -26,6 +26,11 @@ const FJALL_DIR: &str = "fjall";
 const MEMTABLE_BYTES: u64 = 8 << 20;
 /// Block cache for reads; the working set of a sync engine is its recent writes.
 const BLOCK_CACHE_BYTES: u64 = 32 << 20;
+/// fjall's flush and compaction threads. One, not fjall's default of one per core (up to
+/// four): with more, fjall's first worker hands every compaction request back to the
+/// queue and takes it again while the others are busy, a busy loop that took a quarter
+/// of the CPU when a million repos were stored (fjall 3.1.13, `worker_tick`).
+const BACKGROUND_THREADS: usize = 1;
 
 /// Names of the counters kept in the `meta` keyspace.
 pub(crate) mod meta {
@@ -298,6 +303,7 @@ impl Store {
         }
         let db = match Database::builder(dir.join(FJALL_DIR))
             .cache_size(BLOCK_CACHE_BYTES)
+            .worker_threads(BACKGROUND_THREADS)
             .open()
         {
             Ok(db) => db,

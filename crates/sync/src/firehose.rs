@@ -363,7 +363,7 @@ async fn process_commit(inner: &Inner, event: CommitEvent) -> Result<(), StoreEr
             // Held until the snapshot is stored; replayed then if it chains onto it.
             let mut batch = inner.store.batch();
             batch.buffer_push(&did, encode_message(&Message::Commit(event)));
-            batch.commit()?;
+            batch.commit_async().await?;
             return Ok(());
         }
         // The snapshot fetched after the claim covers it.
@@ -409,7 +409,7 @@ async fn process_commit(inner: &Inner, event: CommitEvent) -> Result<(), StoreEr
                 return desynchronize(inner, entry, format!("invalid commit {}: {err}", event.rev));
             }
             batch.put_repo(&entry);
-            batch.commit()?;
+            batch.commit_async().await?;
             bump(&inner.counters.commits_applied);
             if !verified.is_proven() {
                 bump(&inner.counters.commits_unproven);
