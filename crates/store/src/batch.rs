@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use atpdb_repo::Record;
 use atpdb_repo::syntax::Did;
@@ -269,6 +270,14 @@ impl Batch {
         }
         self.check_keys()?;
         let inner = self.inner.clone();
+        // Bulk writers (a backfill's chunks, on a blocking thread) wait while the flush is
+        // behind, which bounds the memtables they fill; never for long, and never holding
+        // the lock. The firehose commits through `commit_async`, which does not wait: a
+        // stream should not stall behind a compaction.
+        let deadline = Instant::now() + FLUSH_WAIT;
+        while inner.ks.flush_behind() && Instant::now() < deadline {
+            std::thread::sleep(FLUSH_POLL);
+        }
         let counters = inner.commit.lock().map_err(|_| StoreError::Poisoned)?;
         self.commit_locked(counters)
     }
@@ -313,6 +322,11 @@ impl Batch {
         Ok(ids)
     }
 }
+
+/// Longest a synchronous commit waits for a flush that is behind.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
+/// How often it looks again.
+const FLUSH_POLL: Duration = Duration::from_millis(2);
 
 /// A key's final write in this batch, and whether it exists in the store now (`None`:
 /// not known yet, read at the end).

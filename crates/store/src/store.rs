@@ -23,9 +23,13 @@ const FJALL_DIR: &str = "fjall";
 /// their flush runs before it makes writers wait, so a backfill writing records and outbox at
 /// full speed holds up to ten of these: with fjall's default (64 MiB) that would be most of
 /// the memory a backfill may use. 4 MiB, not 8: with one background thread (below) flushes
-/// queue behind compactions more often, and at 8 MiB a 1 GB backfill peaked at 248–254 MB
-/// (the bound is 256); at 4 it peaks at 227–242 MB, with no measurable cost to throughput.
+/// queue behind compactions more often; the smaller size halves what that can hold, with no
+/// measurable cost to throughput.
 const MEMTABLE_BYTES: u64 = 4 << 20;
+/// Sealed memtables a bulk keyspace may hold before a synchronous commit (a backfill's
+/// chunk) waits for their flush ([`crate::Batch::commit`]). fjall itself lets four pile up
+/// per keyspace; with one background thread they queue behind compactions.
+pub(crate) const MAX_SEALED_MEMTABLES: usize = 1;
 /// Block cache for reads; the working set of a sync engine is its recent writes.
 const BLOCK_CACHE_BYTES: u64 = 32 << 20;
 /// fjall's flush and compaction threads. One, not fjall's default of one per core (up to
@@ -89,6 +93,17 @@ pub(crate) struct Keyspaces {
     pub(crate) log: Keyspace,
     pub(crate) buffer: Keyspace,
     pub(crate) runs: Keyspace,
+}
+
+impl Keyspaces {
+    /// Whether a bulk keyspace (records, outbox, log) holds more sealed memtables than
+    /// [`MAX_SEALED_MEMTABLES`]: its flush is behind, waiting for the background thread to
+    /// finish a compaction.
+    pub(crate) fn flush_behind(&self) -> bool {
+        [&self.records, &self.outbox, &self.log]
+            .into_iter()
+            .any(|keyspace| keyspace.sealed_memtable_count() > MAX_SEALED_MEMTABLES)
+    }
 }
 
 /// The store-wide counters, persisted in `meta` by the same batch that changes them.
