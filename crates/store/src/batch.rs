@@ -245,15 +245,10 @@ impl Batch {
         self.check_keys()?;
         let inner = self.inner.clone();
         loop {
-            {
-                let turn = match inner.commit.try_lock() {
-                    Ok(counters) => Some(counters),
-                    Err(TryLockError::WouldBlock) => None,
-                    Err(TryLockError::Poisoned(_)) => return Err(StoreError::Poisoned),
-                };
-                if let Some(counters) = turn {
-                    return Ok(self.commit_locked(counters)?.events);
-                }
+            match inner.commit.try_lock() {
+                Ok(counters) => return Ok(self.commit_locked(counters)?.events),
+                Err(TryLockError::Poisoned(_)) => return Err(StoreError::Poisoned),
+                Err(TryLockError::WouldBlock) => {}
             }
             tokio::task::yield_now().await;
         }
@@ -618,7 +613,6 @@ fn apply_delta(old: u64, delta: i64, what: &str, key: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
-    use std::time::Duration;
 
     use super::*;
 

@@ -42,8 +42,8 @@ const BACKGROUND_THREADS: usize = 1;
 pub(crate) mod meta {
     pub(crate) const FORMAT: &[u8] = b"format";
     /// Every counter in one value ([`super::Counters::encode`]): a commit rewrites one key,
-    /// not the three to five a record's commit changes. The per-counter keys below are how
-    /// earlier stores kept them; they are read once when this key is absent.
+    /// not the three to five a record's commit changes. Earlier stores kept one key per
+    /// counter; `load_legacy_counters` reads those once when this key is absent.
     pub(crate) const COUNTERS: &[u8] = b"counters";
 }
 
