@@ -177,6 +177,7 @@ where
 
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     crate::logging::init(&args.log_format)?;
+    crate::purge_freed_memory_at_once();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
