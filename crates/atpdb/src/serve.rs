@@ -73,7 +73,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "ATPDB_DID_WEB_HTTP")]
     did_web_http: bool,
     /// Bytes of a fetched repo's blocks kept in memory, in MiB; the rest spills to a file in
-    /// the data directory. (Almost every repo fits; a 1 GB one then peaks near 255 MB in
+    /// the data directory. (Almost every repo fits; a 1 GB one then peaks near 220 MB in
     /// all.)
     #[arg(long, env = "ATPDB_MEMORY_BUDGET_MB", default_value_t = 16)]
     memory_budget_mb: usize,
