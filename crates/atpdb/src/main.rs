@@ -22,9 +22,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Makes mimalloc return freed pages to the system at once rather than 10 ms later, for a
 /// process that must stay within a memory bound (`atpdb serve`). Its default keeps freed
 /// pages for a time, so what it holds grows with the rate of allocation rather than with
-/// what is live: a backfill writing ~150k records a second peaked 20–50 MB higher, and
-/// unpredictably (1 GB repo: 217–262 MB over 14–20 s, against 219–222 MB over 19–20 s
-/// with this). `car verify`, short-lived and measured for speed, keeps the default.
+/// what is live, and a backfill's peak varied by 45 MB from run to run (1 GB repo:
+/// 217–262 MB over 14–20 s; with this, 219–222 MB over 19–20 s). `car verify`, short-lived
+/// and measured for speed, keeps the default.
 #[allow(unsafe_code)]
 pub(crate) fn purge_freed_memory_at_once() {
     // SAFETY: `mi_option_set` stores an option's value in mimalloc's option table, with no
