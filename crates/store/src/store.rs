@@ -874,8 +874,13 @@ impl Store {
     }
 
     /// Drops logged events beyond the window: those older than `min_time_us`, and all but
-    /// the newest `max_events`. Returns how many were dropped. Each call removes at most
+    /// the newest `max_events`. Returns how many ids were dropped. Each call removes at most
     /// `budget`, so a large trim does not hold a batch of millions.
+    ///
+    /// Ids below the count window go whatever their time, so they are removed without
+    /// being read back: with retention on every delivered event is logged, and the trim
+    /// would otherwise read and decode each one a second time only to drop it. Only the
+    /// window's own events are read, for their time.
     ///
     /// # Errors
     ///
@@ -884,27 +889,47 @@ impl Store {
         let keep_from = self
             .last_event_id()
             .saturating_sub(max_events.saturating_sub(1));
-        let mut batch = self.inner.db.batch().durability(Some(PersistMode::Buffer));
-        let mut removed = 0;
         let floor = self
             .inner
             .log_floor
             .load(std::sync::atomic::Ordering::Relaxed);
-        let mut next_floor = floor;
-        for guard in self.inner.ks.log.range(floor.to_be_bytes()..).take(budget) {
-            let (key, value) = guard.into_inner()?;
-            let id = codec::decode_u64("event", &key, &key)?;
-            let old = id < keep_from
-                || Event::decode(&value)
+        // The first id still logged: after a restart, or when retention was off for a
+        // while, that can be far above the floor.
+        let Some(first) = self.inner.ks.log.range(floor.to_be_bytes()..).next() else {
+            return Ok(0);
+        };
+        let key = first.key()?;
+        let first = codec::decode_u64("event", &key, &key)?;
+        let budget = budget as u64;
+        let mut batch = self.inner.db.batch().durability(Some(PersistMode::Buffer));
+        let below_window = first..keep_from.min(first.saturating_add(budget));
+        let mut removed = below_window.end.saturating_sub(below_window.start);
+        for id in below_window.clone() {
+            batch.remove(&self.inner.ks.log, id.to_be_bytes());
+        }
+        let mut next_floor = below_window.end.max(first);
+        if removed < budget {
+            let from = next_floor;
+            for guard in self
+                .inner
+                .ks
+                .log
+                .range(from.to_be_bytes()..)
+                .take(usize::try_from(budget - removed).unwrap_or(usize::MAX))
+            {
+                let (key, value) = guard.into_inner()?;
+                let id = codec::decode_u64("event", &key, &key)?;
+                let old = Event::decode(&value)
                     .map_err(|reason| StoreError::corrupt("event", &key, reason))?
                     .time_us()
                     < min_time_us;
-            if !old {
-                break;
+                if !old {
+                    break;
+                }
+                batch.remove(&self.inner.ks.log, key);
+                removed += 1;
+                next_floor = id.saturating_add(1);
             }
-            batch.remove(&self.inner.ks.log, key);
-            removed += 1;
-            next_floor = id.saturating_add(1);
         }
         if removed > 0 {
             batch.commit()?;

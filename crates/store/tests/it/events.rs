@@ -144,3 +144,28 @@ fn the_log_keeps_events_after_delivery_and_trims_to_its_window() -> TestResult {
     assert_eq!(store.trim_log(0, 4, 100)?, 0);
     Ok(())
 }
+
+#[test]
+fn a_trim_by_count_removes_only_what_the_log_holds() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    // Delivered while retention was off: never logged.
+    let unlogged = push(&store, 5)?;
+    store.delete_events(&unlogged)?;
+    store.retain_events(true);
+    let logged = push(&store, 5)?;
+    store.delete_events(&logged)?;
+    drop(store);
+    // A new process starts its trim with no floor.
+    let store = Store::open(dir.path())?;
+    store.retain_events(true);
+    assert_eq!(
+        store.trim_log(0, 2, 100)?,
+        3,
+        "the three logged below the window"
+    );
+    let kept: Vec<u64> = store.log_after(0, 100)?.iter().map(|(id, _)| *id).collect();
+    assert_eq!(kept, logged[3..]);
+    assert_eq!(store.trim_log(0, 2, 100)?, 0);
+    Ok(())
+}
