@@ -904,17 +904,16 @@ impl Store {
         let mut batch = self.inner.db.batch().durability(Some(PersistMode::Buffer));
         let below_window = first..keep_from.min(first.saturating_add(budget));
         let mut removed = below_window.end.saturating_sub(below_window.start);
-        for id in below_window.clone() {
+        let mut next_floor = below_window.end.max(first);
+        for id in below_window {
             batch.remove(&self.inner.ks.log, id.to_be_bytes());
         }
-        let mut next_floor = below_window.end.max(first);
         if removed < budget {
-            let from = next_floor;
             for guard in self
                 .inner
                 .ks
                 .log
-                .range(from.to_be_bytes()..)
+                .range(next_floor.to_be_bytes()..)
                 .take(usize::try_from(budget - removed).unwrap_or(usize::MAX))
             {
                 let (key, value) = guard.into_inner()?;
