@@ -12,7 +12,8 @@ use atpdb_repo::crypto::{Curve, PublicKey};
 use atpdb_repo::sample::{SampleShape, write_sample_car_for, write_sample_car_shaped};
 use atpdb_repo::syntax::Did;
 use atpdb_repo::verify::{
-    Expected, Scratch, VerifiedRepo, VerifyOptions, load_car_reusing, load_car_whole,
+    Expected, Scratch, VerifiedRepo, VerifyOptions, load_car_in_memory, load_car_reusing,
+    load_car_whole,
 };
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
@@ -22,7 +23,8 @@ pub(crate) enum CarCommand {
     /// Verify CAR files: every block hash, the MST shape, the commit DID and signature.
     ///
     /// Prints one JSON line per file; with --records also one per record. Exits 1 if any
-    /// file fails.
+    /// file fails. Files that fit the memory budget are mapped, not copied: they must not
+    /// change while they are verified.
     Verify(VerifyArgs),
     /// Summarise a CAR file: commit, rev, DID, collections, MST depth, blocks, bytes.
     Inspect(InspectArgs),
@@ -240,14 +242,35 @@ fn open(
     scratch: Scratch,
 ) -> Result<atpdb_repo::verify::LoadedCar, atpdb_repo::Error> {
     let file = File::open(path)?;
-    // A file that fits the memory budget is read whole and its blocks indexed in place; a
+    // A file that fits the memory budget is held whole and its blocks indexed in place; a
     // larger one streams, spilling past the budget.
-    let size = file.metadata().map_or(u64::MAX, |metadata| metadata.len());
-    if size <= options.memory_budget as u64 {
-        load_car_whole(file, size, options, scratch)
-    } else {
-        load_car_reusing(file, options, scratch)
+    let metadata = file.metadata()?;
+    let size = metadata.len();
+    if size > options.memory_budget as u64 {
+        return load_car_reusing(file, options, scratch);
     }
+    if metadata.is_file()
+        && size > 0
+        && let Some(map) = map_file(&file)
+    {
+        return load_car_in_memory(map, options, scratch);
+    }
+    load_car_whole(file, size, options, scratch)
+}
+
+/// Maps a regular file read-only, or `None` where the system will not (the caller reads it).
+///
+/// Reading a CAR copies it out of the page cache into memory the kernel must first zero:
+/// on this project's 2-core VMs that was a fifth of `car verify`'s time over a corpus with
+/// two 24 MB repositories. A mapping reads the page cache where it lies.
+#[allow(unsafe_code)]
+fn map_file(file: &File) -> Option<memmap2::Mmap> {
+    // SAFETY: the mapping is private and read-only, and the slice it gives is only read while
+    // the map lives (the loaded CAR owns it). The one hazard is another process writing or
+    // truncating the file during verification: `car verify` documents that files must not
+    // change while it reads them (a truncation ends the process with SIGBUS; a write makes
+    // that file's verdict meaningless, as it would for any reader of a changing file).
+    unsafe { memmap2::MmapOptions::new().populate().map(file) }.ok()
 }
 
 fn verify(args: VerifyArgs) -> Result<ExitCode> {

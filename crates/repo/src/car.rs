@@ -79,9 +79,10 @@ enum Parsed {
     },
 }
 
-/// The sans-I/O core: owns the buffer and the stream position.
-struct CarParser {
-    buf: Vec<u8>,
+/// The sans-I/O core: holds the buffer (a growing `Vec` for a stream, a borrowed slice for a
+/// CAR already in memory) and the stream position.
+struct CarParser<B = Vec<u8>> {
+    buf: B,
     /// Start of unconsumed bytes in `buf`.
     pos: usize,
     /// End of filled bytes in `buf`.
@@ -107,10 +108,6 @@ impl CarParser {
             eof: false,
             blocks: 0,
         }
-    }
-
-    fn offset(&self) -> u64 {
-        self.base + self.pos as u64
     }
 
     /// Makes room for the next read and returns the spare slice. `need` (bytes wanted from
@@ -152,9 +149,24 @@ impl CarParser {
         Ok(())
     }
 
+    /// Consumes the block `parse_block` found and lends it out.
+    fn accept(&mut self, cid: Cid, data_start: usize, end: usize) -> Block<'_> {
+        self.pos = end;
+        Block {
+            cid,
+            data: &self.buf[data_start..end],
+        }
+    }
+}
+
+impl<B: AsRef<[u8]>> CarParser<B> {
+    fn offset(&self) -> u64 {
+        self.base + self.pos as u64
+    }
+
     /// Reads a varint at `pos`; `Ok(None)` when more bytes are needed.
     fn varint(&self) -> Result<Option<(u64, usize)>> {
-        read_uvarint(&self.buf[self.pos..self.filled])
+        read_uvarint(&self.buf.as_ref()[self.pos..self.filled])
             .map_err(|err| self.car_error(format!("length {err}")))
     }
 
@@ -184,7 +196,7 @@ impl CarParser {
         if self.filled - self.pos < total {
             return Ok(Err(total));
         }
-        let bytes = &self.buf[self.pos + varint_len..self.pos + total];
+        let bytes = &self.buf.as_ref()[self.pos + varint_len..self.pos + total];
         let header = decode_header(bytes).map_err(|reason| self.car_error(reason))?;
         self.pos += total;
         Ok(Ok(header))
@@ -214,7 +226,7 @@ impl CarParser {
         }
         let start = self.pos + varint_len;
         let end = self.pos + total;
-        let block = &self.buf[start..end];
+        let block = &self.buf.as_ref()[start..end];
         let (cid, cid_len) = Cid::read_prefix(&block[..block.len().min(MAX_CID_BYTES)])
             .map_err(|err| self.car_error(format!("block CID: {err}")))?;
         let data = &block[cid_len..];
@@ -237,15 +249,6 @@ impl CarParser {
         }))
     }
 
-    /// Consumes the block `parse_block` found and lends it out.
-    fn accept(&mut self, cid: Cid, data_start: usize, end: usize) -> Block<'_> {
-        self.pos = end;
-        Block {
-            cid,
-            data: &self.buf[data_start..end],
-        }
-    }
-
     fn truncated(&self, context: &'static str) -> Error {
         Error::Truncated {
             offset: self.base + self.filled as u64,
@@ -255,13 +258,13 @@ impl CarParser {
 }
 
 /// Reads a CAR held whole in `bytes` without copying a block: each block is hashed and handed
-/// to `block` as its CID and the range of its data in `bytes`. Returns the header, the
-/// bytes, and the number of blocks.
+/// to `block` as its CID and the range of its data in `bytes`. Returns the header and the
+/// number of blocks.
 pub(crate) fn blocks_in_place(
-    bytes: Vec<u8>,
+    bytes: &[u8],
     limits: CarLimits,
     mut block: impl FnMut(Cid, usize, usize) -> Result<()>,
-) -> Result<(CarHeader, Vec<u8>, u64)> {
+) -> Result<(CarHeader, u64)> {
     let len = bytes.len();
     if len as u64 > limits.max_car_size {
         return Err(Error::LimitExceeded {
@@ -270,10 +273,15 @@ pub(crate) fn blocks_in_place(
             found: len as u64,
         });
     }
-    let mut parser = CarParser::new(limits, Vec::new());
-    parser.buf = bytes;
-    parser.filled = len;
-    parser.eof = true;
+    let mut parser = CarParser {
+        buf: bytes,
+        pos: 0,
+        filled: len,
+        base: 0,
+        limits,
+        eof: true,
+        blocks: 0,
+    };
     let header = match parser.parse_header()? {
         Ok(header) => header,
         Err(_) => return Err(parser.truncated("CAR header")),
@@ -292,7 +300,7 @@ pub(crate) fn blocks_in_place(
             }
         }
     }
-    Ok((header, parser.buf, parser.blocks))
+    Ok((header, parser.blocks))
 }
 
 fn decode_header(bytes: &[u8]) -> std::result::Result<CarHeader, String> {

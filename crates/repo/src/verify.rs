@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 
 use tokio::io::AsyncRead;
 
@@ -225,7 +226,7 @@ impl Index {
 
     /// The locations whose entries match `cid`'s digest prefix, in probe order; the caller
     /// confirms the whole digest beside each block.
-    fn candidates(&self, cid: &Cid) -> impl Iterator<Item = Location> + '_ {
+    fn candidates(&self, cid: &Cid) -> impl Iterator<Item = (u32, Location)> + '_ {
         let prefix = digest_prefix(cid.digest());
         let capacity = self.table.len();
         let mut slot = if capacity == 0 { 0 } else { self.home(prefix) };
@@ -242,7 +243,7 @@ impl Index {
                 if let Some(entry) = self.entry(number as usize - 1)
                     && entry.prefix == prefix
                 {
-                    return Some(entry.location);
+                    return Some((number - 1, entry.location));
                 }
             }
             None
@@ -279,8 +280,99 @@ pub struct BlockStore {
     max_spill: u64,
     /// The CAR reader's buffer, kept for [`Scratch`].
     read_buffer: Vec<u8>,
-    /// A CAR read whole ([`load_car_whole`]): every location is a range of it.
-    whole: Option<Vec<u8>>,
+    /// A CAR held whole ([`load_car_whole`], [`load_car_in_memory`]): every location is a
+    /// range of it.
+    whole: Option<WholeCar>,
+    /// Where the next lookups probably land: see [`Cursors`].
+    cursors: Cursors,
+}
+
+/// How many runs of blocks in CAR order a lookup tries before the table.
+const CURSORS: usize = 16;
+
+/// Guesses for the next lookup: the entry after each of the last few found.
+///
+/// The walk asks for blocks in key order, and writers lay blocks out in runs of that order:
+/// `@atproto/repo` writes the tree's nodes layer by layer and then the records node by node,
+/// so the records of each layer and the nodes of each layer are each a run the walk follows.
+/// Following the runs, 99% of lookups on a 200-repository corpus hit the entry a cursor
+/// points to, which is in cache, instead of a random table slot and a random entry (two cache
+/// misses, a fifth of `car verify`'s time after hashing). A CAR in no useful order (a PDS
+/// that writes blocks by CID) would pay up to 16 random entry reads per lookup instead, so the
+/// cursors are only tried while they pay: while at least a quarter of lookups would have hit
+/// one (counted on the table path too, so a CAR whose order turns useful is noticed).
+///
+/// Of duplicate blocks a cursor may find a later copy than the table would: the same bytes,
+/// since every block was hashed against its CID.
+///
+/// Atomics only so that a loaded CAR stays `Sync`: one thread walks it, so plain loads and
+/// stores (no read-modify-write) suffice, and a lost update would cost a guess, not a result.
+struct Cursors {
+    next: [AtomicU32; CURSORS],
+    /// The cursor a table hit replaces, round-robin.
+    victim: AtomicUsize,
+    lookups: AtomicU32,
+    hits: AtomicU32,
+}
+
+impl Cursors {
+    fn new() -> Cursors {
+        Cursors {
+            next: [const { AtomicU32::new(u32::MAX) }; CURSORS],
+            victim: AtomicUsize::new(0),
+            lookups: AtomicU32::new(0),
+            hits: AtomicU32::new(0),
+        }
+    }
+
+    /// Whether the cursors have been paying: always during the first lookups.
+    fn worth_trying(&self) -> bool {
+        let lookups = self.lookups.load(Relaxed);
+        lookups < 64 || self.hits.load(Relaxed) >= lookups / 4
+    }
+
+    /// Counts a lookup; `hit` is whether a cursor pointed at the entry found.
+    fn count(&self, hit: bool) {
+        self.lookups
+            .store(self.lookups.load(Relaxed).saturating_add(1), Relaxed);
+        if hit {
+            self.hits.store(self.hits.load(Relaxed) + 1, Relaxed);
+        }
+    }
+
+    /// Moves the cursor that pointed at entry `number` past it, or starts a new run there.
+    fn found(&self, number: u32) {
+        let next = number.saturating_add(1);
+        if let Some(cursor) = self
+            .next
+            .iter()
+            .find(|cursor| cursor.load(Relaxed) == number)
+        {
+            cursor.store(next, Relaxed);
+            self.count(true);
+            return;
+        }
+        let victim = self.victim.load(Relaxed);
+        self.victim.store(victim.wrapping_add(1), Relaxed);
+        self.next[victim % CURSORS].store(next, Relaxed);
+        self.count(false);
+    }
+}
+
+/// The bytes of a CAR held whole: read into the scratch's buffer, or handed over by the caller
+/// (a mapped file), in which case the scratch's buffer waits for the next load.
+enum WholeCar {
+    Read(Vec<u8>),
+    Given(Box<dyn AsRef<[u8]> + Send + Sync>),
+}
+
+impl WholeCar {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            WholeCar::Read(bytes) => bytes,
+            WholeCar::Given(bytes) => (**bytes).as_ref(),
+        }
+    }
 }
 
 struct Spill {
@@ -312,6 +404,7 @@ impl BlockStore {
             max_spill: options.max_spill_bytes,
             read_buffer: Vec::new(),
             whole: None,
+            cursors: Cursors::new(),
         }
     }
 
@@ -348,8 +441,24 @@ impl BlockStore {
                 None => Ok(None),
             };
         }
-        for location in self.index.candidates(cid) {
-            if let Some(bytes) = self.read(location, Some(cid.digest()))? {
+        let digest = cid.digest();
+        if self.cursors.worth_trying() {
+            let prefix = digest_prefix(digest);
+            for cursor in &self.cursors.next {
+                let number = cursor.load(Relaxed);
+                if let Some(entry) = self.index.entry(number as usize)
+                    && entry.prefix == prefix
+                    && let Some(bytes) = self.read(entry.location, Some(digest))?
+                {
+                    cursor.store(number.saturating_add(1), Relaxed);
+                    self.cursors.count(true);
+                    return Ok(Some(bytes));
+                }
+            }
+        }
+        for (number, location) in self.index.candidates(cid) {
+            if let Some(bytes) = self.read(location, Some(digest))? {
+                self.cursors.found(number);
                 return Ok(Some(bytes));
             }
         }
@@ -361,7 +470,7 @@ impl BlockStore {
         let start = location.offset() as usize;
         let in_memory = if let Some(whole) = &self.whole {
             // A CAR block is `varint | CID | data`: a sha2-256 CID ends with its digest.
-            Some(whole.as_slice())
+            Some(whole.bytes())
         } else if !location.on_disk() {
             let (chunk, offset) = (start >> 20, start & ((1 << 20) - 1));
             let Some(chunk) = self.chunks.get(chunk) else {
@@ -607,19 +716,42 @@ pub fn load_car_whole<R: Read>(
 ) -> Result<LoadedCar> {
     // Sized once: growing by doubling would copy the CAR into fresh memory again and again,
     // and growing a used buffer copies its stale contents: a buffer too small is replaced.
+    // The replacement's capacity is rounded up to a power of two so that the next, slightly
+    // larger CAR still fits: capacity never written is never faulted in, while a second
+    // buffer would be (two 24 MB CARs in a row touched 64 MB instead of 39).
     let hint = usize::try_from(size_hint.min(options.limits.max_car_size))
         .unwrap_or(0)
         .saturating_add(1);
     let mut bytes = std::mem::take(&mut scratch.read_buffer);
     bytes.clear();
     if bytes.capacity() < hint {
-        bytes = Vec::with_capacity(hint);
+        bytes = Vec::with_capacity(hint.checked_next_power_of_two().unwrap_or(hint));
     }
     reader
         .take(options.limits.max_car_size.saturating_add(1))
         .read_to_end(&mut bytes)?;
+    index_whole(WholeCar::Read(bytes), options, scratch)
+}
+
+/// Indexes a CAR the caller already holds in memory, hashing each block where it lies: a
+/// mapped file is verified without being copied, or faulting in fresh memory for it. The
+/// scratch's read buffer is kept for the next load.
+///
+/// # Errors
+///
+/// As [`load_car`].
+pub fn load_car_in_memory<B: AsRef<[u8]> + Send + Sync + 'static>(
+    bytes: B,
+    options: &VerifyOptions,
+    scratch: Scratch,
+) -> Result<LoadedCar> {
+    index_whole(WholeCar::Given(Box::new(bytes)), options, scratch)
+}
+
+fn index_whole(whole: WholeCar, options: &VerifyOptions, scratch: Scratch) -> Result<LoadedCar> {
     let mut store = BlockStore::new(options, scratch);
-    let (header, bytes, blocks) =
+    let bytes = whole.bytes();
+    let (header, blocks) =
         crate::car::blocks_in_place(bytes, options.limits, |cid, start, len| {
             check_stored_len(len)?;
             // In a whole CAR, a location is a range of the CAR: the disk form holds it.
@@ -631,7 +763,7 @@ pub fn load_car_whole<R: Read>(
             Ok(())
         })?;
     let len = bytes.len() as u64;
-    store.whole = Some(bytes);
+    store.whole = Some(whole);
     store.seal()?;
     loaded(&header.roots, store, len, blocks, options)
 }
@@ -690,7 +822,10 @@ impl BlockStore {
             entries,
             table: self.index.table,
             // A whole CAR's buffer is the larger one: the next load reads into it.
-            read_buffer: self.whole.unwrap_or(self.read_buffer),
+            read_buffer: match self.whole {
+                Some(WholeCar::Read(bytes)) => bytes,
+                Some(WholeCar::Given(_)) | None => self.read_buffer,
+            },
         }
     }
 }
@@ -1034,6 +1169,64 @@ mod tests {
             assert_eq!(store.get_block(&absent)?, None);
             assert!(!store.contains(&Cid::from_parts(crate::cid::RAW, *first.digest()))?);
         }
+        Ok(())
+    }
+
+    /// Cursors follow a run of lookups in stored order, a cursor whose entry shares only the
+    /// digest prefix finds nothing wrong, and out-of-order lookups stop the guessing.
+    #[test]
+    fn cursors_follow_stored_order_and_stand_aside_when_they_miss() -> Result<()> {
+        // Every digest shares its first 8 bytes, so every entry matches every prefix and only
+        // the whole digest beside the block tells them apart.
+        let cid = |n: u32| {
+            let mut digest = [9u8; 32];
+            digest[28..].copy_from_slice(&n.to_be_bytes());
+            Cid::from_parts(DAG_CBOR, digest)
+        };
+        let count = 400u32;
+        let mut store = BlockStore::new(&VerifyOptions::default(), Scratch::default());
+        let data: Vec<Vec<u8>> = (0..count).map(|n| n.to_be_bytes().to_vec()).collect();
+        for n in 0..count {
+            store.insert(Block {
+                cid: cid(n),
+                data: &data[n as usize],
+            })?;
+        }
+        store.seal()?;
+        for n in 0..count {
+            assert_eq!(
+                store.get_block(&cid(n))?.as_deref(),
+                Some(&data[n as usize][..])
+            );
+        }
+        let (lookups, hits) = (
+            store.cursors.lookups.load(Relaxed),
+            store.cursors.hits.load(Relaxed),
+        );
+        assert_eq!(
+            (lookups, hits),
+            (count, count - 1),
+            "all but the first lookup follow a cursor"
+        );
+        assert!(store.cursors.worth_trying());
+        // A stride no cursor follows: the cursors miss, and soon are no longer tried.
+        let mut scattered = BlockStore::new(&VerifyOptions::default(), Scratch::default());
+        for n in 0..count {
+            scattered.insert(Block {
+                cid: cid(n),
+                data: &data[n as usize],
+            })?;
+        }
+        scattered.seal()?;
+        for n in (0..count).map(|n| (n * 37) % count) {
+            assert_eq!(
+                scattered.get_block(&cid(n))?.as_deref(),
+                Some(&data[n as usize][..])
+            );
+        }
+        assert!(scattered.cursors.hits.load(Relaxed) < count / 8);
+        assert!(!scattered.cursors.worth_trying());
+        assert_eq!(scattered.get_block(&cid(count))?, None);
         Ok(())
     }
 }
