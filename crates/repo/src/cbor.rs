@@ -593,9 +593,144 @@ fn key_bytes_less(a: &[u8], b: &[u8]) -> bool {
 
 /// Checks that `bytes` is exactly one well-formed DRISL item within every limit.
 pub fn validate(bytes: &[u8]) -> Result<(), DecodeError> {
+    // Every record of every repository passes here, and nearly all are valid: the lean scan
+    // answers for those, and the decoder, which says what is wrong and where, reads the rest.
+    if is_valid(bytes) {
+        return Ok(());
+    }
     let mut decoder = Decoder::new(bytes);
     decoder.skip(0)?;
     decoder.finish()
+}
+
+/// Whether [`validate`] accepts `bytes`, by exactly [`Decoder::skip`]'s rules, without
+/// building an error: no recursion, no `Result` to carry, one pass with a stack of the
+/// containers open (at most [`MAX_DEPTH`]). A differential test holds the two to the same
+/// verdict on every input it generates.
+fn is_valid(bytes: &[u8]) -> bool {
+    // Items left in each open container (a map counts keys and values), the top level first.
+    let mut left = [0u32; MAX_DEPTH + 1];
+    let mut is_map = [false; MAX_DEPTH + 1];
+    // Each open map's last key, to check the next sorts after it.
+    let mut last_key: [Option<&[u8]>; MAX_DEPTH + 1] = [None; MAX_DEPTH + 1];
+    let mut level = 0;
+    left[0] = 1;
+    let mut pos = 0;
+    loop {
+        while left[level] == 0 {
+            if level == 0 {
+                return pos == bytes.len();
+            }
+            level -= 1;
+        }
+        left[level] -= 1;
+        let Some((major, arg)) = scan_head(bytes, &mut pos) else {
+            return false;
+        };
+        let remaining = (bytes.len() - pos) as u64;
+        if is_map[level] && left[level] % 2 == 1 {
+            // A key: text within the key limit, UTF-8, after the map's last key.
+            if major != MAJOR_TEXT || arg > MAX_KEY_LEN || arg > remaining {
+                return false;
+            }
+            let key = &bytes[pos..pos + arg as usize];
+            pos += arg as usize;
+            if !is_utf8(key) || last_key[level].is_some_and(|last| !key_bytes_less(last, key)) {
+                return false;
+            }
+            last_key[level] = Some(key);
+            continue;
+        }
+        match major {
+            MAJOR_UINT | MAJOR_NINT => {
+                if arg > i64::MAX as u64 {
+                    return false;
+                }
+            }
+            MAJOR_BYTES | MAJOR_TEXT => {
+                if arg > remaining {
+                    return false;
+                }
+                let end = pos + arg as usize;
+                if major == MAJOR_TEXT && !is_utf8(&bytes[pos..end]) {
+                    return false;
+                }
+                pos = end;
+            }
+            MAJOR_ARRAY | MAJOR_MAP => {
+                let per_item = if major == MAJOR_MAP { 2 } else { 1 };
+                if level >= MAX_DEPTH || arg > MAX_CONTAINER_LEN || arg * per_item > remaining {
+                    return false;
+                }
+                level += 1;
+                left[level] = (arg * per_item) as u32;
+                is_map[level] = major == MAJOR_MAP;
+                last_key[level] = None;
+            }
+            MAJOR_TAG => {
+                // A link: tag 42 on a byte string of 0x00 and a supported CID.
+                if arg != TAG_CID {
+                    return false;
+                }
+                let Some((MAJOR_BYTES, len)) = scan_head(bytes, &mut pos) else {
+                    return false;
+                };
+                if len > (bytes.len() - pos) as u64 {
+                    return false;
+                }
+                let link = &bytes[pos..pos + len as usize];
+                pos += len as usize;
+                match link.split_first() {
+                    Some((0, cid)) if Cid::from_bytes(cid).is_ok() => {}
+                    _ => return false,
+                }
+            }
+            _ => {
+                if !matches!(arg, SIMPLE_FALSE | SIMPLE_TRUE | SIMPLE_NULL) {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// One head at `pos` by [`Decoder::head`]'s rules (minimal, definite, no floats), which
+/// `pos` moves past; `None` where `head` would fail.
+#[inline(always)]
+fn scan_head(bytes: &[u8], pos: &mut usize) -> Option<(u8, u64)> {
+    let initial = *bytes.get(*pos)?;
+    let (major, info) = (initial >> 5, initial & 0x1f);
+    let start = *pos + 1;
+    let (arg, len) = match info {
+        0..=23 => (u64::from(info), 0),
+        24 => {
+            let value = u64::from(*bytes.get(start)?);
+            if value < 24 {
+                return None;
+            }
+            (value, 1)
+        }
+        25..=27 => {
+            let len = 1 << (info - 24);
+            let field = bytes.get(start..start + len)?;
+            let mut word = [0u8; 8];
+            word[8 - len..].copy_from_slice(field);
+            let value = u64::from_be_bytes(word);
+            // The smallest value that needs this width; a simple value with one is a float.
+            if major == MAJOR_SIMPLE || value >> (4 * len) == 0 {
+                return None;
+            }
+            (value, len)
+        }
+        _ => return None,
+    };
+    *pos = start + len;
+    Some((major, arg))
+}
+
+/// UTF-8 validity, ASCII first (most keys and much text).
+fn is_utf8(bytes: &[u8]) -> bool {
+    bytes.is_ascii() || simdutf8::basic::from_utf8(bytes).is_ok()
 }
 
 /// A canonical DRISL writer. Callers write map keys in [`key_less`] order.
@@ -716,6 +851,139 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The decoder's verdict, which [`is_valid`] must match.
+    fn decoder_accepts(bytes: &[u8]) -> bool {
+        let mut decoder = Decoder::new(bytes);
+        decoder.skip(0).is_ok() && decoder.finish().is_ok()
+    }
+
+    /// A deterministic generator (xorshift) for the differential test.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A random valid item, nested up to `depth`, with every kind the data model has.
+    fn random_item(rng: &mut Rng, out: &mut Encoder, depth: usize) {
+        let words = [
+            "",
+            "a",
+            "$type",
+            "text",
+            "createdAt",
+            "é",
+            "日本語",
+            "\u{1f600}",
+            "zz",
+        ];
+        match rng.below(if depth == 0 { 6 } else { 8 }) {
+            0 => out.u64((rng.next() >> 1) >> rng.below(63)),
+            1 => out.i64(-((rng.next() >> (1 + rng.below(63))) as i64) - 1),
+            2 => out.text(words[rng.below(words.len() as u64) as usize]),
+            3 => out.bytes(&rng.next().to_le_bytes()[..rng.below(9) as usize]),
+            4 => out.link(&Cid::dag_cbor(&rng.next().to_le_bytes())),
+            5 => match rng.below(3) {
+                0 => out.bool(true),
+                1 => out.bool(false),
+                _ => out.null(),
+            },
+            6 => {
+                let len = rng.below(4) as usize;
+                out.array(len);
+                for _ in 0..len {
+                    random_item(rng, out, depth - 1);
+                }
+            }
+            _ => {
+                let mut keys: Vec<&str> = words.to_vec();
+                keys.retain(|_| rng.below(2) == 0);
+                keys.sort_by(|a, b| {
+                    if key_less(a, b) {
+                        std::cmp::Ordering::Less
+                    } else {
+                        std::cmp::Ordering::Greater
+                    }
+                });
+                out.map(keys.len());
+                for key in keys {
+                    out.text(key);
+                    random_item(rng, out, depth - 1);
+                }
+            }
+        }
+    }
+
+    /// The lean scan and the decoder agree on every input: all one- and two-byte inputs,
+    /// random valid items, and each of those with a byte changed, inserted, removed or cut.
+    #[test]
+    fn the_scan_and_the_decoder_agree() {
+        let mut checked = 0;
+        let mut agree = |bytes: &[u8]| {
+            assert_eq!(
+                is_valid(bytes),
+                decoder_accepts(bytes),
+                "verdicts differ on {bytes:02x?}"
+            );
+            checked += 1;
+        };
+        agree(&[]);
+        for first in 0..=255u8 {
+            agree(&[first]);
+            for second in 0..=255u8 {
+                agree(&[first, second]);
+            }
+        }
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut accepted = 0;
+        for _ in 0..3000 {
+            let mut out = Encoder::new();
+            random_item(&mut rng, &mut out, 4);
+            let item = out.into_bytes();
+            let mut decoder = Decoder::new(&item);
+            let verdict = decoder.skip(0).and_then(|()| decoder.finish());
+            assert_eq!(
+                verdict,
+                Ok(()),
+                "the generator wrote an invalid item: {item:02x?}"
+            );
+            assert!(is_valid(&item), "a valid item was refused: {item:02x?}");
+            accepted += 1;
+            for _ in 0..8 {
+                let mut changed = item.clone();
+                let at = rng.below(changed.len() as u64 + 1) as usize;
+                let byte = rng.next() as u8;
+                match rng.below(4) {
+                    0 if at < changed.len() => changed[at] = byte,
+                    1 => changed.insert(at, byte),
+                    2 if at < changed.len() => {
+                        changed.remove(at);
+                    }
+                    _ => changed.truncate(at),
+                }
+                agree(&changed);
+            }
+        }
+        // Nesting at and past the depth limit, and containers longer than their input.
+        for depth in [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1] {
+            let mut nested = vec![0x81; depth];
+            nested.push(0x80);
+            agree(&nested);
+        }
+        agree(&[0x9a, 0x00, 0x02, 0x00, 0x01, 0x00]);
+        agree(&[0xba, 0x00, 0x02, 0x00, 0x01, 0x00]);
+        assert!(accepted == 3000 && checked > 65_000 + 3000 * 8);
+    }
 
     #[test]
     fn rejects_non_minimal_heads() {
