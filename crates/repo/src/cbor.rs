@@ -566,10 +566,9 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// UTF-8 validity: ASCII checked a word at a time, the rest with SIMD (post text in every
-/// script is most of a repository's bytes).
+/// [`is_utf8`], as the decoder's error.
 fn check_utf8(bytes: &[u8], offset: usize) -> Result<(), DecodeError> {
-    if bytes.is_ascii() || simdutf8::basic::from_utf8(bytes).is_ok() {
+    if is_utf8(bytes) {
         Ok(())
     } else {
         Err(DecodeError::Utf8 { offset })
@@ -728,7 +727,8 @@ fn scan_head(bytes: &[u8], pos: &mut usize) -> Option<(u8, u64)> {
     Some((major, arg))
 }
 
-/// UTF-8 validity, ASCII first (most keys and much text).
+/// UTF-8 validity: ASCII checked a word at a time, the rest with SIMD (post text in every
+/// script is most of a repository's bytes).
 fn is_utf8(bytes: &[u8]) -> bool {
     bytes.is_ascii() || simdutf8::basic::from_utf8(bytes).is_ok()
 }

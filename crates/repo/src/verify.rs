@@ -1186,15 +1186,19 @@ mod tests {
             Cid::from_parts(DAG_CBOR, digest)
         };
         let count = 400u32;
-        let mut store = BlockStore::new(&VerifyOptions::default(), Scratch::default());
         let data: Vec<Vec<u8>> = (0..count).map(|n| n.to_be_bytes().to_vec()).collect();
-        for n in 0..count {
-            store.insert(Block {
-                cid: cid(n),
-                data: &data[n as usize],
-            })?;
-        }
-        store.seal()?;
+        let filled = || -> Result<BlockStore> {
+            let mut store = BlockStore::new(&VerifyOptions::default(), Scratch::default());
+            for n in 0..count {
+                store.insert(Block {
+                    cid: cid(n),
+                    data: &data[n as usize],
+                })?;
+            }
+            store.seal()?;
+            Ok(store)
+        };
+        let store = filled()?;
         for n in 0..count {
             assert_eq!(
                 store.get_block(&cid(n))?.as_deref(),
@@ -1212,14 +1216,7 @@ mod tests {
         );
         assert!(store.cursors.worth_trying());
         // A stride no cursor follows: the cursors miss, and soon are no longer tried.
-        let mut scattered = BlockStore::new(&VerifyOptions::default(), Scratch::default());
-        for n in 0..count {
-            scattered.insert(Block {
-                cid: cid(n),
-                data: &data[n as usize],
-            })?;
-        }
-        scattered.seal()?;
+        let scattered = filled()?;
         for n in (0..count).map(|n| (n * 37) % count) {
             assert_eq!(
                 scattered.get_block(&cid(n))?.as_deref(),
