@@ -1058,7 +1058,9 @@ async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         harness.dids.len()
     ));
     let mut perf = PerfControl::start(common.perf_ctl.as_deref())?;
+    let cpu_before = process_cpu_seconds()?;
     let backfill_seconds = harness.backfill_all().await?;
+    let backfill_cpu_seconds = process_cpu_seconds()? - cpu_before;
     PerfControl::stop(perf.as_mut())?;
     let records_stored = harness.engine.store().record_count();
     progress("checking every repo's rev and records against its PDS");
@@ -1102,6 +1104,8 @@ async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         "car_bytes": car_bytes,
         "backfill_seconds": backfill_seconds,
         "records_per_second": rate(backfill_seconds),
+        "backfill_cpu_seconds": backfill_cpu_seconds,
+        "records_per_cpu_second": rate(backfill_cpu_seconds),
         "verify_1_thread_seconds": one_thread,
         "verify_1_thread_records_per_second": rate(one_thread),
         "verify_all_cores_seconds": all_cores,
@@ -1136,6 +1140,11 @@ async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
             rate(all_cores),
         );
         table.note(&format!(
+            "backfill used {backfill_cpu_seconds:.2} CPU-seconds in this process (engine and \
+             devnet): {:.0} records per CPU-second",
+            rate(backfill_cpu_seconds)
+        ));
+        table.note(&format!(
             "every repo's rev and {records_checked} records equal its PDS's"
         ));
         table.ts(
@@ -1155,6 +1164,26 @@ async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
     }
     println!("{report}");
     Ok(ts.exit_code())
+}
+
+/// CPU time this process has used, user and system, from `/proc/self/stat`: on a shared
+/// machine wall-clock rates swing by a quarter between runs, CPU per record much less.
+fn process_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks of 1/100 s on Linux.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("/proc/self/stat has no command name")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |index: usize| -> anyhow::Result<f64> {
+        let field = fields
+            .get(index)
+            .with_context(|| format!("/proc/self/stat has no field {}", index + 3))?;
+        Ok(field.parse::<u64>()? as f64)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// Fetches every repo once with `getRepo` into `dir/cars`, and writes the manifest

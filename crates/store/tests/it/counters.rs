@@ -258,6 +258,16 @@ fn known_existence_counts_without_reading_and_deletes_always() -> TestResult {
     batch.put_record_known(&record(&a, "a.b.c", "9", "again")?, true);
     batch.commit()?;
     assert_eq!(store.record_count_of(&a)?, 3);
+    // Claimed and unclaimed keys in one batch: the claimed go into the write before the
+    // commit lock, the others are read under it; the count is exact either way.
+    let mut batch = store.batch();
+    batch.put_record(&record(&a, "a.b.c", "1", "again")?);
+    batch.put_record_known(&record(&a, "a.b.c", "10", "10")?, false);
+    batch.delete_record(&a, "a.b.c", "3");
+    batch.delete_record(&a, "a.b.c", "never");
+    batch.commit()?;
+    assert_eq!(store.record_count_of(&a)?, 3);
+    assert_eq!(store.record(&a, "a.b.c", "3")?, None);
     check_counters(&store, &[a])?;
     Ok(())
 }

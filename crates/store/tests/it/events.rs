@@ -53,6 +53,45 @@ fn ids_never_repeat() -> TestResult {
     Ok(())
 }
 
+/// Most batches are planned before the commit lock with their event ids counted from 1
+/// and moved past the last id under it; batches that take buffer ids or delete by prefix
+/// are planned under the lock. Either way ids follow commit order, and each id holds the
+/// event pushed with it.
+#[test]
+fn ids_follow_commit_order_whichever_way_a_batch_is_planned() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    let planned_under_lock = |first: u64, count: u64| -> TestResult<Vec<u64>> {
+        let mut batch = store.batch();
+        for n in first..first + count {
+            batch.push(state_event(n)?);
+        }
+        batch.buffer_push(&did("did:plc:events")?, vec![1, 2, 3]);
+        batch.delete_records_of(&did("did:plc:events")?);
+        Ok(batch.commit()?)
+    };
+    let planned_before = |first: u64, count: u64| -> TestResult<Vec<u64>> {
+        let mut batch = store.batch();
+        for n in first..first + count {
+            batch.push(state_event(n)?);
+        }
+        batch.set_cursor("c", &first.to_string());
+        Ok(batch.commit()?)
+    };
+    assert_eq!(planned_before(1, 2)?, [1, 2]);
+    assert_eq!(planned_under_lock(3, 2)?, [3, 4]);
+    assert_eq!(planned_before(5, 1)?, [5]);
+    assert_eq!(planned_under_lock(6, 1)?, [6]);
+    assert_eq!(planned_before(7, 3)?, [7, 8, 9]);
+    assert_eq!(store.last_event_id(), 9);
+    let events = store.events_after(0, 100)?;
+    assert_eq!(events.len(), 9);
+    for (id, event) in events {
+        assert_eq!(event, state_event(id)?, "event {id}");
+    }
+    Ok(())
+}
+
 #[test]
 fn reading_deleting_and_trimming() -> TestResult {
     let dir = tempfile::tempdir()?;
