@@ -165,6 +165,10 @@ struct BackfillArgs {
     /// Records per seeded account (plus a profile).
     #[arg(long, default_value_t = 500)]
     records: usize,
+    /// Backfills timed, each into a fresh store from the same devnet; the figures are
+    /// their median (on a shared machine one run can be a quarter off).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
 }
 
 #[derive(Debug, Args)]
@@ -1059,8 +1063,8 @@ async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
     ));
     let mut perf = PerfControl::start(common.perf_ctl.as_deref())?;
     let cpu_before = process_cpu_seconds()?;
-    let backfill_seconds = harness.backfill_all().await?;
-    let backfill_cpu_seconds = process_cpu_seconds()? - cpu_before;
+    let first_seconds = harness.backfill_all().await?;
+    let mut rounds = vec![(first_seconds, process_cpu_seconds()? - cpu_before)];
     PerfControl::stop(perf.as_mut())?;
     let records_stored = harness.engine.store().record_count();
     progress("checking every repo's rev and records against its PDS");
@@ -1070,6 +1074,26 @@ async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         "the store counts {records_stored} records, the PDSes hold {records_checked}"
     );
     harness.engine.shutdown();
+    for round in 2..=args.rounds {
+        progress(&format!(
+            "round {round}: backfilling again into a fresh store"
+        ));
+        rounds.push(
+            backfill_round(&harness, workers, &work.path.join(format!("store-{round}"))).await?,
+        );
+    }
+    let median = |pick: fn(&(f64, f64)) -> f64| {
+        let mut values: Vec<f64> = rounds.iter().map(pick).collect();
+        values.sort_by(f64::total_cmp);
+        let mid = values.len() / 2;
+        if values.len() % 2 == 1 {
+            values[mid]
+        } else {
+            (values[mid - 1] + values[mid]) / 2.0
+        }
+    };
+    let backfill_seconds = median(|round| round.0);
+    let backfill_cpu_seconds = median(|round| round.1);
 
     progress("saving every repo's CAR for the verification passes");
     let (cars, manifest_file) = save_cars(&harness, &work.path).await?;
@@ -1104,6 +1128,10 @@ async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         "car_bytes": car_bytes,
         "backfill_seconds": backfill_seconds,
         "records_per_second": rate(backfill_seconds),
+        "rounds": rounds
+            .iter()
+            .map(|(seconds, cpu)| json!({"seconds": seconds, "cpu_seconds": cpu}))
+            .collect::<Vec<_>>(),
         "backfill_cpu_seconds": backfill_cpu_seconds,
         "records_per_cpu_second": rate(backfill_cpu_seconds),
         "verify_1_thread_seconds": one_thread,
@@ -1139,6 +1167,17 @@ async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
             all_cores,
             rate(all_cores),
         );
+        if rounds.len() > 1 {
+            table.note(&format!(
+                "engine figure: median of {} backfills, each into a fresh store ({})",
+                rounds.len(),
+                rounds
+                    .iter()
+                    .map(|(seconds, _)| format!("{:.0}", rate(*seconds)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         table.note(&format!(
             "backfill used {backfill_cpu_seconds:.2} CPU-seconds in this process (engine and \
              devnet): {:.0} records per CPU-second",
@@ -1164,6 +1203,26 @@ async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
     }
     println!("{report}");
     Ok(ts.exit_code())
+}
+
+/// One more timed backfill of every account, into a fresh store in `dir` (removed after):
+/// `(seconds, CPU-seconds)`.
+async fn backfill_round(
+    harness: &Harness,
+    workers: usize,
+    dir: &Path,
+) -> anyhow::Result<(f64, f64)> {
+    let engine = engine_on(&harness.devnet, workers, dir)?;
+    let mut tasks = engine.start()?;
+    let cpu_before = process_cpu_seconds()?;
+    let seconds = backfill_into(&engine, &mut tasks, &harness.dids).await?;
+    let cpu = process_cpu_seconds()? - cpu_before;
+    check_mirror(&harness.devnet, engine.store())?;
+    engine.shutdown();
+    drop(tasks);
+    drop(engine);
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok((seconds, cpu))
 }
 
 /// CPU time this process has used, user and system, from `/proc/self/stat`: on a shared
