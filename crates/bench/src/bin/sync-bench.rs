@@ -1225,8 +1225,9 @@ async fn backfill_round(
     Ok((seconds, cpu))
 }
 
-/// CPU time this process has used, user and system, from `/proc/self/stat`: on a shared
-/// machine wall-clock rates swing by a quarter between runs, CPU per record much less.
+/// CPU time this process has used, user and system, from `/proc/self/stat`: what a pass
+/// cost beside how long it took, which tells work removed from work that only moved off
+/// the critical path (both swing with the host's load on a shared machine).
 fn process_cpu_seconds() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
     // Fields after the command name (which may hold spaces) start at the state, field 3;
