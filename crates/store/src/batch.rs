@@ -321,13 +321,8 @@ impl Batch {
         if !planned_early {
             return Ok(Prepared::Ops(self.ops));
         }
-        let mut plan = Plan::default();
-        let mut ids = CommitIds::default();
         // Event ids count from 1 here; `commit_locked` adds the last id committed.
-        let mut provisional = Counters::default();
-        for op in self.ops {
-            plan.apply(op, &inner, &mut provisional, &mut ids)?;
-        }
+        let (mut plan, ids) = Plan::of(self.ops, &inner, &mut Counters::default())?;
         let mut batch = new_write_batch(&inner);
         plan.write_records(&inner, &mut batch, Reads::Deferred)?;
         Ok(Prepared::Planned {
@@ -363,17 +358,13 @@ impl Prepared {
         };
         let before = *counters;
         let (plan, ids, mut batch) = match self {
-            Prepared::Ops(ops) => {
-                let mut plan = Plan::default();
-                let mut ids = CommitIds::default();
-                for op in ops {
-                    if let Err(error) = plan.apply(op, inner, &mut counters, &mut ids) {
-                        *counters = before;
-                        return Err(error);
-                    }
+            Prepared::Ops(ops) => match Plan::of(ops, inner, &mut counters) {
+                Ok((plan, ids)) => (Box::new(plan), ids, new_write_batch(inner)),
+                Err(error) => {
+                    *counters = before;
+                    return Err(error);
                 }
-                (Box::new(plan), ids, new_write_batch(inner))
-            }
+            },
             Prepared::Planned {
                 mut plan,
                 mut ids,
@@ -437,11 +428,19 @@ struct Plan {
     runs: BTreeMap<u64, Vec<u8>>,
     /// Record count changes per DID of the records already in the fjall batch.
     deltas: HashMap<Vec<u8>, i64>,
-    /// Their sum.
-    total: i64,
 }
 
 impl Plan {
+    /// The plan of `ops` applied in order, ids taken from `counters`.
+    fn of(ops: Vec<Op>, inner: &Inner, counters: &mut Counters) -> Result<(Plan, CommitIds)> {
+        let mut plan = Plan::default();
+        let mut ids = CommitIds::default();
+        for op in ops {
+            plan.apply(op, inner, counters, &mut ids)?;
+        }
+        Ok((plan, ids))
+    }
+
     /// Applies one call in order. Ids are assigned here, from `counters`.
     fn apply(
         &mut self,
@@ -578,7 +577,6 @@ impl Plan {
                     .deltas
                     .entry(codec::key_did(&key).to_vec())
                     .or_default() += delta;
-                self.total += delta;
             }
             match slot.value {
                 Some(value) => batch.insert(&ks.records, key, value),
@@ -598,6 +596,7 @@ impl Plan {
     ) -> Result<()> {
         let ks = &inner.ks;
         self.write_records(inner, batch, Reads::Now)?;
+        let total = self.deltas.values().sum();
         for (did, delta) in std::mem::take(&mut self.deltas) {
             if delta == 0 {
                 continue;
@@ -613,7 +612,7 @@ impl Plan {
                 batch.insert(&ks.counts, did, new.to_be_bytes());
             }
         }
-        counters.records = apply_delta(counters.records, self.total, "record count", b"total");
+        counters.records = apply_delta(counters.records, total, "record count", b"total");
 
         // Buffer.
         let mut buffered: i64 = 0;
