@@ -1,7 +1,8 @@
 //! Batches: every state change, with the events it produces, as one atomic fjall write.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, MutexGuard, TryLockError};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, TryLockError};
 use std::time::{Duration, Instant};
 
 use atpdb_repo::Record;
@@ -247,7 +248,9 @@ impl Batch {
         let prepared = self.prepare()?;
         loop {
             match inner.commit.try_lock() {
-                Ok(counters) => return Ok(prepared.commit_locked(&inner, counters)?.events),
+                Ok(mut counters) => {
+                    return Ok(prepared.commit_locked(&inner, &mut counters)?.events);
+                }
                 Err(TryLockError::Poisoned(_)) => return Err(StoreError::Poisoned),
                 Err(TryLockError::WouldBlock) => {}
             }
@@ -261,22 +264,43 @@ impl Batch {
     ///
     /// As [`Batch::commit`].
     pub fn commit_ids(self) -> Result<CommitIds> {
+        self.submit()?.wait()
+    }
+
+    /// Hands the batch to the store's commit thread and returns without waiting for the
+    /// commit: the caller can prepare its next batch meanwhile. Batches submitted are
+    /// committed in the order they were submitted, one at a time, each atomically as by
+    /// [`Batch::commit`], whether or not anyone waits for them; [`PendingCommit::wait`]
+    /// returns the ids. A bulk writer (a backfill) waits here first while fjall's flush is
+    /// behind, which bounds the memory its memtables take.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidKey`] and [`StoreError::Corrupt`] as [`Batch::commit`], found
+    /// before anything is submitted; [`StoreError::Poisoned`] when the commit thread is gone.
+    pub fn submit(self) -> Result<PendingCommit> {
         if self.ops.is_empty() {
-            return Ok(CommitIds::default());
+            return Ok(PendingCommit(None));
         }
         self.check_keys()?;
         let inner = self.inner.clone();
         let prepared = self.prepare()?;
-        // Bulk writers (a backfill's chunks, on a blocking thread) wait while the flush is
-        // behind, which bounds the memtables they fill; never for long, and never holding
-        // the lock. The firehose commits through `commit_async`, which does not wait: a
-        // stream should not stall behind a compaction.
+        // Never for long, and never holding the lock. The firehose commits through
+        // `commit_async`, which does not wait: a stream should not stall behind a compaction.
         let deadline = Instant::now() + FLUSH_WAIT;
         while inner.ks.flush_behind() && Instant::now() < deadline {
             std::thread::sleep(FLUSH_POLL);
         }
-        let counters = inner.commit.lock().map_err(|_| StoreError::Poisoned)?;
-        prepared.commit_locked(&inner, counters)
+        let (reply, result) = sync_channel(1);
+        inner
+            .committer
+            .send(CommitJob {
+                inner: inner.clone(),
+                prepared,
+                reply,
+            })
+            .map_err(|_| StoreError::Poisoned)?;
+        Ok(PendingCommit(Some(result)))
     }
 
     /// Refuses cursor and config keys fjall cannot hold, before anything is written.
@@ -347,18 +371,14 @@ enum Prepared {
 }
 
 impl Prepared {
-    /// The commit, under the store's lock (`counters` is its guard).
-    fn commit_locked(
-        self,
-        inner: &Arc<Inner>,
-        mut counters: MutexGuard<'_, Counters>,
-    ) -> Result<CommitIds> {
+    /// The commit, under the store's lock (`counters` is what it guards).
+    fn commit_locked(self, inner: &Arc<Inner>, counters: &mut Counters) -> Result<CommitIds> {
         let store = Store {
             inner: inner.clone(),
         };
         let before = *counters;
         let (plan, ids, mut batch) = match self {
-            Prepared::Ops(ops) => match Plan::of(ops, inner, &mut counters) {
+            Prepared::Ops(ops) => match Plan::of(ops, inner, counters) {
                 Ok((plan, ids)) => (Box::new(plan), ids, new_write_batch(inner)),
                 Err(error) => {
                     *counters = before;
@@ -381,12 +401,88 @@ impl Prepared {
                 (plan, ids, batch)
             }
         };
-        if let Err(error) = plan.write(inner, &mut counters, &mut batch) {
+        if let Err(error) = plan.write(inner, counters, &mut batch) {
             *counters = before;
             return Err(error);
         }
-        store.finish_commit(batch, &mut counters, before)?;
+        store.finish_commit(batch, counters, before)?;
         Ok(ids)
+    }
+}
+
+/// A batch [`Batch::submit`]ted to the store's commit thread.
+#[must_use = "the commit happens anyway; `wait` says whether it succeeded"]
+pub struct PendingCommit(Option<Receiver<Result<CommitIds>>>);
+
+impl PendingCommit {
+    /// Waits for the commit and returns the ids it assigned.
+    ///
+    /// # Errors
+    ///
+    /// As [`Batch::commit`].
+    pub fn wait(self) -> Result<CommitIds> {
+        match self.0 {
+            None => Ok(CommitIds::default()),
+            Some(result) => result.recv().map_err(|_| StoreError::Poisoned)?,
+        }
+    }
+}
+
+/// A batch sent to the store's commit thread, and where its outcome goes.
+pub(crate) struct CommitJob {
+    /// The store's state, carried by the job so the thread holds none between jobs: it
+    /// must never be the last holder, or the store would close on the commit thread.
+    inner: Arc<Inner>,
+    prepared: Prepared,
+    reply: SyncSender<Result<CommitIds>>,
+}
+
+/// Jobs the commit thread takes under one acquisition of the lock.
+const MAX_GROUP: usize = 16;
+
+/// The store's commit thread: commits the jobs [`Batch::submit`] sends, in the order they
+/// arrive, those waiting together under one acquisition of the lock.
+///
+/// Commits are serialized, so the time one holds the lock bounds the store's write rate.
+/// When a backfill's workers committed on their own threads, the holder was a thread that
+/// had just spent its time slice verifying, and on a saturated machine the scheduler took
+/// the CPU from it mid-commit again and again: the lock was held for about three times its
+/// CPU time while the other workers queued behind it and cores sat idle. A thread that only
+/// commits sleeps between jobs, so it wakes with the scheduler's credit and is preempted
+/// less while it holds the lock; and a worker that submits its chunk can verify the next
+/// one meanwhile. Together: backfill faster in 5 of 5 alternating runs, by 12% at the
+/// median, and 17% more records per CPU-second.
+pub(crate) fn run_committer(jobs: Receiver<CommitJob>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP
+            && let Ok(job) = jobs.try_recv()
+        {
+            group.push(job);
+        }
+        let inner = group[0].inner.clone();
+        let mut replies = Vec::with_capacity(group.len());
+        match inner.commit.lock() {
+            Ok(mut counters) => {
+                for CommitJob {
+                    prepared, reply, ..
+                } in group
+                {
+                    replies.push((reply, prepared.commit_locked(&inner, &mut counters)));
+                }
+            }
+            Err(_) => {
+                for job in group {
+                    replies.push((job.reply, Err(StoreError::Poisoned)));
+                }
+            }
+        }
+        // Every handle the thread held goes before the callers hear back (see `CommitJob`).
+        drop(inner);
+        for (reply, result) in replies {
+            // A caller that stopped waiting only misses its ids; the commit stands.
+            let _ = reply.send(result);
+        }
     }
 }
 

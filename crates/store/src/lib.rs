@@ -71,7 +71,7 @@ mod event;
 mod store;
 mod types;
 
-pub use batch::{Batch, CommitIds};
+pub use batch::{Batch, CommitIds, PendingCommit};
 pub use error::{Result, StoreError};
 pub use event::{Action, Event, IdentityEvent, RecordEvent, RepoStateEvent};
 pub use store::{RecordKeys, Store};

@@ -85,6 +85,9 @@ pub(crate) struct Inner {
     pub(crate) commit: Mutex<Counters>,
     /// A copy of the counters for readers, so they never wait for a commit.
     pub(crate) published: RwLock<Counters>,
+    /// Where [`crate::Batch::submit`] sends its batches: the commit thread
+    /// ([`crate::batch::run_committer`]), which ends when this is dropped with the store.
+    pub(crate) committer: std::sync::mpsc::Sender<crate::batch::CommitJob>,
     /// The last event id committed, for delivery to wait on instead of polling.
     events: tokio::sync::watch::Sender<u64>,
     /// Whether commits also write events to the log (see [`Store::retain_events`]).
@@ -383,12 +386,21 @@ impl Store {
             }
         }
         let counters = load_counters(&ks)?;
+        let (committer, jobs) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("atpdb-commit".to_owned())
+            .spawn(move || crate::batch::run_committer(jobs))
+            .map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         tracing::debug!(dir = %dir.display(), ?counters, "store opened");
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
                 ks,
                 commit: Mutex::new(counters),
+                committer,
                 published: RwLock::new(counters),
                 events: tokio::sync::watch::Sender::new(counters.last_event_id),
                 retain: std::sync::atomic::AtomicBool::new(false),

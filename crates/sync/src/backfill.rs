@@ -595,6 +595,10 @@ struct ChunkWriter<'a> {
     batch: atpdb_store::Batch,
     pending: usize,
     total: u64,
+    /// The chunk before this one, submitted and not yet waited for: the worker builds the
+    /// next chunk while the commit thread writes it (a worker that waited for each of its
+    /// commits left a core idle whenever every worker did).
+    in_flight: Option<atpdb_store::PendingCommit>,
 }
 
 impl<'a> ChunkWriter<'a> {
@@ -604,6 +608,7 @@ impl<'a> ChunkWriter<'a> {
             batch: store.batch(),
             pending: 0,
             total: 0,
+            in_flight: None,
         }
     }
 
@@ -665,16 +670,23 @@ impl<'a> ChunkWriter<'a> {
         self.total += 1;
         if self.pending >= CHUNK {
             let full = std::mem::replace(&mut self.batch, self.store.batch());
-            full.commit()?;
+            let submitted = full.submit()?;
             self.pending = 0;
+            if let Some(previous) = self.in_flight.replace(submitted) {
+                previous.wait()?;
+            }
         }
         Ok(())
     }
 
+    /// Commits the last chunk and waits for every chunk: what the caller commits next (the
+    /// repo's new state) lands after them.
     fn finish(self) -> Result<u64, Failure> {
-        if !self.batch.is_empty() {
-            self.batch.commit()?;
+        let last = self.batch.submit()?;
+        if let Some(previous) = self.in_flight {
+            previous.wait()?;
         }
+        last.wait()?;
         Ok(self.total)
     }
 }

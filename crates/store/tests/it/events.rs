@@ -92,6 +92,64 @@ fn ids_follow_commit_order_whichever_way_a_batch_is_planned() -> TestResult {
     Ok(())
 }
 
+/// Submitted batches commit in the order they were submitted, whether or not anyone waits
+/// for them, and a batch committed afterwards lands after them.
+#[test]
+fn submitted_batches_commit_in_order_even_unawaited() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    let submit = |first: u64, count: u64| -> TestResult<atpdb_store::PendingCommit> {
+        let mut batch = store.batch();
+        for n in first..first + count {
+            batch.push(state_event(n)?);
+        }
+        Ok(batch.submit()?)
+    };
+    let first = submit(1, 2)?;
+    // Never waited for: it commits all the same, before the ones submitted after it.
+    drop(submit(3, 3)?);
+    let third = submit(6, 1)?;
+    assert_eq!(push_after(&store, 7)?, [7]);
+    assert_eq!(third.wait()?.events, [6]);
+    assert_eq!(first.wait()?.events, [1, 2]);
+    assert_eq!(store.batch().submit()?.wait()?.events, Vec::<u64>::new());
+    let events = store.events_after(0, 100)?;
+    assert_eq!(events.len(), 7);
+    for (id, event) in events {
+        assert_eq!(event, state_event(id)?, "event {id}");
+    }
+    Ok(())
+}
+
+fn push_after(store: &Store, n: u64) -> TestResult<Vec<u64>> {
+    let mut batch = store.batch();
+    batch.push(state_event(n)?);
+    Ok(batch.commit()?)
+}
+
+/// The commit thread holds nothing of the store between jobs: once the last handle is
+/// dropped the store is closed and its directory can be opened again at once.
+#[test]
+fn a_dropped_store_closes_though_its_commit_thread_served_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for round in 0..20u64 {
+        let store = Store::open(dir.path())?;
+        let pending = {
+            let mut batch = store.batch();
+            batch.push(state_event(round)?);
+            batch.submit()?
+        };
+        assert_eq!(pending.wait()?.events, [2 * round + 1]);
+        assert_eq!(push_after(&store, round)?.len(), 1);
+        drop(store);
+        // Reopens at once: `Locked` here means the commit thread kept the store alive.
+        let again = Store::open(dir.path())?;
+        assert_eq!(again.last_event_id(), 2 * round + 2);
+        assert_eq!(again.events_after(0, 1000)?.len() as u64, 2 * round + 2);
+    }
+    Ok(())
+}
+
 #[test]
 fn reading_deleting_and_trimming() -> TestResult {
     let dir = tempfile::tempdir()?;
