@@ -22,6 +22,8 @@
 //!   process dying); [`Store::persist`] fsyncs for power loss.
 //! - Event ids are assigned at commit under a store-wide lock, so outbox order is commit
 //!   order; they only grow, never repeat, across restarts and after the outbox is emptied.
+//!   Batches handed over with [`Batch::submit`] commit in the order they were submitted,
+//!   whether or not the caller waits for them.
 //! - Counters (records, per-DID records, repos per state, outbox and buffer lengths) are
 //!   exact: they are computed from what the batch finally does to each key, under the same
 //!   lock, and written in the same batch.
