@@ -826,6 +826,37 @@ mod tests {
 
     use super::*;
 
+    /// The commit thread holds nothing of the store once a caller has heard back: were it
+    /// the last holder, the store would close on that thread, after the caller had dropped
+    /// its handle and perhaps tried to open the directory again. (Counted here rather than
+    /// by reopening: a test elsewhere in the process that forks a child shares the lock
+    /// file's descriptor with it for a moment, which makes a reopen fail on its own.)
+    #[test]
+    fn the_commit_thread_holds_no_handle_once_a_caller_heard_back()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        // A holder that lingers is caught by a race: many rounds make it near certain.
+        for round in 0..1000u64 {
+            let mut pending = Vec::new();
+            for _ in 0..3 {
+                let mut batch = store.batch();
+                batch.set_cursor("c", &round.to_string());
+                pending.push(batch.submit()?);
+            }
+            // The last: jobs still queued behind an earlier one each carry a handle.
+            for commit in pending {
+                commit.wait()?;
+            }
+            assert_eq!(Arc::strong_count(&store.inner), 1, "round {round}");
+            let mut batch = store.batch();
+            batch.set_cursor("d", &round.to_string());
+            batch.commit()?;
+            assert_eq!(Arc::strong_count(&store.inner), 1, "round {round}");
+        }
+        Ok(())
+    }
+
     /// While another thread holds the commit lock, an async commit must leave its runtime
     /// thread to other tasks: here the only other task is the one that lets the holder go,
     /// so a commit that blocked the thread would wait out the holder's timeout.

@@ -127,29 +127,6 @@ fn push_after(store: &Store, n: u64) -> TestResult<Vec<u64>> {
     Ok(batch.commit()?)
 }
 
-/// The commit thread holds nothing of the store between jobs: once the last handle is
-/// dropped the store is closed and its directory can be opened again at once.
-#[test]
-fn a_dropped_store_closes_though_its_commit_thread_served_it() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    for round in 0..20u64 {
-        let store = Store::open(dir.path())?;
-        let pending = {
-            let mut batch = store.batch();
-            batch.push(state_event(round)?);
-            batch.submit()?
-        };
-        assert_eq!(pending.wait()?.events, [2 * round + 1]);
-        assert_eq!(push_after(&store, round)?.len(), 1);
-        drop(store);
-        // Reopens at once: `Locked` here means the commit thread kept the store alive.
-        let again = Store::open(dir.path())?;
-        assert_eq!(again.last_event_id(), 2 * round + 2);
-        assert_eq!(again.events_after(0, 1000)?.len() as u64, 2 * round + 2);
-    }
-    Ok(())
-}
-
 #[test]
 fn reading_deleting_and_trimming() -> TestResult {
     let dir = tempfile::tempdir()?;
