@@ -12,7 +12,7 @@ use fjall::PersistMode;
 use crate::codec::{self, MAX_KEY_LEN};
 use crate::error::{Result, StoreError};
 use crate::event::Event;
-use crate::store::{Counters, Inner, Store};
+use crate::store::{Counters, Inner};
 use crate::types::{BackfillRun, RepoEntry, RepoState};
 
 /// The ids a commit assigned, each list in the order of the calls that asked for them.
@@ -328,8 +328,9 @@ impl Batch {
     /// of that on the CPU (the rest preempted or waiting on fjall's flush), and over a
     /// third of the CPU part was this sorting and encoding; planned here, the lock's CPU
     /// time fell by a fifth, and backfill and firehose got faster in 13 of 14 alternating
-    /// runs (backfill by 4% at the median, firehose by 10%). Batches that delete by prefix (the stored records must be
-    /// read at commit) or take buffer or run ids are planned under the lock as before.
+    /// runs (backfill by 4% at the median, firehose by 10%). Batches that delete by prefix
+    /// (the stored records must be read at commit) or take buffer or run ids are planned
+    /// under the lock as before.
     fn prepare(self) -> Result<Prepared> {
         let planned_early = self.ops.iter().all(|op| {
             !matches!(
@@ -373,9 +374,6 @@ enum Prepared {
 impl Prepared {
     /// The commit, under the store's lock (`counters` is what it guards).
     fn commit_locked(self, inner: &Arc<Inner>, counters: &mut Counters) -> Result<CommitIds> {
-        let store = Store {
-            inner: inner.clone(),
-        };
         let before = *counters;
         let (plan, ids, mut batch) = match self {
             Prepared::Ops(ops) => match Plan::of(ops, inner, counters) {
@@ -405,7 +403,7 @@ impl Prepared {
             *counters = before;
             return Err(error);
         }
-        store.finish_commit(batch, counters, before)?;
+        inner.finish_commit(batch, counters, before)?;
         Ok(ids)
     }
 }
@@ -825,6 +823,7 @@ mod tests {
     use std::sync::mpsc;
 
     use super::*;
+    use crate::Store;
 
     /// The commit thread holds nothing of the store once a caller has heard back: were it
     /// the last holder, the store would close on that thread, after the caller had dropped

@@ -103,6 +103,31 @@ pub(crate) struct Inner {
     _lock: File,
 }
 
+impl Inner {
+    /// Writes `batch` with the counters that changed, then publishes them. Called with the
+    /// commit lock held (`counters` is its guard's content).
+    pub(crate) fn finish_commit(
+        &self,
+        mut batch: fjall::OwnedWriteBatch,
+        counters: &mut Counters,
+        before: Counters,
+    ) -> Result<()> {
+        counters.write_changed(&before, &self.ks.meta, &mut batch);
+        if let Err(error) = batch.commit() {
+            *counters = before;
+            return Err(error.into());
+        }
+        *self
+            .published
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = *counters;
+        if counters.last_event_id != before.last_event_id {
+            self.events.send_replace(counters.last_event_id);
+        }
+        Ok(())
+    }
+}
+
 /// One handle per keyspace.
 pub(crate) struct Keyspaces {
     pub(crate) meta: Keyspace,
@@ -994,7 +1019,7 @@ impl Store {
                 counters.outbox_len = counters.outbox_len.saturating_sub(1);
             }
         }
-        self.finish_commit(batch, &mut counters, before)
+        self.inner.finish_commit(batch, &mut counters, before)
     }
 
     /// Removes every event with an id below `id` (a retention limit), in one batch of its
@@ -1014,32 +1039,8 @@ impl Store {
             removed += 1;
         }
         counters.outbox_len = counters.outbox_len.saturating_sub(removed);
-        self.finish_commit(batch, &mut counters, before)?;
+        self.inner.finish_commit(batch, &mut counters, before)?;
         Ok(removed)
-    }
-
-    /// Writes `batch` with the counters that changed, then publishes them. Called with the
-    /// commit lock held (`counters` is its guard's content).
-    pub(crate) fn finish_commit(
-        &self,
-        mut batch: fjall::OwnedWriteBatch,
-        counters: &mut Counters,
-        before: Counters,
-    ) -> Result<()> {
-        counters.write_changed(&before, &self.inner.ks.meta, &mut batch);
-        if let Err(error) = batch.commit() {
-            *counters = before;
-            return Err(error.into());
-        }
-        *self
-            .inner
-            .published
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = *counters;
-        if counters.last_event_id != before.last_event_id {
-            self.inner.events.send_replace(counters.last_event_id);
-        }
-        Ok(())
     }
 
     /// The frames buffered for `did` while it backfills, as `(key, bytes)` in the order they
