@@ -123,6 +123,47 @@ async fn get_repo_since_sends_only_newer_blocks() -> TestResult {
     Ok(())
 }
 
+/// The host keeps the last whole CAR it served; a write must replace it, or a resync after
+/// live traffic would fetch the repo as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_repo_fetched_again_after_a_write_holds_the_write() -> TestResult {
+    let devnet = small().await?;
+    let account = &devnet.accounts()[0];
+    let pds = &devnet.hosts()[account.pds];
+    let key = key_of(&devnet, &account.did)?;
+    let first = get_car(pds.url(), &account.did, None).await?;
+    assert_eq!(
+        get_car(pds.url(), &account.did, None).await?,
+        first,
+        "unchanged repo, same CAR"
+    );
+    pds.write(
+        &account.did,
+        &[Write::Create {
+            path: "com.example.forum.thread/3l4z2xq7nqs2a".to_owned(),
+            record: atpdb_repo::value::Value::from_json(
+                &json!({"$type": "com.example.forum.thread", "title": "hello"}),
+            )?
+            .to_cbor(),
+        }],
+        None,
+    )?;
+    let after = get_car(pds.url(), &account.did, None).await?;
+    let repo = load_car(after.as_slice(), &VerifyOptions::default())?.verify(Expected {
+        did: Some(&account.did),
+        key: &key,
+    })?;
+    assert_eq!(repo.commit_cid(), pds.account_info(&account.did)?.commit);
+    let mut walker = repo.records();
+    let mut paths = Vec::new();
+    while let Some(record) = walker.next_record()? {
+        paths.push(format!("{}/{}", record.collection, record.rkey));
+    }
+    assert_eq!(paths.len(), 32, "30 records, a profile and the new one");
+    assert!(paths.contains(&"com.example.forum.thread/3l4z2xq7nqs2a".to_owned()));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_commit_on_the_firehose_inverts_to_prev_data() -> TestResult {
     let devnet = small().await?;

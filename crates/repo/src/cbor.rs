@@ -752,6 +752,12 @@ impl Encoder {
         }
     }
 
+    /// An encoder that writes into `out`, after what it holds: lets a caller that encodes
+    /// many small values reuse one buffer.
+    pub fn from_vec(out: Vec<u8>) -> Encoder {
+        Encoder { out }
+    }
+
     /// The encoded bytes.
     pub fn into_bytes(self) -> Vec<u8> {
         self.out

@@ -23,7 +23,7 @@ use crate::crypto::PublicKey;
 use crate::error::{Error, Result};
 use crate::mst::{BlockSource, MstRules, MstWalker, WalkItem, WalkStats};
 use crate::record::Record;
-use crate::syntax::{Did, Nsid, RecordKey};
+use crate::syntax::{Did, Nsid, RecordKey, SyntaxError};
 
 /// How to read and check a repository CAR.
 ///
@@ -1001,16 +1001,28 @@ pub struct RecordRef<'a> {
 }
 
 impl RecordRef<'_> {
+    /// Whether the key names a record: the collection an NSID, the record key a record key.
+    /// The walk holds keys only to the MST's rule, which is wider (the interop fixtures
+    /// have keys such as `A0/374913`, and record keys up to 1 KiB); a store of records
+    /// needs the record rules.
+    ///
+    /// # Errors
+    ///
+    /// The [`SyntaxError`] of the part that breaks its rule.
+    pub fn check_names(&self) -> std::result::Result<(), SyntaxError> {
+        Nsid::check(self.collection)?;
+        RecordKey::check(self.rkey)
+    }
+
     /// The owned [`Record`].
     ///
     /// # Errors
     ///
-    /// [`Error::Syntax`] when the record key is longer than a record key may be (MST keys
-    /// allow more); the collection was already checked as an NSID by the walk.
+    /// As [`RecordRef::check_names`].
     pub fn to_record(&self) -> Result<Record> {
         Ok(Record::from_verified(
             self.did.clone(),
-            Nsid::from_checked(self.collection),
+            self.collection.parse::<Nsid>()?,
             self.rkey.parse::<RecordKey>()?,
             self.cid,
             self.bytes.to_vec(),
@@ -1134,6 +1146,33 @@ impl Iterator for RecordWalker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The MST allows keys no record may have (`A0/374913` is in the interop fixtures);
+    /// turning one into a record is refused with the rule it breaks. (An earlier version
+    /// took the collection as an NSID unchecked: a panic in a debug build, an invalid
+    /// `Nsid` in a release one.)
+    #[test]
+    fn a_walked_key_becomes_a_record_only_under_the_record_rules() -> Result<()> {
+        let did: Did = "did:plc:abc".parse()?;
+        let bytes = [0xa0];
+        let found = |collection, rkey| RecordRef {
+            did: &did,
+            collection,
+            rkey,
+            cid: Cid::dag_cbor(&bytes),
+            bytes: &bytes,
+        };
+        let long_rkey = "k".repeat(513);
+        for (collection, rkey) in [("A0", "374913"), ("app.bsky.feed.post", long_rkey.as_str())] {
+            let record = found(collection, rkey);
+            assert!(record.check_names().is_err(), "{collection}/{rkey}");
+            assert!(matches!(record.to_record(), Err(Error::Syntax(_))));
+        }
+        let good = found("app.bsky.feed.post", "3k");
+        good.check_names()?;
+        assert_eq!(good.to_record()?.path(), "app.bsky.feed.post/3k");
+        Ok(())
+    }
 
     /// Digests that share the 8 bytes the index keeps: only the digest stored beside each
     /// block tells them apart, in memory and in the spill file alike.

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use atpdb_repo::Record;
 use atpdb_repo::syntax::Did;
-use fjall::PersistMode;
+use atpdb_repo::verify::RecordRef;
+use fjall::{PersistMode, Slice};
 
 use crate::codec::{self, MAX_KEY_LEN};
 use crate::error::{Result, StoreError};
-use crate::event::Event;
+use crate::event::{Event, RecordEventRef};
 use crate::store::{Counters, Inner};
 use crate::types::{BackfillRun, RepoEntry, RepoState};
 
@@ -36,6 +37,9 @@ pub struct CommitIds {
 pub struct Batch {
     inner: Arc<Inner>,
     ops: Vec<Op>,
+    /// Where keys and values are assembled before they become fjall slices: one buffer per
+    /// batch instead of a vector per value (a backfill writes three values per record).
+    scratch: Vec<u8>,
 }
 
 /// One collected call, its key and value already encoded.
@@ -47,16 +51,16 @@ enum Op {
     },
     DeleteRepo(Did),
     PutRecord {
-        key: Vec<u8>,
-        value: Vec<u8>,
+        key: Slice,
+        value: Slice,
         existed: Option<bool>,
     },
     DeleteRecord {
-        key: Vec<u8>,
+        key: Slice,
         existed: Option<bool>,
     },
     DeleteRecordsOf(Did),
-    Push(Vec<u8>),
+    Push(Slice),
     SetCursor {
         name: String,
         value: Vec<u8>,
@@ -82,7 +86,25 @@ impl Batch {
         Batch {
             inner,
             ops: Vec::new(),
+            scratch: Vec::new(),
         }
+    }
+
+    /// Makes room for `calls` more calls, so a bulk writer that knows its batch size does
+    /// not regrow the batch as it fills.
+    pub fn reserve(&mut self, calls: usize) {
+        self.ops.reserve(calls);
+    }
+
+    /// `bytes` as a fjall slice, after `fill` wrote them into the batch's buffer.
+    fn slice(&mut self, fill: impl FnOnce(&mut Vec<u8>)) -> Slice {
+        self.scratch.clear();
+        fill(&mut self.scratch);
+        Slice::from(self.scratch.as_slice())
+    }
+
+    fn record_key(&mut self, did: &Did, collection: &str, rkey: &str) -> Slice {
+        self.slice(|out| codec::write_record_key(out, did, collection, rkey))
     }
 
     /// Inserts or replaces a repo entry (and moves it in the state index).
@@ -112,30 +134,56 @@ impl Batch {
     }
 
     fn push_record(&mut self, record: &Record, existed: Option<bool>) {
+        let key = self.record_key(
+            record.did(),
+            record.collection().as_str(),
+            record.rkey().as_str(),
+        );
+        let value = self.slice(|out| codec::write_record_value(out, &record.cid(), record.bytes()));
         self.ops.push(Op::PutRecord {
-            key: codec::record_key(
-                record.did(),
-                record.collection().as_str(),
-                record.rkey().as_str(),
-            ),
-            value: codec::record_value(&record.cid(), record.bytes()),
+            key,
+            value,
             existed,
         });
     }
 
+    /// [`Batch::put_record_known`] of a record a CAR walk lent, without an owned
+    /// [`Record`] first: a backfill stores every record it finds, and building one (five
+    /// allocations and a copy of the bytes) cost more than storing it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidRecordName`] when the collection is not an NSID or the record
+    /// key not a record key; nothing is added then.
+    pub fn put_found_record(&mut self, record: &RecordRef<'_>, existed: bool) -> Result<()> {
+        record
+            .check_names()
+            .map_err(|source| StoreError::InvalidRecordName {
+                path: format!("{}/{}", record.collection, record.rkey),
+                source,
+            })?;
+        let key = self.record_key(record.did, record.collection, record.rkey);
+        let value = self.slice(|out| codec::write_record_value(out, &record.cid, record.bytes));
+        self.ops.push(Op::PutRecord {
+            key,
+            value,
+            existed: Some(existed),
+        });
+        Ok(())
+    }
+
     /// Removes a record (nothing happens if it is not stored).
     pub fn delete_record(&mut self, did: &Did, collection: &str, rkey: &str) {
-        self.ops.push(Op::DeleteRecord {
-            key: codec::record_key(did, collection, rkey),
-            existed: None,
-        });
+        let key = self.record_key(did, collection, rkey);
+        self.ops.push(Op::DeleteRecord { key, existed: None });
     }
 
     /// [`Batch::delete_record`] of a record the caller knows is stored (see
     /// [`Batch::put_record_known`]); the record is removed either way.
     pub fn delete_record_known(&mut self, did: &Did, collection: &str, rkey: &str) {
+        let key = self.record_key(did, collection, rkey);
         self.ops.push(Op::DeleteRecord {
-            key: codec::record_key(did, collection, rkey),
+            key,
             existed: Some(true),
         });
     }
@@ -149,7 +197,15 @@ impl Batch {
     /// Appends an event to the outbox; its id is assigned at commit, after every id of
     /// earlier commits.
     pub fn push(&mut self, event: Event) {
-        self.ops.push(Op::Push(event.encode()));
+        let value = self.slice(|out| event.encode_into(out));
+        self.ops.push(Op::Push(value));
+    }
+
+    /// [`Batch::push`] of a record event from borrowed parts (see
+    /// [`Batch::put_found_record`]).
+    pub fn push_record_event(&mut self, event: &RecordEventRef<'_>) {
+        let value = self.slice(|out| event.encode_into(out));
+        self.ops.push(Op::Push(value));
     }
 
     /// Sets the cursor `name`, so it moves in the same batch as the state it stands for.
@@ -506,15 +562,20 @@ const FLUSH_POLL: Duration = Duration::from_millis(2);
 /// A key's final write in this batch, and whether it exists in the store now (`None`:
 /// not known yet, read at the end).
 struct Slot {
-    value: Option<Vec<u8>>,
+    value: Option<Slice>,
     existed: Option<bool>,
 }
 
 /// The batch reduced to one final write per key.
 #[derive(Default)]
 struct Plan {
-    records: BTreeMap<Vec<u8>, Slot>,
-    buffer: BTreeMap<Vec<u8>, Slot>,
+    records: BTreeMap<Slice, Slot>,
+    /// Record writes whose keys have only grown, gathered while `records` is empty: a
+    /// backfill's chunk comes in key order, and building the map from it in one pass
+    /// costs a fraction of inserting key by key. Moved into `records` by
+    /// [`Plan::settle_records`] before anything looks at them.
+    ascending: Vec<(Slice, Slot)>,
+    buffer: BTreeMap<Slice, Slot>,
     repos: BTreeMap<Did, Option<(RepoState, Vec<u8>)>>,
     cursors: BTreeMap<String, Vec<u8>>,
     config: BTreeMap<String, Vec<u8>>,
@@ -532,7 +593,31 @@ impl Plan {
         for op in ops {
             plan.apply(op, inner, counters, &mut ids)?;
         }
+        plan.settle_records();
         Ok((plan, ids))
+    }
+
+    /// Records the final write of a record key, in call order (see [`set`]).
+    fn set_record(&mut self, key: Slice, value: Option<Slice>, existed: Option<bool>) {
+        if self.records.is_empty()
+            && self
+                .ascending
+                .last()
+                .is_none_or(|(last, _)| key.as_ref() > last.as_ref())
+        {
+            self.ascending.push((key, Slot { value, existed }));
+            return;
+        }
+        self.settle_records();
+        set(&mut self.records, key, value, existed);
+    }
+
+    /// Moves the ascending run into `records`: its keys are distinct and in order, so
+    /// the map is built from them in one pass, and it was empty.
+    fn settle_records(&mut self) {
+        if !self.ascending.is_empty() {
+            self.records = std::mem::take(&mut self.ascending).into_iter().collect();
+        }
     }
 
     /// Applies one call in order. Ids are assigned here, from `counters`.
@@ -556,15 +641,15 @@ impl Plan {
                 key,
                 value,
                 existed,
-            } => set(&mut self.records, key, Some(value), existed),
-            Op::DeleteRecord { key, existed } => set(&mut self.records, key, None, existed),
+            } => self.set_record(key, Some(value), existed),
+            Op::DeleteRecord { key, existed } => self.set_record(key, None, existed),
             Op::DeleteRecordsOf(did) => {
                 self.delete_prefix(Target::Records, inner, &codec::did_prefix(&did))?;
             }
             Op::Push(value) => {
                 counters.last_event_id += 1;
                 ids.events.push(counters.last_event_id);
-                self.events.push((counters.last_event_id, value.into()));
+                self.events.push((counters.last_event_id, value));
             }
             Op::SetCursor { name, value } => {
                 self.cursors.insert(name, value);
@@ -578,9 +663,9 @@ impl Plan {
                 let mut key = codec::did_prefix(&did);
                 key.extend_from_slice(&counters.buffer_seq.to_be_bytes());
                 self.buffer.insert(
-                    key,
+                    key.into(),
                     Slot {
-                        value: Some(value),
+                        value: Some(value.into()),
                         existed: Some(false),
                     },
                 );
@@ -588,7 +673,7 @@ impl Plan {
             Op::BufferRemove { did, seq } => {
                 let mut key = codec::did_prefix(&did);
                 key.extend_from_slice(&seq.to_be_bytes());
-                set(&mut self.buffer, key, None, None);
+                set(&mut self.buffer, key.into(), None, None);
             }
             Op::BufferClear(did) => {
                 self.delete_prefix(Target::Buffer, inner, &codec::did_prefix(&did))?;
@@ -610,12 +695,16 @@ impl Plan {
     /// Deletes every key under `prefix`: those stored (which therefore exist) and those
     /// written earlier in this batch.
     fn delete_prefix(&mut self, target: Target, inner: &Inner, prefix: &[u8]) -> Result<()> {
+        self.settle_records();
         let (map, keyspace) = match target {
             Target::Records => (&mut self.records, &inner.ks.records),
             Target::Buffer => (&mut self.buffer, &inner.ks.buffer),
         };
         for slot in map
-            .range_mut(prefix.to_vec()..)
+            .range_mut::<[u8], _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(key, _)| key.starts_with(prefix))
         {
             slot.1.value = None;
@@ -623,7 +712,7 @@ impl Plan {
         for guard in keyspace.prefix(prefix) {
             let key = guard.key()?;
             map.insert(
-                key.to_vec(),
+                key,
                 Slot {
                     value: None,
                     existed: Some(true),
@@ -788,12 +877,7 @@ enum Target {
 
 /// Records the final write of `key`, keeping what is known about its prior existence (an
 /// earlier write in the batch knows better than a caller's claim about this one).
-fn set(
-    map: &mut BTreeMap<Vec<u8>, Slot>,
-    key: Vec<u8>,
-    value: Option<Vec<u8>>,
-    existed: Option<bool>,
-) {
+fn set(map: &mut BTreeMap<Slice, Slot>, key: Slice, value: Option<Slice>, existed: Option<bool>) {
     match map.get_mut(&key) {
         Some(slot) => slot.value = value,
         None => {

@@ -57,9 +57,18 @@ pub(crate) fn collection_prefix(did: &Did, collection: &str) -> Vec<u8> {
 
 /// The key of one record.
 pub(crate) fn record_key(did: &Did, collection: &str, rkey: &str) -> Vec<u8> {
-    let mut key = collection_prefix(did, collection);
-    key.extend_from_slice(rkey.as_bytes());
+    let mut key = Vec::with_capacity(did.as_str().len() + collection.len() + rkey.len() + 2);
+    write_record_key(&mut key, did, collection, rkey);
     key
+}
+
+/// [`record_key`] appended to `out`.
+pub(crate) fn write_record_key(out: &mut Vec<u8>, did: &Did, collection: &str, rkey: &str) {
+    out.extend_from_slice(did.as_str().as_bytes());
+    out.push(0);
+    out.extend_from_slice(collection.as_bytes());
+    out.push(b'/');
+    out.extend_from_slice(rkey.as_bytes());
 }
 
 /// The DID bytes of a record or buffer key (everything before the first 0x00).
@@ -81,12 +90,18 @@ pub(crate) fn split_path(key: &[u8], prefix_len: usize) -> Result<(&str, &str), 
 }
 
 /// A record's stored value.
+#[cfg(test)]
 pub(crate) fn record_value(cid: &Cid, bytes: &[u8]) -> Vec<u8> {
     let mut value = Vec::with_capacity(1 + cid.encoded_len() + bytes.len());
-    value.push(FORMAT);
-    cid.write_bytes(&mut value);
-    value.extend_from_slice(bytes);
+    write_record_value(&mut value, cid, bytes);
     value
+}
+
+/// [`record_value`] appended to `out`.
+pub(crate) fn write_record_value(out: &mut Vec<u8>, cid: &Cid, bytes: &[u8]) {
+    out.push(FORMAT);
+    cid.write_bytes(out);
+    out.extend_from_slice(bytes);
 }
 
 /// Splits a record's stored value into CID and record bytes.

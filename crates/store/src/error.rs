@@ -62,6 +62,16 @@ pub enum StoreError {
         /// The longest key accepted.
         limit: usize,
     },
+    /// A record handed to the store whose collection is not an NSID or whose key is not a
+    /// record key (a CAR walk holds keys only to the MST's wider rule).
+    #[error("record {path} cannot be stored")]
+    InvalidRecordName {
+        /// `collection/rkey` as given.
+        path: String,
+        /// Which rule it breaks.
+        #[source]
+        source: atpdb_repo::syntax::SyntaxError,
+    },
     /// A thread panicked while committing; counters may not match the disk any more.
     #[error("a commit panicked; reopen the store")]
     Poisoned,

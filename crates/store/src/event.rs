@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use atpdb_repo::Cid;
+use atpdb_repo::cbor::Encoder;
 use atpdb_repo::syntax::Did;
 use atpdb_repo::value::cbor_to_json;
 
@@ -80,6 +81,79 @@ pub struct RecordEvent {
     pub record: Option<Vec<u8>>,
     /// When atpdb saw the change (µs since the Unix epoch).
     pub time_us: u64,
+}
+
+impl RecordEvent {
+    /// The event as borrowed parts.
+    pub fn as_ref(&self) -> RecordEventRef<'_> {
+        RecordEventRef {
+            live: self.live,
+            did: &self.did,
+            rev: &self.rev,
+            collection: &self.collection,
+            rkey: &self.rkey,
+            action: self.action,
+            cid: self.cid.as_ref(),
+            record: self.record.as_deref(),
+            time_us: self.time_us,
+        }
+    }
+}
+
+/// A [`RecordEvent`] whose parts are borrowed, for [`crate::Batch::push_record_event`]: a
+/// backfill holds them already (the walk lends the record), and owning them for the one
+/// moment before they are encoded took four allocations and a copy of the record.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordEventRef<'a> {
+    /// As [`RecordEvent::live`].
+    pub live: bool,
+    /// As [`RecordEvent::did`].
+    pub did: &'a Did,
+    /// As [`RecordEvent::rev`].
+    pub rev: &'a str,
+    /// As [`RecordEvent::collection`].
+    pub collection: &'a str,
+    /// As [`RecordEvent::rkey`].
+    pub rkey: &'a str,
+    /// As [`RecordEvent::action`].
+    pub action: Action,
+    /// As [`RecordEvent::cid`].
+    pub cid: Option<&'a Cid>,
+    /// As [`RecordEvent::record`].
+    pub record: Option<&'a [u8]>,
+    /// As [`RecordEvent::time_us`].
+    pub time_us: u64,
+}
+
+impl RecordEventRef<'_> {
+    /// [`Event::encode`]'s form of the record event, appended to `out`.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(128 + self.record.map_or(0, <[u8]>::len));
+        encode_stored(out, |encoder| {
+            encoder.array(10);
+            encoder.u64(KIND_RECORD);
+            encoder.bool(self.live);
+            encoder.text(self.did.as_str());
+            encoder.text(self.rev);
+            encoder.text(self.collection);
+            encoder.text(self.rkey);
+            encoder.u64(self.action.code());
+            encoder.nullable_link(self.cid);
+            match self.record {
+                Some(bytes) => encoder.bytes(bytes),
+                None => encoder.null(),
+            }
+            encoder.u64(self.time_us);
+        });
+    }
+}
+
+/// Appends to `out` the format byte and what `body` encodes: the stored form of an event.
+fn encode_stored(out: &mut Vec<u8>, body: impl FnOnce(&mut Encoder)) {
+    let mut encoder = Encoder::from_vec(std::mem::take(out));
+    encoder.raw(&[EVENT_FORMAT]);
+    body(&mut encoder);
+    *out = encoder.into_bytes();
 }
 
 /// An identity change.
@@ -227,30 +301,18 @@ impl Event {
     }
 
     /// The stored form: a format byte, then a DRISL array whose first item is the kind.
+    #[cfg(test)]
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut encoder = atpdb_repo::cbor::Encoder::with_capacity(match self {
-            Event::Record(event) => 128 + event.record.as_ref().map_or(0, Vec::len),
-            _ => 128,
-        });
-        encoder.raw(&[EVENT_FORMAT]);
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`Event::encode`]'s form appended to `out`.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
         match self {
-            Event::Record(event) => {
-                encoder.array(10);
-                encoder.u64(KIND_RECORD);
-                encoder.bool(event.live);
-                encoder.text(event.did.as_str());
-                encoder.text(&event.rev);
-                encoder.text(&event.collection);
-                encoder.text(&event.rkey);
-                encoder.u64(event.action.code());
-                encoder.nullable_link(event.cid.as_ref());
-                match &event.record {
-                    Some(bytes) => encoder.bytes(bytes),
-                    None => encoder.null(),
-                }
-                encoder.u64(event.time_us);
-            }
-            Event::Identity(event) => {
+            Event::Record(event) => event.as_ref().encode_into(out),
+            Event::Identity(event) => encode_stored(out, |encoder| {
                 encoder.array(6);
                 encoder.u64(KIND_IDENTITY);
                 encoder.text(event.did.as_str());
@@ -258,17 +320,16 @@ impl Event {
                 encoder.bool(event.is_active);
                 encoder.text(&event.status);
                 encoder.u64(event.time_us);
-            }
-            Event::RepoState(event) => {
+            }),
+            Event::RepoState(event) => encode_stored(out, |encoder| {
                 encoder.array(5);
                 encoder.u64(KIND_REPO_STATE);
                 encoder.text(event.did.as_str());
                 encoder.u64(u64::from(event.state.code()));
-                nullable_text(&mut encoder, event.reason.as_deref());
+                nullable_text(encoder, event.reason.as_deref());
                 encoder.u64(event.time_us);
-            }
+            }),
         }
-        encoder.into_bytes()
     }
 
     /// Reads [`Event::encode`]'s form; the error says what is wrong, the caller adds the key.
@@ -363,7 +424,7 @@ impl RecordEvent {
 }
 
 /// Writes a text item or `null`.
-pub(crate) fn nullable_text(encoder: &mut atpdb_repo::cbor::Encoder, value: Option<&str>) {
+pub(crate) fn nullable_text(encoder: &mut Encoder, value: Option<&str>) {
     match value {
         Some(value) => encoder.text(value),
         None => encoder.null(),

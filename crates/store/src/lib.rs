@@ -75,6 +75,6 @@ mod types;
 
 pub use batch::{Batch, CommitIds, PendingCommit};
 pub use error::{Result, StoreError};
-pub use event::{Action, Event, IdentityEvent, RecordEvent, RepoStateEvent};
+pub use event::{Action, Event, IdentityEvent, RecordEvent, RecordEventRef, RepoStateEvent};
 pub use store::{RecordKeys, Store};
 pub use types::{AccountStatus, BackfillRun, RepoEntry, RepoState, UnknownRepoState};

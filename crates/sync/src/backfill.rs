@@ -19,7 +19,8 @@ use atpdb_repo::syntax::{Did, Tid};
 use atpdb_repo::verify::{Expected, LoadedCar, RecordItem, RecordRef, load_car_async};
 use atpdb_repo::{Cid, Error as RepoError};
 use atpdb_store::{
-    Action, Event, IdentityEvent, RecordEvent, RepoEntry, RepoState, Store, StoreError,
+    Action, Event, IdentityEvent, RecordEvent, RecordEventRef, RepoEntry, RepoState, Store,
+    StoreError,
 };
 
 use crate::firehose::{apply_commit, verify_with_identity};
@@ -463,7 +464,7 @@ fn apply_snapshot(
             Some(_) => Action::Update,
             None => Action::Create,
         };
-        writer.push_record(did, &rev, &found, action, time_us)?;
+        writer.push_record(&rev, &found, action, time_us)?;
     }
     while let Some((collection, rkey, _)) = stored.next_remaining()? {
         writer.push_delete(did, &rev, collection, rkey, false, time_us)?;
@@ -581,7 +582,7 @@ fn apply_since(
                     Some(_) => Action::Update,
                     None => Action::Create,
                 };
-                writer.push_record(did, &rev, &found, action, time_us)?;
+                writer.push_record(&rev, &found, action, time_us)?;
             }
         }
     }
@@ -605,7 +606,7 @@ impl<'a> ChunkWriter<'a> {
     fn new(store: &'a Store) -> ChunkWriter<'a> {
         ChunkWriter {
             store,
-            batch: store.batch(),
+            batch: chunk_batch(store),
             pending: 0,
             total: 0,
             in_flight: None,
@@ -616,28 +617,32 @@ impl<'a> ChunkWriter<'a> {
     /// look.
     fn push_record(
         &mut self,
-        did: &Did,
         rev: &str,
         found: &RecordRef<'_>,
         action: Action,
         time_us: u64,
     ) -> Result<(), Failure> {
-        let record = found.to_record().map_err(|err| {
-            Failure::Repo(format!("record {}/{}: {err}", found.collection, found.rkey))
-        })?;
+        // A name the record rules refuse fails the repo, as a bad block would: what the
+        // account signed cannot be mirrored as it is.
         self.batch
-            .put_record_known(&record, action == Action::Update);
-        self.batch.push(Event::Record(RecordEvent {
+            .put_found_record(found, action == Action::Update)
+            .map_err(|err| match err {
+                StoreError::InvalidRecordName { path, source } => {
+                    Failure::Repo(format!("record {path}: {source}"))
+                }
+                other => Failure::Store(other),
+            })?;
+        self.batch.push_record_event(&RecordEventRef {
             live: false,
-            did: did.clone(),
-            rev: rev.to_owned(),
-            collection: found.collection.to_owned(),
-            rkey: found.rkey.to_owned(),
+            did: found.did,
+            rev,
+            collection: found.collection,
+            rkey: found.rkey,
             action,
-            cid: Some(found.cid),
-            record: Some(record.into_bytes()),
+            cid: Some(&found.cid),
+            record: Some(found.bytes),
             time_us,
-        }));
+        });
         self.count()
     }
 
@@ -669,7 +674,7 @@ impl<'a> ChunkWriter<'a> {
         self.pending += 1;
         self.total += 1;
         if self.pending >= CHUNK {
-            let full = std::mem::replace(&mut self.batch, self.store.batch());
+            let full = std::mem::replace(&mut self.batch, chunk_batch(self.store));
             let submitted = full.submit()?;
             self.pending = 0;
             if let Some(previous) = self.in_flight.replace(submitted) {
@@ -689,6 +694,13 @@ impl<'a> ChunkWriter<'a> {
         last.wait()?;
         Ok(self.total)
     }
+}
+
+/// A batch with room for a chunk: a record and its event are two calls.
+fn chunk_batch(store: &Store) -> atpdb_store::Batch {
+    let mut batch = store.batch();
+    batch.reserve(2 * CHUNK);
+    batch
 }
 
 /// The stored side of the merge: one DID's record keys in MST key order.

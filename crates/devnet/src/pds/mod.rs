@@ -137,6 +137,30 @@ pub(crate) struct Account {
     pub(crate) blobs: BTreeMap<String, Blob>,
     /// The session ids whose refresh tokens are still good.
     pub(crate) sessions: Vec<String>,
+    /// The last whole-repo CAR served and the commit it was made at. A real PDS serves
+    /// `getRepo` from another machine; the devnet shares the cores of whatever it tests, and
+    /// rebuilding the CAR for every request took a tenth of the CPU of a benchmarked
+    /// backfill (`sync-bench backfill`). Only CARs up to [`WHOLE_CAR_CACHE_MAX`] are kept.
+    whole_car: Option<(Cid, bytes::Bytes)>,
+}
+
+/// Largest whole-repo CAR an account keeps for the next `getRepo`: a test network's repos
+/// are mostly small, and a huge one should not double the devnet's memory.
+const WHOLE_CAR_CACHE_MAX: usize = 8 << 20;
+
+impl Account {
+    /// The repo as a CAR at its current commit, rebuilt only when the repo changed.
+    pub(crate) fn whole_car(&mut self) -> Result<bytes::Bytes, RepoError> {
+        let commit = self.repo.commit_cid();
+        if let Some((cid, bytes)) = &self.whole_car
+            && *cid == commit
+        {
+            return Ok(bytes.clone());
+        }
+        let bytes = bytes::Bytes::from(self.repo.to_car()?);
+        self.whole_car = (bytes.len() <= WHOLE_CAR_CACHE_MAX).then(|| (commit, bytes.clone()));
+        Ok(bytes)
+    }
 }
 
 /// What a new account starts with.
@@ -428,6 +452,7 @@ impl Pds {
             block_revs: CidMap::default(),
             blobs: BTreeMap::new(),
             sessions: Vec::new(),
+            whole_car: None,
         };
         record_block_revs(&mut account, &first);
         let account = Arc::new(Mutex::new(account));
@@ -617,6 +642,7 @@ impl Pds {
             block_revs: old.block_revs.clone(),
             blobs: old.blobs.clone(),
             sessions: Vec::new(),
+            whole_car: None,
         };
         let endpoint = to.inner.url.clone();
         self.inner.plc.update(did, &old.rotation, |data| {

@@ -831,7 +831,8 @@ fn readable(pds: &Pds, did: &str) -> XrpcResult<std::sync::Arc<std::sync::Mutex<
     Ok(account)
 }
 
-fn car_response(bytes: Vec<u8>) -> Response {
+fn car_response(bytes: impl Into<bytes::Bytes>) -> Response {
+    let bytes: bytes::Bytes = bytes.into();
     ([(header::CONTENT_TYPE, "application/vnd.ipld.car")], bytes).into_response()
 }
 
@@ -846,12 +847,15 @@ async fn get_repo(
         .transpose()?;
     let account = readable(&pds, &params.did)?;
     let bytes = tokio::task::spawn_blocking(move || {
-        let account = lock(&account);
+        let mut account = lock(&account);
         match &since {
-            Some(since) => account.repo.write_car_filtered(Vec::new(), |cid| {
-                account.block_revs.get(cid).is_some_and(|rev| rev > since)
-            }),
-            None => account.repo.to_car(),
+            Some(since) => account
+                .repo
+                .write_car_filtered(Vec::new(), |cid| {
+                    account.block_revs.get(cid).is_some_and(|rev| rev > since)
+                })
+                .map(bytes::Bytes::from),
+            None => account.whole_car(),
         }
     })
     .await

@@ -41,10 +41,14 @@ impl Nsid {
         Ok(Nsid(input.to_owned()))
     }
 
-    /// For text this crate has already checked with the same rule (an MST key's parts).
-    pub(crate) fn from_checked(text: &str) -> Nsid {
-        debug_assert!(validate(text).is_ok(), "from_checked with invalid text");
-        Nsid(text.to_owned())
+    /// Whether `input` is an NSID, without building one: for a caller that holds the text
+    /// already and only needs the answer (a record walked out of a CAR, once per record).
+    ///
+    /// # Errors
+    ///
+    /// The rule `input` breaks.
+    pub fn check(input: &str) -> Result<(), SyntaxError> {
+        validate(input)
     }
 
     fn parse_string(input: String) -> Result<Self, SyntaxError> {

@@ -30,6 +30,15 @@ pub struct RecordKey(String);
 string_identifier!(RecordKey, 0);
 
 impl RecordKey {
+    /// Whether `input` is a record key, without building one (see [`super::Nsid::check`]).
+    ///
+    /// # Errors
+    ///
+    /// The rule `input` breaks.
+    pub fn check(input: &str) -> Result<(), SyntaxError> {
+        validate(input)
+    }
+
     fn parse_str(input: &str) -> Result<Self, SyntaxError> {
         validate(input)?;
         Ok(RecordKey(input.to_owned()))

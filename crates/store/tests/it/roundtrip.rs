@@ -1,9 +1,10 @@
 //! Every stored type reads back as written, also after reopening.
 
 use atpdb_repo::Cid;
+use atpdb_repo::verify::RecordRef;
 use atpdb_store::{
     AccountStatus, Action, BackfillRun, Event, IdentityEvent, RecordEvent, RepoEntry, RepoState,
-    RepoStateEvent, Store,
+    RepoStateEvent, Store, StoreError,
 };
 
 use crate::common::{TestResult, did, record};
@@ -252,5 +253,67 @@ fn tap_wire_form() -> TestResult {
         let parsed: serde_json::Value = serde_json::from_str(&event.to_tap_string(id))?;
         assert_eq!(parsed, event.to_tap_json(id), "event {id}");
     }
+    Ok(())
+}
+
+/// A backfill stores what a CAR walk lends without owning it first: the record and its
+/// event must read back exactly as the owned calls store them, and a name the record rules
+/// refuse must not be stored.
+#[test]
+fn a_found_record_and_its_borrowed_event_store_what_the_owned_calls_store() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    let alice = did("did:plc:alice")?;
+    let owned = record(&alice, "app.bsky.feed.post", "3kb3fge5lm32x", "hello")?;
+    let found = RecordRef {
+        did: &alice,
+        collection: "app.bsky.feed.post",
+        rkey: "3kb3fge5lm32x",
+        cid: owned.cid(),
+        bytes: owned.bytes(),
+    };
+    let event = RecordEvent {
+        live: false,
+        did: alice.clone(),
+        rev: "3kb3fge5lm32y".to_owned(),
+        collection: "app.bsky.feed.post".to_owned(),
+        rkey: "3kb3fge5lm32x".to_owned(),
+        action: Action::Create,
+        cid: Some(owned.cid()),
+        record: Some(owned.bytes().to_vec()),
+        time_us: 42,
+    };
+    let mut batch = store.batch();
+    batch.put_found_record(&found, false)?;
+    batch.push_record_event(&event.as_ref());
+    let ids = batch.commit()?;
+    assert_eq!(
+        store
+            .record(&alice, "app.bsky.feed.post", "3kb3fge5lm32x")?
+            .as_ref(),
+        Some(&owned)
+    );
+    assert_eq!(store.record_count_of(&alice)?, 1);
+    assert_eq!(
+        store.events_after(0, 10)?,
+        vec![(ids[0], Event::Record(event))]
+    );
+
+    let mut batch = store.batch();
+    for (collection, rkey) in [("A0", "374913"), ("app.bsky.feed.post", "..")] {
+        let refused = batch.put_found_record(
+            &RecordRef {
+                collection,
+                rkey,
+                ..found
+            },
+            false,
+        );
+        assert!(
+            matches!(refused, Err(StoreError::InvalidRecordName { .. })),
+            "{collection}/{rkey}: {refused:?}"
+        );
+    }
+    assert!(batch.is_empty(), "a refused record adds nothing");
     Ok(())
 }
