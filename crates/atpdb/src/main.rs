@@ -19,18 +19,26 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `mi_option_purge_delay` in mimalloc v2's `mimalloc.h` (the bindings predate its name).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Makes mimalloc return freed pages to the system at once rather than 10 ms later, for a
-/// process that must stay within a memory bound (`atpdb serve`). Its default keeps freed
-/// pages for a time, so what it holds grows with the rate of allocation rather than with
-/// what is live, and a backfill's peak varied by 45 MB from run to run (1 GB repo:
-/// 217–262 MB over 14–20 s; with this, 219–222 MB over 19–20 s). `car verify`, short-lived
-/// and measured for speed, keeps the default.
+/// How long mimalloc keeps freed pages before it returns them to the system, in ms, for a
+/// process that must stay within a memory bound (`atpdb serve`). Its default (10 ms) keeps
+/// them long enough that what it holds grows with the rate of allocation rather than with
+/// what is live: a 1 GB backfill's peak once reached 262 MB (bound 256). At 0, every page
+/// freed is returned and faulted in again, zeroed, moments later: a backfill's memtables
+/// are allocated by the workers and freed by the flush thread, so that is most of them,
+/// and backfill ran 15–25% slower (`sync-bench backfill --accounts 400 --records 1000
+/// --rounds 3`, 0 slowest in 6 of 6 alternating sets). 2 ms ran as fast as the default
+/// (median 160k vs 148k records/s, 0 at 128k); the 1 GB backfill's peak RSS was 233 MB
+/// (0: 229 MB, default: 236 MB). `sync-bench` sets the same, so it measures what ships.
+/// `car verify`, short-lived and measured for speed, keeps the default.
+pub(crate) const PURGE_DELAY_MS: std::ffi::c_long = 2;
+
+/// Applies [`PURGE_DELAY_MS`].
 #[allow(unsafe_code)]
-pub(crate) fn purge_freed_memory_at_once() {
+pub(crate) fn bound_freed_memory() {
     // SAFETY: `mi_option_set` stores an option's value in mimalloc's option table, with no
     // pointers involved; `purge_delay` is read at each purge decision, so setting it while
     // the process runs is what mimalloc's API is for.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) }
 }
 
 /// A verified, always-current copy of the AT Protocol network.

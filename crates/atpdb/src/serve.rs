@@ -177,7 +177,7 @@ where
 
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     crate::logging::init(&args.log_format)?;
-    crate::purge_freed_memory_at_once();
+    crate::bound_freed_memory();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
