@@ -571,9 +571,10 @@ struct Slot {
 struct Plan {
     records: BTreeMap<Slice, Slot>,
     /// Record writes whose keys have only grown, gathered while `records` is empty: a
-    /// backfill's chunk comes in key order, and building the map from it in one pass
-    /// costs a fraction of inserting key by key. Moved into `records` by
-    /// [`Plan::settle_records`] before anything looks at them.
+    /// backfill's chunk comes in key order, and inserting key by key into the map cost
+    /// more than the rest of planning it. At most one of the two holds writes: the run
+    /// moves into `records` ([`Plan::settle_records`]) before a key out of order or a
+    /// prefix delete, and [`Plan::write_records`] takes whichever it finds.
     ascending: Vec<(Slice, Slot)>,
     buffer: BTreeMap<Slice, Slot>,
     repos: BTreeMap<Did, Option<(RepoState, Vec<u8>)>>,
@@ -588,12 +589,14 @@ struct Plan {
 impl Plan {
     /// The plan of `ops` applied in order, ids taken from `counters`.
     fn of(ops: Vec<Op>, inner: &Inner, counters: &mut Counters) -> Result<(Plan, CommitIds)> {
-        let mut plan = Plan::default();
+        let mut plan = Plan {
+            ascending: Vec::with_capacity(ops.len()),
+            ..Plan::default()
+        };
         let mut ids = CommitIds::default();
         for op in ops {
             plan.apply(op, inner, counters, &mut ids)?;
         }
-        plan.settle_records();
         Ok((plan, ids))
     }
 
@@ -734,7 +737,11 @@ impl Plan {
     ) -> Result<()> {
         let ks = &inner.ks;
         let mut has_records: HashMap<Vec<u8>, bool> = HashMap::new();
-        for (key, slot) in std::mem::take(&mut self.records) {
+        let ascending = std::mem::take(&mut self.ascending);
+        for (key, slot) in ascending
+            .into_iter()
+            .chain(std::mem::take(&mut self.records))
+        {
             let existed = match slot.existed {
                 Some(existed) => existed,
                 None if reads == Reads::Deferred => {
