@@ -48,6 +48,22 @@ async fn get_car(
     Ok(response.bytes().await?.to_vec())
 }
 
+/// Creates `com.example.forum.thread/3l4z2xq7nqs2a` in `did`'s repo.
+fn write_thread(pds: &atpdb_devnet::pds::Pds, did: &Did) -> TestResult {
+    pds.write(
+        did,
+        &[Write::Create {
+            path: "com.example.forum.thread/3l4z2xq7nqs2a".to_owned(),
+            record: atpdb_repo::value::Value::from_json(
+                &json!({"$type": "com.example.forum.thread", "title": "hello"}),
+            )?
+            .to_cbor(),
+        }],
+        None,
+    )?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_repo_verifies_with_its_plc_key() -> TestResult {
     let devnet = small().await?;
@@ -85,17 +101,7 @@ async fn get_repo_since_sends_only_newer_blocks() -> TestResult {
     let pds = &devnet.hosts()[account.pds];
     let before = pds.account_info(&account.did)?.rev;
     let full = get_car(pds.url(), &account.did, None).await?;
-    pds.write(
-        &account.did,
-        &[Write::Create {
-            path: "com.example.forum.thread/3l4z2xq7nqs2a".to_owned(),
-            record: atpdb_repo::value::Value::from_json(
-                &json!({"$type": "com.example.forum.thread", "title": "hello"}),
-            )?
-            .to_cbor(),
-        }],
-        None,
-    )?;
+    write_thread(pds, &account.did)?;
     let diff = get_car(pds.url(), &account.did, Some(before.as_str())).await?;
     assert!(
         diff.len() < full.len() / 2,
@@ -137,17 +143,7 @@ async fn a_whole_repo_fetched_again_after_a_write_holds_the_write() -> TestResul
         first,
         "unchanged repo, same CAR"
     );
-    pds.write(
-        &account.did,
-        &[Write::Create {
-            path: "com.example.forum.thread/3l4z2xq7nqs2a".to_owned(),
-            record: atpdb_repo::value::Value::from_json(
-                &json!({"$type": "com.example.forum.thread", "title": "hello"}),
-            )?
-            .to_cbor(),
-        }],
-        None,
-    )?;
+    write_thread(pds, &account.did)?;
     let after = get_car(pds.url(), &account.did, None).await?;
     let repo = load_car(after.as_slice(), &VerifyOptions::default())?.verify(Expected {
         did: Some(&account.did),

@@ -96,7 +96,7 @@ impl Batch {
         self.ops.reserve(calls);
     }
 
-    /// `bytes` as a fjall slice, after `fill` wrote them into the batch's buffer.
+    /// What `fill` writes into the batch's buffer, as a fjall slice.
     fn slice(&mut self, fill: impl FnOnce(&mut Vec<u8>)) -> Slice {
         self.scratch.clear();
         fill(&mut self.scratch);
