@@ -48,20 +48,24 @@ async fn get_car(
     Ok(response.bytes().await?.to_vec())
 }
 
-/// Creates `com.example.forum.thread/3l4z2xq7nqs2a` in `did`'s repo.
-fn write_thread(pds: &atpdb_devnet::pds::Pds, did: &Did) -> TestResult {
-    pds.write(
+/// Creates the thread `com.example.forum.thread/<rkey>` titled `title` in `did`'s repo.
+fn write_thread(
+    pds: &atpdb_devnet::pds::Pds,
+    did: &Did,
+    rkey: &str,
+    title: &str,
+) -> Result<atpdb_repo::repo::CommitData, Box<dyn std::error::Error>> {
+    Ok(pds.write(
         did,
         &[Write::Create {
-            path: "com.example.forum.thread/3l4z2xq7nqs2a".to_owned(),
+            path: format!("com.example.forum.thread/{rkey}"),
             record: atpdb_repo::value::Value::from_json(
-                &json!({"$type": "com.example.forum.thread", "title": "hello"}),
+                &json!({"$type": "com.example.forum.thread", "title": title}),
             )?
             .to_cbor(),
         }],
         None,
-    )?;
-    Ok(())
+    )?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +105,7 @@ async fn get_repo_since_sends_only_newer_blocks() -> TestResult {
     let pds = &devnet.hosts()[account.pds];
     let before = pds.account_info(&account.did)?.rev;
     let full = get_car(pds.url(), &account.did, None).await?;
-    write_thread(pds, &account.did)?;
+    write_thread(pds, &account.did, "3l4z2xq7nqs2a", "hello")?;
     let diff = get_car(pds.url(), &account.did, Some(before.as_str())).await?;
     assert!(
         diff.len() < full.len() / 2,
@@ -143,7 +147,7 @@ async fn a_whole_repo_fetched_again_after_a_write_holds_the_write() -> TestResul
         first,
         "unchanged repo, same CAR"
     );
-    write_thread(pds, &account.did)?;
+    write_thread(pds, &account.did, "3l4z2xq7nqs2a", "hello")?;
     let after = get_car(pds.url(), &account.did, None).await?;
     let repo = load_car(after.as_slice(), &VerifyOptions::default())?.verify(Expected {
         did: Some(&account.did),
@@ -718,17 +722,7 @@ async fn admin_actions_reach_plc_firehose_and_sync_endpoints() -> TestResult {
     call("rotate-key", json!({"curve": "p256"})).await?;
     let new_key = key_of(&devnet, &did)?;
     assert_ne!(old_key.to_did_key(), new_key.to_did_key());
-    let commit = pds.write(
-        &did,
-        &[Write::Create {
-            path: "com.example.forum.thread/3l4z2xq7nqs2c".to_owned(),
-            record: atpdb_repo::value::Value::from_json(
-                &json!({"$type": "com.example.forum.thread", "title": "after rotation"}),
-            )?
-            .to_cbor(),
-        }],
-        None,
-    )?;
+    let commit = write_thread(&pds, &did, "3l4z2xq7nqs2c", "after rotation")?;
     commit.commit.verify_signature(&new_key)?;
     assert!(commit.commit.verify_signature(&old_key).is_err());
 
